@@ -1,0 +1,186 @@
+"""The step loop: schedule, run the model, sample, hand tokens back to each request.
+
+Single-threaded and synchronous; the HTTP layer drives it from its own thread. Requests are
+plain data (``Sequence``); only ``ModelRunner`` touches tensors of the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.kv_cache import BlockPool
+from server.engine.model_runner import ModelRunner, kv_bytes_per_token
+from server.engine.prefix_tree import PrefixTree
+from server.engine.request import (
+    AdapterSegment,
+    InvalidRequest,
+    RequestOutput,
+    SamplingParams,
+    SeqStatus,
+    Sequence,
+)
+from server.engine.sampler import make_generator, sample
+from server.engine.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (the metrics layer exports them; prompt and cached-prompt token
+    counters live on the scheduler, which sees admissions)."""
+
+    computed_tokens: int = 0  # positions run through the model or copied as prefix KV
+    generated_tokens: int = 0
+    steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        per_block = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
+        num_blocks = config.kv_cache_memory // (per_block * config.block_size)
+        if num_blocks < 2:
+            raise ValueError(f"--kv-cache-memory {config.kv_cache_memory} holds under 2 blocks")
+        self.pool = BlockPool(num_blocks)
+        self.tree = PrefixTree(config.block_size, self.pool)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.block_size),
+            self.pool,
+            self.tree,
+        )
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.max_model_len = min(
+            getattr(model.config, "max_position_embeddings", 1 << 30),
+            num_blocks * config.block_size,
+        )
+        eos = getattr(tokenizer, "eos_token_id", None)
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids = {i for x in (eos, gen_eos) for i in ([x] if isinstance(x, int) else x or [])}
+        self.eos_ids = tuple(sorted(ids))
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+
+    # Requests -----------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: Seq[int],
+        params: SamplingParams,
+        adapters: Seq[AdapterSegment] = (),
+        tenant: str = "default",
+    ) -> Sequence:
+        """Queue a request. Its key is the adapters' segments in order, then the prompt ids."""
+        if request_id in self.seqs:
+            raise InvalidRequest(f"request id {request_id!r} is already running", "request_id")
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.runner.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        key: list = []
+        virtual = []
+        for seg in adapters:
+            if seg.kind == "text":
+                key.extend(seg.token_ids)
+            else:
+                virtual.append((len(key), len(key) + seg.length, seg))
+                key.extend((seg.key, i) for i in range(seg.length))
+        key.extend(prompt_ids)
+        if len(key) + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(key)} positions, adapters included) plus max_tokens "
+                f"({params.max_tokens}) exceeds the context of {self.max_model_len}",
+                "max_tokens",
+            )
+        seq = Sequence(request_id, tenant, key, virtual, params, time.monotonic())
+        if params.temperature > 0:
+            seq.generator = make_generator(params.seed)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # The loop -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One iteration; returns an output for each request that got a token or finished."""
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        logits = self.runner.run(out.chunks)
+        sampling = [c.seq for c in out.chunks if c.sample]
+        tokens = sample(logits, sampling, self.eos_ids) if sampling else []
+        self.scheduler.update_from_output(out, tokens)
+        self.stats.steps += 1
+        self.stats.computed_tokens += out.num_tokens
+        self.stats.generated_tokens += len(tokens)
+        return [self._after_token(seq) for seq in sampling]
+
+    def _after_token(self, seq: Sequence) -> RequestOutput:
+        reason = self._stop_reason(seq)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.seqs.pop(seq.request_id, None)
+        return self.output(seq)
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        p, out = seq.params, seq.output_ids
+        if len(out) >= p.min_tokens:
+            last = out[-1]
+            if (not p.ignore_eos and last in self.eos_ids) or last in p.stop_token_ids:
+                return "stop"
+            if p.stop and self._stop_string(seq) is not None:
+                return "stop"
+        if len(out) >= p.max_tokens:
+            return "length"
+        return None
+
+    def _stop_string(self, seq: Sequence) -> int | None:
+        """Index in the decoded text where the first stop string starts, or None."""
+        text = self.decode(seq)
+        hits = [i for s in seq.params.stop if (i := text.find(s)) >= 0]
+        return min(hits) if hits else None
+
+    def decode(self, seq: Sequence) -> str:
+        ids = seq.output_ids
+        if ids and not seq.params.ignore_eos and ids[-1] in self.eos_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        text = self.decode(seq)
+        if seq.status == SeqStatus.FINISHED and seq.params.stop:
+            cut = self._stop_string(seq)
+            if cut is not None:
+                text = text[:cut]
+        prompt = [t for t in seq.key[: seq.num_prompt] if isinstance(t, int)]
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=prompt,
+            token_ids=list(seq.output_ids),
+            text=text,
+            finished=seq.status == SeqStatus.FINISHED,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt,
+            num_cached_tokens=seq.num_cached_prompt,
+        )

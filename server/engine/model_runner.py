@@ -1,0 +1,235 @@
+"""The only module that runs the model: a flat batch of scheduled chunks in, logits out.
+
+The base model's layers come from transformers; attention is routed to
+``server.engine.attention`` (transformers' attention interface), which reads and writes the
+paged KV cache owned here. Prefix-tuning virtual tokens never pass through the model: their
+K/V is copied into the cache. Prompt/P-tuning virtual tokens enter as input embeddings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine import attention
+from server.engine.attention import AttentionMetadata, GroupAttention, SeqAttention
+from server.engine.request import AdapterSegment, Sequence
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Positions ``[start, end)`` of ``seq.key`` to compute this step; ``sample`` when the
+    chunk reaches the end of the key, so the last row's logits pick the next token."""
+
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def sample(self) -> bool:
+        return self.end == len(self.seq.key)
+
+
+@dataclass
+class _SeqRows:
+    chunk: Chunk
+    rows: slice  # forward rows of this chunk in the flat batch
+    positions: list[int]  # absolute position of each forward row
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    elem = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * elem
+
+
+class ModelRunner:
+    """Owns the model and the KV cache tensor ``[L, 2, Hkv, num_blocks * block_size, D]``."""
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+        attention.register()
+        model.set_attn_implementation(attention.ATTENTION_NAME)
+        cfg = model.config
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_cache = torch.zeros(
+            cfg.num_hidden_layers,
+            2,
+            cfg.num_key_value_heads,
+            num_blocks * block_size,
+            head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.embed = model.get_input_embeddings()
+        self._adapter_tensors: dict[str, torch.Tensor] = {}
+
+    # Adapters on the device ---------------------------------------------------------------
+    def adapter_tensor(self, seg: AdapterSegment) -> torch.Tensor:
+        """The segment's KV or embeddings on the runner's device and dtype (cached by key)."""
+        t = self._adapter_tensors.get(seg.key)
+        if t is None:
+            src = seg.kv if seg.kind == "prefix_tuning" else seg.embeddings
+            assert src is not None, f"adapter {seg.key} of kind {seg.kind} has no tensor"
+            t = src.to(device=self.device, dtype=self.dtype)
+            self._adapter_tensors[seg.key] = t
+        return t
+
+    def drop_adapter(self, key: str) -> None:
+        self._adapter_tensors.pop(key, None)
+
+    # One step -----------------------------------------------------------------------------
+    def slots(self, seq: Sequence, positions: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        bs = self.block_size
+        return (table[positions // bs] * bs + positions % bs).to(self.device)
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Compute every chunk; return float32 logits ``[n_sample, vocab]`` for the chunks
+        whose ``sample`` is set, in the order given."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        emb_rows: list[tuple[int, torch.Tensor]] = []
+        seq_rows: list[_SeqRows] = []
+        for chunk in chunks:
+            first = len(positions)
+            self._collect(chunk, token_ids, positions, emb_rows)
+            seq_rows.append(_SeqRows(chunk, slice(first, len(positions)), positions[first:]))
+        if not positions:
+            return torch.empty(0, self.model.config.vocab_size)
+        dev = self.device
+        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        embeds = self.embed(ids.clamp(min=0))
+        for row, vec in emb_rows:
+            embeds[row] = vec
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        meta = self._metadata(seq_rows, len(positions))
+        hidden = self.model.model(
+            inputs_embeds=embeds.unsqueeze(0),
+            position_ids=pos.unsqueeze(0),
+            use_cache=False,
+            ps_meta=meta,
+        ).last_hidden_state[0]
+        last = [sr.rows.stop - 1 for sr in seq_rows if sr.chunk.sample]
+        if not last:
+            return torch.empty(0, self.model.config.vocab_size)
+        logits = self.model.lm_head(hidden[torch.tensor(last, device=dev)])
+        return logits.float()
+
+    def _collect(
+        self,
+        chunk: Chunk,
+        token_ids: list[int],
+        positions: list[int],
+        emb_rows: list[tuple[int, torch.Tensor]],
+    ) -> None:
+        """Append the chunk's forward rows; copy prefix-tuning K/V straight into the cache."""
+        seq, start, end = chunk.seq, chunk.start, chunk.end
+        cursor = start
+        for vs, ve, seg in seq.virtual:
+            lo, hi = max(start, vs), min(end, ve)
+            if lo >= hi:
+                continue
+            self._real_rows(seq, cursor, lo, token_ids, positions)
+            tensor = self.adapter_tensor(seg)
+            if seg.kind == "prefix_tuning":
+                slots = self.slots(seq, torch.arange(lo, hi))
+                src = tensor[:, :, :, lo - vs : hi - vs]  # [L, 2, Hkv, n, D]
+                self.kv_cache.index_copy_(3, slots, src)
+            else:
+                for p in range(lo, hi):
+                    emb_rows.append((len(positions), tensor[p - vs]))
+                    token_ids.append(-1)
+                    positions.append(p)
+            cursor = hi
+        self._real_rows(seq, cursor, end, token_ids, positions)
+
+    @staticmethod
+    def _real_rows(
+        seq: Sequence, lo: int, hi: int, token_ids: list[int], positions: list[int]
+    ) -> None:
+        if lo < hi:
+            token_ids.extend(seq.key[lo:hi])  # type: ignore[arg-type]
+            positions.extend(range(lo, hi))
+
+    def _metadata(self, seq_rows: list[_SeqRows], num_rows: int) -> AttentionMetadata:
+        shared = self._shared_prefixes(seq_rows)
+        bs = self.block_size
+        slot_parts, singles, seqs, groups = [], [], [], []
+        for i, sr in enumerate(seq_rows):
+            seq = sr.chunk.seq
+            if sr.rows.stop > sr.rows.start:
+                slot_parts.append(self.slots(seq, torch.tensor(sr.positions)))
+            lo = shared[i][0] * bs if shared[i] else 0
+            key_slots = self.slots(seq, torch.arange(lo, sr.chunk.end))
+            n = sr.rows.stop - sr.rows.start
+            if n == 0:
+                continue
+            if n == 1 and sr.chunk.end - sr.chunk.start == 1:
+                singles.append((sr.rows.start, key_slots))
+            else:
+                qpos = torch.tensor(sr.positions, device=self.device).unsqueeze(1)
+                kpos = torch.arange(lo, sr.chunk.end, device=self.device).unsqueeze(0)
+                seqs.append(SeqAttention(sr.rows, key_slots, kpos <= qpos))
+        for members, n_blocks in self._groups(seq_rows, shared):
+            rows = torch.cat([torch.arange(sr.rows.start, sr.rows.stop) for sr in members])
+            slots = self.slots(members[0].chunk.seq, torch.arange(n_blocks * bs))
+            groups.append(GroupAttention(rows.to(self.device), slots))
+        single_rows = single_slots = single_mask = None
+        if singles:
+            width = max(len(s) for _, s in singles)
+            single_slots = torch.zeros(len(singles), width, dtype=torch.long, device=self.device)
+            single_mask = torch.zeros(len(singles), 1, width, dtype=torch.bool, device=self.device)
+            for j, (_, s) in enumerate(singles):
+                single_slots[j, : len(s)] = s
+                single_mask[j, 0, : len(s)] = True
+            single_rows = torch.tensor([r for r, _ in singles], device=self.device)
+        slot_mapping = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.long)
+        return AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=slot_mapping.to(self.device),
+            num_rows=num_rows,
+            single_rows=single_rows,
+            single_slots=single_slots,
+            single_mask=single_mask,
+            seqs=seqs,
+            groups=groups,
+        )
+
+    def _shared_prefixes(self, seq_rows: list[_SeqRows]) -> list[tuple[int, int] | None]:
+        """For each chunk, ``(n_blocks, group_id)`` of the cached segment it shares with other
+        chunks of the batch, or None. Members of a group share their first ``n_blocks`` block
+        ids, and every member's chunk starts at or after that segment."""
+        by_first: dict[int, list[int]] = {}
+        for i, sr in enumerate(seq_rows):
+            c = sr.chunk
+            if c.start >= self.block_size and sr.rows.stop > sr.rows.start:
+                by_first.setdefault(c.seq.block_table[0], []).append(i)
+        result: list[tuple[int, int] | None] = [None] * len(seq_rows)
+        for first, idx in by_first.items():
+            if len(idx) < 2:
+                continue
+            tables = [seq_rows[i].chunk.seq.block_table for i in idx]
+            limit = min(seq_rows[i].chunk.start // self.block_size for i in idx)
+            n = 0
+            while n < limit and all(t[n] == tables[0][n] for t in tables):
+                n += 1
+            for i in idx:
+                result[i] = (n, first)
+        return result
+
+    @staticmethod
+    def _groups(
+        seq_rows: list[_SeqRows], shared: list[tuple[int, int] | None]
+    ) -> list[tuple[list[_SeqRows], int]]:
+        groups: dict[int, tuple[list[_SeqRows], int]] = {}
+        for sr, sh in zip(seq_rows, shared, strict=True):
+            if sh is not None:
+                groups.setdefault(sh[1], ([], sh[0]))[0].append(sr)
+        return list(groups.values())

@@ -1,0 +1,229 @@
+"""Continuous batching over the block pool and the prefix tree. Never touches tensors.
+
+Each step every running sequence gets its next chunk (one token when decoding, up to the
+token budget while its prompt is being computed: chunked prefill mixed with decode), then
+waiting sequences are admitted while seats, tokens and blocks remain. There is no prefill or
+decode phase: a sequence only has ``num_computed`` positions of ``key``.
+
+- Prefix caching: at admission the longest cached prefix of the key (in whole blocks, under
+  the tenant's namespace) is taken from the tree; completed blocks are inserted as they fill.
+- Shared prefixes are computed once: a waiting sequence whose next block is being computed by
+  a running one waits for it, then finds it in the tree.
+- Fair share: admission picks the tenant with the fewest running sequences first.
+- Preemption by recompute: when blocks run out, unreferenced cached blocks are evicted first,
+  then the most recently admitted sequences go back to the front of their queue (their KV is
+  dropped and recomputed later, mostly from the cache). No request is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from server.engine.kv_cache import BlockPool
+from server.engine.model_runner import Chunk
+from server.engine.prefix_tree import PrefixTree
+from server.engine.request import SeqStatus, Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    block_size: int = 16
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.end - c.start for c in self.chunks)
+
+
+def block_hashes(namespace: tuple, key: list, block_size: int) -> list[int]:
+    """Chained hashes of the key's whole blocks: equal hashes mean equal prefixes (up to
+    hash collisions, which only ever delay a sequence by a step)."""
+    out, h = [], hash(namespace)
+    for i in range(len(key) // block_size):
+        h = hash((h, tuple(key[i * block_size : (i + 1) * block_size])))
+        out.append(h)
+    return out
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, tree: PrefixTree) -> None:
+        self.config = config
+        self.pool = pool
+        self.tree = tree
+        self.waiting: dict[str, deque[Sequence]] = {}
+        self.running: list[Sequence] = []
+        self._inflight: dict[int, Sequence] = {}  # block hash -> sequence computing it
+        self._owned: dict[str, list[int]] = {}  # request id -> its inflight hashes
+        self.num_preemptions = 0
+        self.prompt_tokens = 0  # positions of first-admitted prompts, virtual tokens included
+        self.cached_prompt_tokens = 0  # of those, taken from the prefix cache
+
+    # Queue --------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.setdefault(seq.tenant, deque()).append(seq)
+
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or self.num_waiting() > 0
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Stop ``seq`` (finished or aborted) and release its blocks."""
+        if seq.status == SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SeqStatus.WAITING:
+            queue = self.waiting.get(seq.tenant)
+            if queue is not None and seq in queue:
+                queue.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    # One step -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != SeqStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._reserve_running(seq, seq.num_computed + n, out):
+                continue
+            out.chunks.append(Chunk(seq, seq.num_computed, seq.num_computed + n))
+            budget -= n
+        if not out.preempted:
+            self._admit(out, budget)
+        return out
+
+    def update_from_output(self, out: SchedulerOutput, sampled: list[int]) -> None:
+        """Advance each chunk's sequence, cache its completed blocks, append sampled tokens
+        (``sampled`` holds one token per chunk with ``sample`` set, in order)."""
+        tokens = iter(sampled)
+        bs = self.config.block_size
+        for chunk in out.chunks:
+            seq = chunk.seq
+            seq.num_computed = chunk.end
+            full = chunk.end // bs
+            if full > chunk.start // bs:
+                self.tree.insert(seq.namespace, seq.key[: full * bs], seq.block_table[:full])
+            if seq.num_computed >= seq.num_tokens:
+                self._clear_inflight(seq)
+            if chunk.sample:
+                tok = next(tokens)
+                seq.key.append(tok)
+                seq.output_ids.append(tok)
+        assert next(tokens, None) is None, "more sampled tokens than sampling chunks"
+
+    # Internals ----------------------------------------------------------------------------
+    def _reserve_running(self, seq: Sequence, end: int, out: SchedulerOutput) -> bool:
+        """Give ``seq`` blocks up to position ``end``, preempting later sequences if needed.
+        False if ``seq`` itself had to be preempted."""
+        need = self._blocks_needed(seq, end)
+        while not self._ensure_free(need):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        seq.block_table.extend(self.pool.allocate(need))
+        return True
+
+    def _blocks_needed(self, seq: Sequence, end: int) -> int:
+        bs = self.config.block_size
+        return max(0, -(-end // bs) - len(seq.block_table))
+
+    def _ensure_free(self, need: int) -> bool:
+        if self.pool.num_free < need:
+            self.tree.evict(need - self.pool.num_free)
+        return self.pool.num_free >= need
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.status = SeqStatus.WAITING
+        self.waiting.setdefault(seq.tenant, deque()).appendleft(seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_table:
+            self.pool.decref(seq.block_table)
+            seq.block_table = []
+        self._clear_inflight(seq)
+
+    def _clear_inflight(self, seq: Sequence) -> None:
+        for h in self._owned.pop(seq.request_id, ()):
+            if self._inflight.get(h) is seq:
+                del self._inflight[h]
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        skipped: set[str] = set()
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            picked = self._pick_waiting(skipped)
+            if picked is None:
+                return
+            seq, hashes, cached = picked
+            n = min(seq.num_tokens - len(cached) * self.config.block_size, budget)
+            start = len(cached) * self.config.block_size
+            self.pool.incref(cached)  # ours before anything can evict them
+            seq.block_table = list(cached)
+            need = self._blocks_needed(seq, start + n)
+            if not self._ensure_free(need):
+                self.pool.decref(cached)
+                seq.block_table = []
+                return
+            seq.block_table.extend(self.pool.allocate(need))
+            self.waiting[seq.tenant].remove(seq)
+            if seq.num_preemptions == 0:
+                seq.num_cached_prompt = min(start, seq.num_prompt)
+                self.prompt_tokens += seq.num_prompt
+                self.cached_prompt_tokens += seq.num_cached_prompt
+            seq.num_computed = start
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            mine = [h for h in hashes[len(cached) :] if h not in self._inflight]
+            for h in mine:
+                self._inflight[h] = seq
+            self._owned[seq.request_id] = mine
+            out.chunks.append(Chunk(seq, start, start + n))
+            budget -= n
+
+    def _pick_waiting(self, skipped: set[str]) -> tuple[Sequence, list[int], list[int]] | None:
+        """The next sequence to admit: tenants with the fewest running sequences first (then
+        the oldest head); within a tenant the oldest that is not waiting for a shared block
+        another sequence is computing. Returns it with its block hashes and cached blocks."""
+        running = Counter(s.tenant for s in self.running)
+        while True:
+            tenants = [t for t, q in self.waiting.items() if q and t not in skipped]
+            if not tenants:
+                return None
+            tenant = min(tenants, key=lambda t: (running[t], self.waiting[t][0].arrival))
+            for seq in list(self.waiting[tenant])[:64]:
+                picked = self._match(seq)
+                if picked is not None:
+                    return seq, *picked
+            skipped.add(tenant)
+
+    def _match(self, seq: Sequence) -> tuple[list[int], list[int]] | None:
+        bs = self.config.block_size
+        hashes = block_hashes(seq.namespace, seq.key, bs)
+        blocks = self.tree.match(seq.namespace, seq.key).blocks
+        # Keep at least the last position to compute: its logits choose the next token.
+        blocks = blocks[: (seq.num_tokens - 1) // bs]
+        nxt = len(blocks)
+        if nxt < len(hashes) and self._inflight.get(hashes[nxt], seq) is not seq:
+            return None
+        return hashes, blocks

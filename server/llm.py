@@ -1,0 +1,137 @@
+"""In-process Python API for offline batch jobs (see API.md)::
+
+from server import LLM, SamplingParams
+llm = LLM()
+llm.add_adapter("pirate", "path/to/peft_dir")
+outs = llm.generate(["Hi", "Hello"], SamplingParams(max_tokens=32, temperature=0),
+                    adapters=[["pirate"], []])
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+from tqdm import tqdm
+
+from adapters_store.formats import (
+    AdapterLimits,
+    CanonicalAdapter,
+    ModelShape,
+    parse_adapter,
+    read_peft_dir,
+    text_adapter,
+)
+from server.engine.engine import EngineConfig, LLMEngine
+from server.engine.request import AdapterSegment, InvalidRequest, RequestOutput, SamplingParams
+from server.model_loader import load_base_model
+
+Prompt = str | Seq[int]
+
+
+def to_segment(adapter: CanonicalAdapter, tokenizer) -> AdapterSegment:
+    """The engine's view of a validated adapter (text prefixes are tokenized here)."""
+    if adapter.kind == "text":
+        ids = tuple(tokenizer.encode(adapter.text, add_special_tokens=False))
+        return AdapterSegment(adapter.sha256, "text", len(ids), token_ids=ids)
+    return AdapterSegment(
+        adapter.sha256,
+        adapter.kind,
+        adapter.num_virtual_tokens,
+        kv=adapter.kv,
+        embeddings=adapter.embeddings,
+    )
+
+
+class LLM:
+    """One base model and its adapters, generating in continuous batches in this process."""
+
+    def __init__(
+        self,
+        model: str = "default",
+        *,
+        data_dir: str | Path = "./data",
+        device: str = "auto",
+        dtype: str = "auto",
+        engine_config: EngineConfig | None = None,
+        limits: AdapterLimits | None = None,
+    ) -> None:
+        base = load_base_model(model, data_dir, device, dtype)
+        self.model_id = base.model_id
+        self.tokenizer = base.tokenizer
+        self.shape = ModelShape.from_config(base.model.config)
+        self.limits = limits or AdapterLimits()
+        self.engine = LLMEngine(base.model, base.tokenizer, engine_config or EngineConfig())
+        self.adapters: dict[str, AdapterSegment] = {}
+        self._ids = itertools.count()
+
+    def add_adapter(self, name: str, path: str | Path) -> AdapterSegment:
+        """Load a PEFT adapter directory (``adapter_config.json`` +
+        ``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` writes it)."""
+        config, weights = read_peft_dir(path)
+        return self._register(name, parse_adapter(config, weights, self.shape, self.limits))
+
+    def add_text_adapter(self, name: str, text: str) -> AdapterSegment:
+        """A named text prefix (e.g. a system prompt), placed before the prompt's tokens."""
+        return self._register(name, text_adapter(text, self.limits))
+
+    def remove_adapter(self, name: str) -> None:
+        seg = self.adapters.pop(name)
+        if all(s.key != seg.key for s in self.adapters.values()):
+            self.engine.runner.drop_adapter(seg.key)
+
+    def _register(self, name: str, adapter: CanonicalAdapter) -> AdapterSegment:
+        seg = to_segment(adapter, self.tokenizer)
+        self.adapters[name] = seg
+        return seg
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        adapters: Seq[Seq[str]] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (a string, or a list of token ids); outputs in order.
+
+        ``adapters[i]`` names the adapters of prompt ``i``, composed in the order given.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        n = len(prompts)
+        params_list = list(params) if isinstance(params, Seq) else [params or SamplingParams()] * n
+        names = list(adapters) if adapters is not None else [[] for _ in range(n)]
+        if len(params_list) != n or len(names) != n:
+            raise InvalidRequest("prompts, params and adapters must have the same length")
+        ids = []
+        for prompt, p, adapter_names in zip(prompts, params_list, names, strict=True):
+            segs = [self._segment(a) for a in adapter_names]
+            tokens = self._tokens(prompt)
+            rid = f"offline-{next(self._ids)}"
+            self.engine.add_request(rid, tokens, p, segs)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def _segment(self, name: str) -> AdapterSegment:
+        try:
+            return self.adapters[name]
+        except KeyError:
+            raise InvalidRequest(f"unknown adapter {name!r}", "adapters") from None
+
+    def _tokens(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
+        wanted = set(ids)
+        while len(results) < len(ids) and self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished and out.request_id in wanted:
+                    results[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [results[i] for i in ids]
