@@ -26,22 +26,22 @@ def attend(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    mask: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of the scores.
 
-    q: ``[*B, Hq, n, D]``; k, v: ``[*B, Hkv, m, D]``; mask: bool ``[*B, n, m]`` (True = may
-    attend) or None. Returns ``out [*B, Hq, n, D]`` and ``lse [*B, Hq, n]``. Every row must
-    have at least one allowed key.
+    q: ``[*B, Hq, n, D]``; k, v: ``[*B, Hkv, m, D]``; hidden: bool ``[*B, n | 1, m]``, True
+    where a query must NOT see a key, or None. Returns ``out [*B, Hq, n, D]`` and
+    ``lse [*B, Hq, n]``. Every row must see at least one key.
     """
     *lead, hq, n, d = q.shape
     hkv, m = k.shape[-3], k.shape[-2]
     g = hq // hkv
     qg = q.reshape(*lead, hkv, g * n, d)
     scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [*B, Hkv, g*n, m]
-    if mask is not None:
+    if hidden is not None:
         scores = scores.view(*lead, hkv, g, n, m)
-        scores.masked_fill_(~mask.unsqueeze(-3).unsqueeze(-3), float("-inf"))
+        scores.masked_fill_(hidden.unsqueeze(-3).unsqueeze(-3), float("-inf"))
         scores = scores.view(*lead, hkv, g * n, m)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.exp(scores.sub_(lse))
@@ -65,15 +65,26 @@ class SeqAttention:
 
     rows: slice  # its rows of the flat batch (contiguous)
     slots: torch.Tensor  # [m] cache slots of its own suffix, in position order
-    mask: torch.Tensor  # [n, m] bool: row i may read suffix key j
+    hidden: torch.Tensor  # [n, m] bool: True where row i must not see suffix key j
 
 
 @dataclass
-class GroupAttention:
-    """Sequences sharing a cached segment: all their rows read ``slots`` once, unmasked."""
+class GroupBatch:
+    """All groups of the step, padded into one batch. Group ``g`` is a set of sequences
+    sharing a cached segment; all their query rows read it once, unmasked (the segment lies
+    before every one of them).
 
-    rows: torch.Tensor  # [r] rows of the flat batch belonging to the group's members
-    slots: torch.Tensor  # [s] cache slots of the shared segment
+    ``q_index[g * q_len + j]`` is the flat-batch row of the group's j-th query (padding points
+    at row 0); ``valid`` lists the padded positions that are real queries and ``rows`` the
+    flat-batch row of each, in the same order.
+    """
+
+    q_len: int
+    q_index: torch.Tensor  # [G * q_len]
+    valid: torch.Tensor  # [R]
+    rows: torch.Tensor  # [R]
+    slots: torch.Tensor  # [G, S] shared-segment slots, padded
+    hidden: torch.Tensor  # [G, 1, S] True on padding
 
 
 @dataclass
@@ -81,7 +92,7 @@ class AttentionMetadata:
     """Everything attention needs for one forward; built once per step, read by every layer.
 
     Invariant: each flat-batch row is covered by exactly one suffix entry (``single_*`` or a
-    ``SeqAttention``) and by at most one group; a group's segment lies before all its rows.
+    ``SeqAttention``) and by at most one group.
     """
 
     kv_cache: torch.Tensor  # [L, 2, Hkv, num_slots, D]
@@ -89,9 +100,41 @@ class AttentionMetadata:
     num_rows: int
     single_rows: torch.Tensor | None  # [B1] rows of one-query sequences (decode)
     single_slots: torch.Tensor | None  # [B1, M] their suffix slots, padded
-    single_mask: torch.Tensor | None  # [B1, 1, M] bool, False on padding
+    single_hidden: torch.Tensor | None  # [B1, 1, M] True on padding
     seqs: list[SeqAttention]
-    groups: list[GroupAttention]
+    groups: GroupBatch | None
+
+
+def pad_slots(lists: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack slot lists into ``[N, max_len]`` (padding with slot 0) and a ``[N, 1, max_len]``
+    mask that is True on the padding."""
+    width = max(len(x) for x in lists)
+    slots = torch.zeros(len(lists), width, dtype=torch.long, device=device)
+    hidden = torch.ones(len(lists), 1, width, dtype=torch.bool, device=device)
+    for i, x in enumerate(lists):
+        slots[i, : len(x)] = x
+        hidden[i, 0, : len(x)] = False
+    return slots, hidden
+
+
+def group_batch(groups: list[tuple[list[int], torch.Tensor]], device) -> GroupBatch:
+    """Pack groups given as (flat-batch rows of all members' queries, shared-segment slots)."""
+    q_len = max(len(rows) for rows, _ in groups)
+    q_index = torch.zeros(len(groups) * q_len, dtype=torch.long)
+    valid, all_rows = [], []
+    for g, (rows, _) in enumerate(groups):
+        q_index[g * q_len : g * q_len + len(rows)] = torch.tensor(rows)
+        valid.extend(range(g * q_len, g * q_len + len(rows)))
+        all_rows.extend(rows)
+    slots, hidden = pad_slots([s for _, s in groups], device)
+    return GroupBatch(
+        q_len=q_len,
+        q_index=q_index.to(device),
+        valid=torch.tensor(valid, device=device),
+        rows=torch.tensor(all_rows, device=device),
+        slots=slots,
+        hidden=hidden,
+    )
 
 
 def prefix_attention(
@@ -102,25 +145,31 @@ def prefix_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention for the flat batch. q: ``[Hq, T, D]`` -> ``[Hq, T, D]``."""
+    hq, _, d = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=q.dtype, device=q.device)
     if meta.single_rows is not None:
         qs = q.index_select(1, meta.single_rows).transpose(0, 1).unsqueeze(2)  # [B1, Hq, 1, D]
         ks = k_cache[:, meta.single_slots].transpose(0, 1)  # [B1, Hkv, M, D]
         vs = v_cache[:, meta.single_slots].transpose(0, 1)
-        o, l_ = attend(qs, ks, vs, scale, meta.single_mask)
+        o, l_ = attend(qs, ks, vs, scale, meta.single_hidden)
         out.index_copy_(1, meta.single_rows, o.squeeze(2).transpose(0, 1))
         lse.index_copy_(1, meta.single_rows, l_.squeeze(2).transpose(0, 1))
     for s in meta.seqs:
         ks = k_cache.index_select(1, s.slots)
         vs = v_cache.index_select(1, s.slots)
-        out[:, s.rows], lse[:, s.rows] = attend(q[:, s.rows], ks, vs, scale, s.mask)
-    for g in meta.groups:
-        ks = k_cache.index_select(1, g.slots)
-        vs = v_cache.index_select(1, g.slots)
-        og, lg = attend(q.index_select(1, g.rows), ks, vs, scale)
-        om, _ = merge(out.index_select(1, g.rows), lse.index_select(1, g.rows), og, lg)
-        out.index_copy_(1, g.rows, om)
+        out[:, s.rows], lse[:, s.rows] = attend(q[:, s.rows], ks, vs, scale, s.hidden)
+    gb = meta.groups
+    if gb is not None:
+        n_groups = gb.slots.shape[0]
+        qg = q.index_select(1, gb.q_index).view(hq, n_groups, gb.q_len, d).transpose(0, 1)
+        ks = k_cache[:, gb.slots].transpose(0, 1)  # [G, Hkv, S, D]
+        vs = v_cache[:, gb.slots].transpose(0, 1)
+        og, lg = attend(qg, ks, vs, scale, gb.hidden)  # [G, Hq, q_len, D], [G, Hq, q_len]
+        og = og.transpose(0, 1).reshape(hq, -1, d).index_select(1, gb.valid)
+        lg = lg.transpose(0, 1).reshape(hq, -1).index_select(1, gb.valid)
+        merged, _ = merge(out.index_select(1, gb.rows), lse.index_select(1, gb.rows), og, lg)
+        out.index_copy_(1, gb.rows, merged)
     return out
 
 

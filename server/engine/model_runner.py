@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine import attention
-from server.engine.attention import AttentionMetadata, GroupAttention, SeqAttention
+from server.engine.attention import AttentionMetadata, SeqAttention, group_batch, pad_slots
 from server.engine.request import AdapterSegment, Sequence
 
 
@@ -160,46 +160,42 @@ class ModelRunner:
 
     def _metadata(self, seq_rows: list[_SeqRows], num_rows: int) -> AttentionMetadata:
         shared = self._shared_prefixes(seq_rows)
-        bs = self.block_size
-        slot_parts, singles, seqs, groups = [], [], [], []
-        for i, sr in enumerate(seq_rows):
-            seq = sr.chunk.seq
-            if sr.rows.stop > sr.rows.start:
-                slot_parts.append(self.slots(seq, torch.tensor(sr.positions)))
-            lo = shared[i][0] * bs if shared[i] else 0
-            key_slots = self.slots(seq, torch.arange(lo, sr.chunk.end))
+        bs, dev = self.block_size, self.device
+        slot_parts, singles, single_rows, seqs = [], [], [], []
+        for sr, sh in zip(seq_rows, shared, strict=True):
             n = sr.rows.stop - sr.rows.start
             if n == 0:
                 continue
+            seq = sr.chunk.seq
+            slot_parts.append(self.slots(seq, torch.tensor(sr.positions)))
+            lo = sh[0] * bs if sh else 0
+            key_slots = self.slots(seq, torch.arange(lo, sr.chunk.end))
             if n == 1 and sr.chunk.end - sr.chunk.start == 1:
-                singles.append((sr.rows.start, key_slots))
+                singles.append(key_slots)
+                single_rows.append(sr.rows.start)
             else:
-                qpos = torch.tensor(sr.positions, device=self.device).unsqueeze(1)
-                kpos = torch.arange(lo, sr.chunk.end, device=self.device).unsqueeze(0)
-                seqs.append(SeqAttention(sr.rows, key_slots, kpos <= qpos))
-        for members, n_blocks in self._groups(seq_rows, shared):
-            rows = torch.cat([torch.arange(sr.rows.start, sr.rows.stop) for sr in members])
-            slots = self.slots(members[0].chunk.seq, torch.arange(n_blocks * bs))
-            groups.append(GroupAttention(rows.to(self.device), slots))
-        single_rows = single_slots = single_mask = None
+                qpos = torch.tensor(sr.positions, device=dev).unsqueeze(1)
+                kpos = torch.arange(lo, sr.chunk.end, device=dev).unsqueeze(0)
+                seqs.append(SeqAttention(sr.rows, key_slots, kpos > qpos))
+        groups = [
+            (
+                [r for sr in members for r in range(sr.rows.start, sr.rows.stop)],
+                self.slots(members[0].chunk.seq, torch.arange(n_blocks * bs)),
+            )
+            for members, n_blocks in self._groups(seq_rows, shared)
+        ]
+        single_slots = single_hidden = None
         if singles:
-            width = max(len(s) for _, s in singles)
-            single_slots = torch.zeros(len(singles), width, dtype=torch.long, device=self.device)
-            single_mask = torch.zeros(len(singles), 1, width, dtype=torch.bool, device=self.device)
-            for j, (_, s) in enumerate(singles):
-                single_slots[j, : len(s)] = s
-                single_mask[j, 0, : len(s)] = True
-            single_rows = torch.tensor([r for r, _ in singles], device=self.device)
-        slot_mapping = torch.cat(slot_parts) if slot_parts else torch.empty(0, dtype=torch.long)
+            single_slots, single_hidden = pad_slots(singles, dev)
         return AttentionMetadata(
             kv_cache=self.kv_cache,
-            slot_mapping=slot_mapping.to(self.device),
+            slot_mapping=torch.cat(slot_parts).to(dev),
             num_rows=num_rows,
-            single_rows=single_rows,
+            single_rows=torch.tensor(single_rows, device=dev) if singles else None,
             single_slots=single_slots,
-            single_mask=single_mask,
+            single_hidden=single_hidden,
             seqs=seqs,
-            groups=groups,
+            groups=group_batch(groups, dev) if groups else None,
         )
 
     def _shared_prefixes(self, seq_rows: list[_SeqRows]) -> list[tuple[int, int] | None]:
@@ -220,6 +216,8 @@ class ModelRunner:
             n = 0
             while n < limit and all(t[n] == tables[0][n] for t in tables):
                 n += 1
+            if n == 0:
+                continue
             for i in idx:
                 result[i] = (n, first)
         return result

@@ -8,10 +8,11 @@ import torch
 
 from server.engine.attention import (
     AttentionMetadata,
-    GroupAttention,
     SeqAttention,
     attend,
+    group_batch,
     merge,
+    pad_slots,
     prefix_attention,
 )
 
@@ -52,68 +53,64 @@ def test_merge_of_two_halves_is_whole():
 
 
 def test_grouped_paged_batch_equals_plain_attention():
-    """Three sequences share an 8-token cached segment (blocks 0, 1); two decode one token,
-    one computes a 3-token chunk; a fourth, unrelated sequence decodes alone. Blocks are
-    scattered through the pool to exercise the slot arithmetic."""
+    """Two groups and a loner, decode and multi-token chunks mixed. Group 0: three sequences
+    sharing blocks 0, 1 (8 tokens); group 1: two sequences sharing block 3 (4 tokens), so the
+    group batch pads both its queries and its segments. Blocks are scattered through the pool
+    to exercise the slot arithmetic."""
     g = torch.Generator().manual_seed(2)
-    bs, num_blocks = 4, 12
+    bs, num_blocks = 4, 16
     cache = torch.randn(1, 2, HKV, num_blocks * bs, D, generator=g)
     scale = 1 / math.sqrt(D)
-    # (block table, total length after this step, query positions this step)
+    # (block table, length after this step, query positions this step, shared tokens, group)
     seqs = [
-        ([0, 1, 5, 9], 14, [13]),
-        ([0, 1, 7], 12, [9, 10, 11]),
-        ([0, 1, 2], 10, [9]),
-        ([3, 4, 6], 11, [10]),
+        ([0, 1, 5, 9], 14, [13], 8, 0),
+        ([0, 1, 7], 12, [9, 10, 11], 8, 0),
+        ([0, 1, 2], 10, [9], 8, 0),
+        ([3, 4, 6], 11, [10], 4, 1),
+        ([3, 11, 8, 10], 15, [12, 13, 14], 4, 1),
+        ([12, 13], 6, [5], 0, None),
     ]
 
     def slots(table, positions):
         t = torch.tensor(table)
-        p = torch.tensor(positions)
+        p = torch.tensor(list(positions))
         return t[p // bs] * bs + p % bs
 
-    rows_of = []
-    q_all = []
+    n_rows = sum(len(x[2]) for x in seqs)
+    q = torch.randn(HQ, n_rows, D, generator=g)
+    singles, single_rows, multi = [], [], []
+    group_rows: dict[int, list[int]] = {0: [], 1: []}
+    group_slots = {0: slots([0, 1], range(8)), 1: slots([3], range(4))}
     row = 0
-    for _table, _total, qpos in seqs:
-        rows_of.append(list(range(row, row + len(qpos))))
+    rows_of = []
+    for table, total, qpos, shared, group in seqs:
+        rows = list(range(row, row + len(qpos)))
+        rows_of.append(rows)
         row += len(qpos)
-        q_all.append(torch.randn(HQ, len(qpos), D, generator=g))
-    q = torch.cat(q_all, dim=1)
-    shared = 8
-    singles = [(0, 0), (2, 4), (3, 5)]  # (seq index, flat-batch row)
-    single_slots = [
-        slots(seqs[i][0], range(shared if i < 3 else 0, seqs[i][1])) for i, _ in singles
-    ]
-    width = max(len(s) for s in single_slots)
-    pad = torch.zeros(len(singles), width, dtype=torch.long)
-    mask = torch.zeros(len(singles), 1, width, dtype=torch.bool)
-    for j, s in enumerate(single_slots):
-        pad[j, : len(s)] = s
-        mask[j, 0, : len(s)] = True
-    table1, total1, qpos1 = seqs[1]
-    kpos = torch.arange(shared, total1)
+        suffix = slots(table, range(shared, total))
+        if len(qpos) == 1:
+            singles.append(suffix)
+            single_rows.append(rows[0])
+        else:
+            kpos = torch.arange(shared, total)
+            hidden = kpos[None, :] > torch.tensor(qpos)[:, None]
+            multi.append(SeqAttention(slice(rows[0], rows[-1] + 1), suffix, hidden))
+        if group is not None:
+            group_rows[group].extend(rows)
+    single_slots, single_hidden = pad_slots(singles, "cpu")
     meta = AttentionMetadata(
         kv_cache=cache,
         slot_mapping=torch.empty(0, dtype=torch.long),
-        num_rows=q.shape[1],
-        single_rows=torch.tensor([r for _, r in singles]),
-        single_slots=pad,
-        single_mask=mask,
-        seqs=[
-            SeqAttention(
-                slice(1, 4),
-                slots(table1, range(shared, total1)),
-                kpos[None, :] <= torch.tensor(qpos1)[:, None],
-            )
-        ],
-        groups=[GroupAttention(torch.tensor([0, 1, 2, 3, 4]), slots([0, 1], range(shared)))],
+        num_rows=n_rows,
+        single_rows=torch.tensor(single_rows),
+        single_slots=single_slots,
+        single_hidden=single_hidden,
+        seqs=multi,
+        groups=group_batch([(group_rows[i], group_slots[i]) for i in (0, 1)], "cpu"),
     )
     out = prefix_attention(q, cache[0, 0], cache[0, 1], meta, scale)
-    for (table, total, qpos), rows in zip(seqs, rows_of, strict=True):
+    for (table, total, qpos, _, _), rows in zip(seqs, rows_of, strict=True):
         s = slots(table, range(total))
         expect = plain_attention(q[:, rows], cache[0, 0][:, s], cache[0, 1][:, s], qpos, scale)
-        assert torch.allclose(out[:, rows], expect, atol=1e-5), (
-            table,
-            (out[:, rows] - expect).abs().max(),
-        )
+        err = (out[:, rows] - expect).abs().max()
+        assert err < 1e-5, (table, err)
