@@ -30,23 +30,31 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of the scores.
 
-    q: ``[*B, Hq, n, D]``; k, v: ``[*B, Hkv, m, D]``; hidden: bool ``[*B, n | 1, m]``, True
-    where a query must NOT see a key, or None. Returns ``out [*B, Hq, n, D]`` and
-    ``lse [*B, Hq, n]``. Every row must see at least one key.
+    Heads lead: q ``[Hq, *B, n, D]``; k, v ``[Hkv, *B, m, D]``; hidden: bool
+    ``[*B, n | 1, m]``, True where a query must NOT see a key, or None. Returns
+    ``out [Hq, *B, n, D]`` and ``lse [Hq, *B, n]``. Every row must see at least one key.
+    Keeping heads first lets the cache gathers (``index_select`` on the slot dimension) feed the
+    matrix products without copies.
     """
-    *lead, hq, n, d = q.shape
-    hkv, m = k.shape[-3], k.shape[-2]
+    hq, *lead, n, d = q.shape
+    hkv, m = k.shape[0], k.shape[-2]
     g = hq // hkv
-    qg = q.reshape(*lead, hkv, g * n, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale)  # [*B, Hkv, g*n, m]
+    # Query head h reads kv head h // g: fold the g query heads of a kv head into its rows.
+    qg = (q * scale).view(hkv, g, *lead, n, d).movedim(1, -3).reshape(hkv, *lead, g * n, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2))  # [Hkv, *B, g*n, m]
     if hidden is not None:
-        scores = scores.view(*lead, hkv, g, n, m)
-        scores.masked_fill_(hidden.unsqueeze(-3).unsqueeze(-3), float("-inf"))
-        scores = scores.view(*lead, hkv, g * n, m)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores.sub_(lse))
-    out = torch.matmul(probs, v)  # [*B, Hkv, g*n, D]
-    return out.view(*lead, hq, n, d), lse.view(*lead, hq, n)
+        scores = scores.view(hkv, *lead, g, n, m)
+        scores.masked_fill_(hidden.unsqueeze(-3), float("-inf"))
+        scores = scores.view(hkv, *lead, g * n, m)
+    # Softmax by hand: one exp pass gives both the weights and the log-sum-exp.
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = scores.sub_(top).exp_()
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.matmul(weights, v).div_(total)  # [Hkv, *B, g*n, D]
+    lse = total.log_().add_(top)
+    out = out.view(hkv, *lead, g, n, d).movedim(-3, 1).reshape(hq, *lead, n, d)
+    lse = lse.view(hkv, *lead, g, n).movedim(-2, 1).reshape(hq, *lead, n)
+    return out, lse
 
 
 def merge(
@@ -149,25 +157,28 @@ def prefix_attention(
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=q.dtype, device=q.device)
     if meta.single_rows is not None:
-        qs = q.index_select(1, meta.single_rows).transpose(0, 1).unsqueeze(2)  # [B1, Hq, 1, D]
-        ks = k_cache[:, meta.single_slots].transpose(0, 1)  # [B1, Hkv, M, D]
-        vs = v_cache[:, meta.single_slots].transpose(0, 1)
+        b1, width = meta.single_slots.shape
+        flat = meta.single_slots.view(-1)
+        ks = k_cache.index_select(1, flat).view(-1, b1, width, d)  # [Hkv, B1, M, D]
+        vs = v_cache.index_select(1, flat).view(-1, b1, width, d)
+        qs = q.index_select(1, meta.single_rows).unsqueeze(2)  # [Hq, B1, 1, D]
         o, l_ = attend(qs, ks, vs, scale, meta.single_hidden)
-        out.index_copy_(1, meta.single_rows, o.squeeze(2).transpose(0, 1))
-        lse.index_copy_(1, meta.single_rows, l_.squeeze(2).transpose(0, 1))
+        out.index_copy_(1, meta.single_rows, o.squeeze(2))
+        lse.index_copy_(1, meta.single_rows, l_.squeeze(2))
     for s in meta.seqs:
         ks = k_cache.index_select(1, s.slots)
         vs = v_cache.index_select(1, s.slots)
         out[:, s.rows], lse[:, s.rows] = attend(q[:, s.rows], ks, vs, scale, s.hidden)
     gb = meta.groups
     if gb is not None:
-        n_groups = gb.slots.shape[0]
-        qg = q.index_select(1, gb.q_index).view(hq, n_groups, gb.q_len, d).transpose(0, 1)
-        ks = k_cache[:, gb.slots].transpose(0, 1)  # [G, Hkv, S, D]
-        vs = v_cache[:, gb.slots].transpose(0, 1)
-        og, lg = attend(qg, ks, vs, scale, gb.hidden)  # [G, Hq, q_len, D], [G, Hq, q_len]
-        og = og.transpose(0, 1).reshape(hq, -1, d).index_select(1, gb.valid)
-        lg = lg.transpose(0, 1).reshape(hq, -1).index_select(1, gb.valid)
+        n_groups, width = gb.slots.shape
+        flat = gb.slots.view(-1)
+        ks = k_cache.index_select(1, flat).view(-1, n_groups, width, d)  # [Hkv, G, S, D]
+        vs = v_cache.index_select(1, flat).view(-1, n_groups, width, d)
+        qg = q.index_select(1, gb.q_index).view(hq, n_groups, gb.q_len, d)
+        og, lg = attend(qg, ks, vs, scale, gb.hidden)  # [Hq, G, q_len, D], [Hq, G, q_len]
+        og = og.reshape(hq, -1, d).index_select(1, gb.valid)
+        lg = lg.reshape(hq, -1).index_select(1, gb.valid)
         merged, _ = merge(out.index_select(1, gb.rows), lse.index_select(1, gb.rows), og, lg)
         out.index_copy_(1, gb.rows, merged)
     return out

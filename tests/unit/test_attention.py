@@ -40,6 +40,19 @@ def test_attend_lse_matches_definition():
     assert torch.allclose(out, torch.softmax(scores, -1) @ v.repeat_interleave(3, 0), atol=1e-6)
 
 
+def test_batched_masked_attend_equals_each_item():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(HQ, 2, 3, D, generator=g)
+    k, v = torch.randn(HKV, 2, 5, D, generator=g), torch.randn(HKV, 2, 5, D, generator=g)
+    hidden = torch.zeros(2, 3, 5, dtype=torch.bool)
+    hidden[1, :, 3:] = True  # item 1 has only 3 real keys
+    out, lse = attend(q, k, v, 0.5, hidden)
+    for b, m in ((0, 5), (1, 3)):
+        o, l_ = attend(q[:, b], k[:, b, :m], v[:, b, :m], 0.5)
+        assert torch.allclose(out[:, b], o, atol=1e-6)
+        assert torch.allclose(lse[:, b], l_, atol=1e-6)
+
+
 def test_merge_of_two_halves_is_whole():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(HQ, 4, D, generator=g)
