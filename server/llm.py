@@ -104,13 +104,18 @@ class LLM:
         names = list(adapters) if adapters is not None else [[] for _ in range(n)]
         if len(params_list) != n or len(names) != n:
             raise InvalidRequest("prompts, params and adapters must have the same length")
-        ids = []
-        for prompt, p, adapter_names in zip(prompts, params_list, names, strict=True):
-            segs = [self._segment(a) for a in adapter_names]
-            tokens = self._tokens(prompt)
-            rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, tokens, p, segs)
-            ids.append(rid)
+        ids: list[str] = []
+        try:
+            for prompt, p, adapter_names in zip(prompts, params_list, names, strict=True):
+                segs = [self._segment(a) for a in adapter_names]
+                rid = f"offline-{next(self._ids)}"
+                self.engine.add_request(rid, self._tokens(prompt), p, segs)
+                ids.append(rid)
+        except Exception:
+            # All or nothing: a rejected prompt takes the batch's earlier ones back out.
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
         return self._run(ids, use_tqdm)
 
     def _segment(self, name: str) -> AdapterSegment:

@@ -107,7 +107,10 @@ def resolve_model_dir(model: str, data_dir: Path) -> tuple[Path, str]:
         model_id = path.stem
         out = models / f"{model_id}-{_file_digest(path)[:12]}"
         if not (out / "config.json").is_file():
-            convert_gguf(path, out, model_id)
+            try:
+                convert_gguf(path, out, model_id)
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelLoadError(f"could not read the GGUF file {path}: {e}") from e
         return out, model_id
     if path.is_dir() and (path / "config.json").is_file():
         id_file = path / "prefix_serve_model_id"
@@ -121,9 +124,15 @@ def resolve_model_dir(model: str, data_dir: Path) -> tuple[Path, str]:
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was given but CUDA is not available")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown --device {device!r}: use auto, cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unsupported --device {device!r}: use auto, cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} was given but CUDA is not available")
+    return dev
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -134,7 +143,9 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
             dtype
         ]
     except KeyError:
-        raise ModelLoadError(f"unknown --dtype {dtype!r}: use auto, float32 or bfloat16") from None
+        raise ModelLoadError(
+            f"unknown --dtype {dtype!r}: use auto, float32, bfloat16 or float16"
+        ) from None
 
 
 def load_base_model(
@@ -146,13 +157,16 @@ def load_base_model(
     """Load the frozen base model and its tokenizer (eval mode, gradients off)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, model_id = resolve_model_dir(model, Path(data_dir))
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt).to(dev)
+    path, model_id = resolve_model_dir(model, Path(data_dir))
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt).to(dev)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load the model in {path}: {e}") from e
     hf.eval()
     hf.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
     arch = getattr(hf.config, "model_type", "?")
     if not hasattr(hf, "model") or not hasattr(hf.model, "layers"):
         raise ModelLoadError(f"model type {arch!r} is not a Llama-family decoder")

@@ -45,6 +45,16 @@ class EngineStats:
     steps: int = 0
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a model that uses one (Mistral, Qwen2 with
+    ``use_sliding_window``). Our attention reads every key, which is exact only while a
+    sequence fits in the window, so the engine caps the context length there."""
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return None
+    return int(window)
+
+
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig) -> None:
         self.config = config
@@ -64,6 +74,7 @@ class LLMEngine:
         self.max_model_len = min(
             getattr(model.config, "max_position_embeddings", 1 << 30),
             num_blocks * config.block_size,
+            sliding_window(model.config) or 1 << 30,
         )
         eos = getattr(tokenizer, "eos_token_id", None)
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -156,9 +167,17 @@ class LLMEngine:
         return None
 
     def _stop_string(self, seq: Sequence) -> int | None:
-        """Index in the decoded text where the first stop string starts, or None."""
+        """Index in the decoded text where the first stop string starts, or None. Only text
+        after the first ``min_tokens`` tokens can stop a request."""
         text = self.decode(seq)
-        hits = [i for s in seq.params.stop if (i := text.find(s)) >= 0]
+        start = 0
+        if seq.params.min_tokens:
+            start = len(
+                self.tokenizer.decode(
+                    seq.output_ids[: seq.params.min_tokens], skip_special_tokens=True
+                )
+            )
+        hits = [i for s in seq.params.stop if (i := text.find(s, start)) >= 0]
         return min(hits) if hits else None
 
     def decode(self, seq: Sequence) -> str:

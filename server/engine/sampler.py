@@ -39,8 +39,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[int]:
-    """One token per row of ``logits`` ([N, vocab], float32), for ``seqs[i]``."""
-    logits = logits.float()
+    """One token per row of ``logits`` ([N, vocab]), for ``seqs[i]``. Runs on the CPU, where
+    the per-request generators live (N x vocab floats: small next to a forward)."""
+    logits = logits.float().cpu().clone()  # ours to edit (the runner's are inference tensors)
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
     tokens = [0] * len(seqs)
     for i, seq in enumerate(seqs):
