@@ -1,0 +1,184 @@
+"""Blob storage: one immutable file per adapter content, named by its sha256.
+
+Layout under the root (a local data directory, or a shared volume given as ``file:///path``)::
+
+    objects/ab/<sha256>.safetensors   the blobs, sharded by the first two hex digits
+    tmp/<sha256>.<random>.part        writes in progress (renamed into objects/ when complete)
+    trash/<sha256>.<ns>.<random>      blobs being collected (see ``collect``)
+
+Torch-free: blobs are bytes here; ``codec.py`` knows what is inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from adapters_store.types import BlobError, StorageFull
+
+SHA_RE = re.compile(r"[0-9a-f]{64}")
+SUFFIX = ".safetensors"
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class LocalBlobStore:
+    """Blobs in a directory that every replica sharing it sees as one POSIX file system.
+
+    Writes are atomic and durable: temp file, fsync, rename, fsync of the directory. A blob
+    is never modified in place; rewriting one replaces it with identical bytes.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.trash = self.root / "trash"
+        for d in (self.objects, self.tmp, self.trash):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha: str) -> Path:
+        if not SHA_RE.fullmatch(sha):
+            raise ValueError(f"not a sha256 hex digest: {sha!r}")
+        return self.objects / sha[:2] / (sha + SUFFIX)
+
+    def write(self, sha: str, data: bytes) -> None:
+        """Store ``data`` as blob ``sha`` (the caller vouches that it is that content).
+
+        StorageFull if the location is full or read-only; then nothing is left behind.
+        """
+        final = self.path(sha)
+        tmp = self.tmp / f"{sha}.{secrets.token_hex(8)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            shard_is_new = not final.parent.exists()
+            final.parent.mkdir(exist_ok=True)
+            if shard_is_new:
+                _fsync_dir(self.objects)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in _FULL_ERRNOS:
+                raise StorageFull(f"cannot write adapter blob: {exc.strerror}") from exc
+            raise
+
+    def read(self, sha: str) -> bytes:
+        try:
+            return self.path(sha).read_bytes()
+        except FileNotFoundError:
+            raise BlobError(f"blob {sha} is missing from the blob store") from None
+
+    def exists(self, sha: str) -> bool:
+        return self.path(sha).exists()
+
+    def scan(self) -> Iterator[tuple[str, float]]:
+        """(sha256, modification time in unix seconds) of every stored blob."""
+        for shard in self.objects.iterdir():
+            for entry in os.scandir(shard):
+                sha = entry.name.removesuffix(SUFFIX)
+                if entry.name.endswith(SUFFIX) and SHA_RE.fullmatch(sha):
+                    try:
+                        yield sha, entry.stat().st_mtime
+                    except FileNotFoundError:  # collected meanwhile by another replica
+                        continue
+
+    def collect(self, sha: str, unreferenced: Callable[[], bool]) -> bool:
+        """Delete blob ``sha`` if ``unreferenced()`` still holds once it is out of sight.
+
+        The blob is first renamed into trash/, then the registry is asked again: an upload of
+        the same content that committed meanwhile either wrote its own copy after the rename or
+        finds the blob missing after its commit and writes it again (``AdapterStore.put``), so
+        a committed record never ends up without its blob. Returns True if deleted.
+        """
+        trashed = self.trash / f"{sha}.{time.time_ns()}.{secrets.token_hex(4)}"
+        try:
+            os.replace(self.path(sha), trashed)
+        except FileNotFoundError:
+            return False
+        try:
+            keep = not unreferenced()
+        except BaseException:
+            self._restore(trashed, sha)
+            raise
+        if keep:
+            self._restore(trashed, sha)
+            return False
+        trashed.unlink(missing_ok=True)
+        return True
+
+    def clean(self, older_than: float, referenced: Callable[[str], bool]) -> int:
+        """Remove what crashed writers and collectors left: temp files, and trash entries (or
+        put back those that are referenced), older than ``older_than`` (unix seconds).
+        Younger ones may belong to a live process on another replica. Returns the count."""
+        removed = 0
+        for entry in os.scandir(self.tmp):
+            if _mtime(entry) < older_than:
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+        for entry in os.scandir(self.trash):
+            sha, _, rest = entry.name.partition(".")
+            stamp = rest.partition(".")[0]
+            if not SHA_RE.fullmatch(sha) or not stamp.isdigit():
+                continue
+            if int(stamp) / 1e9 >= older_than:
+                continue
+            if referenced(sha) and not self.exists(sha):
+                self._restore(Path(entry.path), sha)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def _restore(self, trashed: Path, sha: str) -> None:
+        # Gone if another replica's clean() got it; the uploader's post-commit check rewrites.
+        final = self.path(sha)
+        final.parent.mkdir(exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(trashed, final)
+
+
+def open_blobs(data_dir: str | os.PathLike[str], blob_url: str | None = None) -> LocalBlobStore:
+    """``blob_url`` None: ``<data_dir>/blobs``; ``file:///path``: a shared volume at /path.
+
+    ``s3://`` is not implemented in this version (see the package README).
+    """
+    if blob_url is None:
+        return LocalBlobStore(Path(data_dir) / "blobs")
+    url = urlparse(blob_url)
+    if url.scheme == "file" and url.netloc in ("", "localhost") and url.path:
+        return LocalBlobStore(unquote(url.path))
+    if url.scheme == "s3":
+        raise ValueError(
+            f"--blob-url {blob_url!r}: the S3 blob store is not available in this version; "
+            "use file:///path on a shared volume"
+        )
+    raise ValueError(f"--blob-url {blob_url!r}: expected file:///absolute/path")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mtime(entry: os.DirEntry[str]) -> float:
+    try:
+        return entry.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")

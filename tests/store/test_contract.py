@@ -1,0 +1,268 @@
+"""The store's contract, run on both registries (SQLite and a real redis-server)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from store_helpers import StoreFactory, make_adapter, prefix_adapter, prompt_adapter, same_content
+
+from adapters_store.codec import encode
+from adapters_store.store import AdapterStore
+from adapters_store.types import (
+    AdapterNotFound,
+    BlobError,
+    InvalidName,
+    Quota,
+    QuotaExceeded,
+    TenantQuotas,
+)
+
+KINDS = ["prefix_tuning", "prompt_tuning", "p_tuning", "text"]
+
+
+def blob_shas(store: AdapterStore) -> set[str]:
+    return {sha for sha, _ in store.blobs.scan()}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_put_get_list_load_delete(store: AdapterStore, kind: str) -> None:
+    adapter = make_adapter(kind, seed=1)
+    before = int(time.time())
+    record = store.put("acme", "helper", adapter)
+    assert (record.tenant, record.name, record.kind, record.version) == ("acme", "helper", kind, 1)
+    assert record.num_virtual_tokens == adapter.num_virtual_tokens
+    assert record.sha256 == adapter.sha256
+    assert record.size_bytes == len(encode(adapter))
+    assert before <= record.created <= time.time()
+    assert record.id.startswith("adp-")
+    assert store.get("acme", "helper") == record
+    assert store.list("acme") == [record]
+    assert same_content(store.load(record), adapter)
+    assert blob_shas(store) == {adapter.sha256}
+
+    assert store.delete("acme", "helper") == record
+    with pytest.raises(AdapterNotFound):
+        store.get("acme", "helper")
+    with pytest.raises(AdapterNotFound):
+        store.delete("acme", "helper")
+    assert store.list("acme") == []
+
+
+def test_list_is_sorted_by_name_and_shows_newest_versions(store: AdapterStore) -> None:
+    for i, name in enumerate(["zeta", "alpha", "mid", "alpha"]):
+        store.put("acme", name, prefix_adapter(seed=i))
+    assert [(r.name, r.version) for r in store.list("acme")] == [
+        ("alpha", 2),
+        ("mid", 1),
+        ("zeta", 1),
+    ]
+
+
+def test_reupload_serves_new_weights_while_old_requests_finish_on_old(
+    store: AdapterStore,
+) -> None:
+    old, new = prefix_adapter(seed=1), prefix_adapter(seed=2)
+    v1 = store.put("acme", "x", old)
+    in_flight = store.get("acme", "x")  # a request resolved the name before the re-upload
+    assert same_content(store.load(in_flight), old)  # now held in the host tier
+
+    v2 = store.put("acme", "x", new)
+    assert (v1.version, v2.version) == (1, 2) and v2.sha256 == new.sha256 != old.sha256
+    current = store.get("acme", "x")
+    assert current == v2
+    assert same_content(store.load(current), new)
+    assert same_content(store.load(current), new)  # second time from the host tier
+    assert same_content(store.load(in_flight), old)  # the old request still finishes on v1
+    stats = store.host_tier.stats()
+    assert (stats.loads, stats.hits) == (3, 1)  # v1 left the host tier on the change: reloaded
+    assert [r.version for r in store.versions("acme", "x")] == [1, 2]
+
+
+def test_versions_are_never_reused(store: AdapterStore) -> None:
+    store.put("acme", "x", prefix_adapter(seed=1))
+    store.put("acme", "x", prefix_adapter(seed=2))
+    store.delete("acme", "x")
+    assert store.put("acme", "x", prefix_adapter(seed=3)).version == 3
+
+
+def test_tenants_are_isolated(store: AdapterStore) -> None:
+    a = store.put("acme", "x", prefix_adapter(seed=1))
+    with pytest.raises(AdapterNotFound):
+        store.get("globex", "x")
+    with pytest.raises(AdapterNotFound):
+        store.delete("globex", "x")
+    assert store.list("globex") == []
+    b = store.put("globex", "x", prefix_adapter(seed=2))
+    assert (b.tenant, b.version) == ("globex", 1)
+    store.delete("globex", "x")
+    assert store.get("acme", "x") == a
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "a" * 65, "../x", "x/y", "x\n", "-x", ".x"])
+def test_invalid_names_are_refused_before_anything_is_written(
+    store: AdapterStore, name: str
+) -> None:
+    with pytest.raises(InvalidName) as err:
+        store.put("acme", name, prefix_adapter(seed=1))
+    assert err.value.status == 400
+    assert store.list("acme") == [] and blob_shas(store) == set()
+
+
+def test_quotas_refuse_and_leave_the_store_as_it_was(make_store: StoreFactory) -> None:
+    size = len(encode(prefix_adapter(seed=0)))  # every 3-token test prefix adapter is this big
+    quotas = TenantQuotas(
+        default=Quota(max_adapters=2, max_total_bytes=2 * size + 100, max_virtual_tokens=4),
+        per_tenant={"big": Quota(max_adapters=10, max_upload_bytes=size - 1)},
+    )
+    store = make_store(quotas=quotas)
+    store.put("acme", "a", prefix_adapter(seed=1))
+    store.put("acme", "b", prefix_adapter(seed=2))
+    store.put("acme", "b", prefix_adapter(seed=3))  # a new version does not add to the count
+    before, blobs_before = store.list("acme"), blob_shas(store)
+
+    with pytest.raises(QuotaExceeded, match="would have 3 adapters; the limit is 2") as err:
+        store.put("acme", "c", prefix_adapter(seed=4))
+    assert err.value.status == 413
+    with pytest.raises(QuotaExceeded, match="virtual tokens; the limit is 4"):
+        store.put("acme", "a", prefix_adapter(seed=5, num_virtual_tokens=5))
+    with pytest.raises(QuotaExceeded, match=f"bytes stored; the limit is {size - 1}"):
+        store.put("big", "a", prefix_adapter(seed=6))
+    assert store.list("acme") == before and store.list("big") == []
+    assert blob_shas(store) == blobs_before  # a refused upload's blob is removed at once
+
+    store.delete("acme", "b")
+    bigger = prefix_adapter(seed=7, num_virtual_tokens=4)
+    with pytest.raises(QuotaExceeded, match=f"the limit is {2 * size + 100} bytes"):
+        store.put("acme", "c", bigger)  # 2 adapters, but size + size(bigger) bytes
+    assert store.registry.usage("acme") == (1, size)
+    store.put("acme", "c", prefix_adapter(seed=8))
+    assert store.registry.usage("acme") == (2, 2 * size)
+    limits = store.adapter_limits("big")
+    assert (limits.max_virtual_tokens, limits.max_file_bytes) == (512, size - 1)
+
+
+def test_delete_hides_at_once_and_collects_the_blob_after_the_grace(
+    make_store: StoreFactory,
+) -> None:
+    clock = Clock()
+    store = make_store(clock=clock, gc_grace_s=300)
+    adapter = prompt_adapter(seed=1)
+    store.put("acme", "x", adapter)
+    in_flight = store.get("acme", "x")
+    store.delete("acme", "x")
+    with pytest.raises(AdapterNotFound):
+        store.get("acme", "x")
+    assert same_content(store.load(in_flight), adapter)  # a running request finishes
+
+    assert store.collect() == 0  # within the grace: kept
+    assert blob_shas(store) == {adapter.sha256}
+    assert [r.version for r in store.versions("acme", "x")] == [1]
+
+    clock.now += 301
+    assert store.collect() == 1
+    assert blob_shas(store) == set() and store.versions("acme", "x") == []
+    with pytest.raises(BlobError, match="missing"):
+        store.load(in_flight)
+
+
+def test_a_blob_stays_while_any_version_names_its_content(make_store: StoreFactory) -> None:
+    clock = Clock()
+    store = make_store(clock=clock, gc_grace_s=10)
+    shared, other = prefix_adapter(seed=1), prefix_adapter(seed=2)
+    store.put("acme", "x", shared)
+    store.put("globex", "y", shared)  # same content, another tenant: one blob
+    store.put("acme", "x", other)  # x's v1 (shared content) is now hidden
+    clock.now += 11
+    assert store.collect() == 0
+    assert blob_shas(store) == {shared.sha256, other.sha256}
+    store.delete("globex", "y")
+    clock.now += 11
+    assert store.collect() == 1
+    assert blob_shas(store) == {other.sha256}
+    assert same_content(store.load(store.get("acme", "x")), other)
+
+
+def test_a_corrupt_blob_is_an_error_and_never_served(store: AdapterStore) -> None:
+    adapter = prefix_adapter(seed=1)
+    record = store.put("acme", "x", adapter)
+    path = store.blobs.path(record.sha256)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    for _ in range(2):
+        with pytest.raises(BlobError, match="hashes to"):
+            store.load(record)
+    stats = store.host_tier.stats()
+    assert (stats.load_failures, stats.loads, stats.resident_entries) == (2, 0, 0)
+
+
+def test_idle_adapters_cost_only_metadata_and_the_host_tier_is_an_lru(
+    make_store: StoreFactory,
+) -> None:
+    adapters = [prefix_adapter(seed=i) for i in range(5)]
+    nbytes = adapters[0].kv.nbytes
+    store = make_store(host_cache_bytes=2 * nbytes)
+    records = [store.put("acme", f"a{i}", a) for i, a in enumerate(adapters)]
+    stats = store.host_tier.stats()
+    assert (stats.resident_entries, stats.resident_bytes) == (0, 0)  # registered, not loaded
+    for record in records[:3]:
+        store.load(record)
+    stats = store.host_tier.stats()
+    assert (stats.resident_entries, stats.resident_bytes) == (2, 2 * nbytes)
+    assert (stats.loads, stats.evictions) == (3, 1)
+    assert records[0].sha256 not in store.host_tier and records[2].sha256 in store.host_tier
+
+
+def test_concurrent_same_name_uploads_get_consecutive_versions(store: AdapterStore) -> None:
+    adapters = {seed: prompt_adapter(seed) for seed in range(24)}
+    got: dict[int, int] = {}  # version -> seed
+    lock = threading.Lock()
+
+    def upload(seeds: list[int]) -> None:
+        for seed in seeds:
+            record = store.put("acme", "x", adapters[seed])
+            with lock:
+                got[record.version] = seed
+
+    threads = [threading.Thread(target=upload, args=(list(range(i, 24, 4)),)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == list(range(1, 25))
+    stored = {r.version: r.sha256 for r in store.versions("acme", "x")}
+    assert stored == {v: adapters[seed].sha256 for v, seed in got.items()}
+    live = store.get("acme", "x")
+    assert live.version == 24 and live.sha256 == adapters[got[24]].sha256
+    assert store.registry.usage("acme") == (1, live.size_bytes)
+
+
+def test_subscribers_hear_local_changes(store: AdapterStore) -> None:
+    events: list[tuple[str, str, str]] = []
+    store.subscribe(lambda *e: events.append(e))
+    store.put("acme", "x", prefix_adapter(seed=1))
+    store.delete("acme", "x")
+    assert [e for e in events if e[0] != "reset"] == [
+        ("put", "acme", "x"),
+        ("delete", "acme", "x"),
+    ]
+
+
+def test_data_survives_reopening(make_store: StoreFactory, tmp_path: Path) -> None:
+    first = make_store()
+    record = first.put("acme", "x", make_adapter("text", seed=3))
+    first.close()
+    again = make_store()
+    assert again.get("acme", "x") == record
+    assert again.load(record).text == "You are assistant number 3."
