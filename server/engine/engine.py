@@ -33,6 +33,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
+    adapter_cache_bytes: int | None = 1 << 30  # device tier of adapter tensors; None: unbounded
 
 
 @dataclass
@@ -70,7 +71,7 @@ class LLMEngine:
             self.pool,
             self.tree,
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.adapter_cache_bytes)
         self.max_model_len = min(
             getattr(model.config, "max_position_embeddings", 1 << 30),
             num_blocks * config.block_size,

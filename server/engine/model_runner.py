@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapters_store.tiers import LRUTier
 from server.engine import attention
 from server.engine.attention import AttentionMetadata, SeqAttention, group_batch, pad_slots
 from server.engine.request import AdapterSegment, Sequence
@@ -47,7 +48,13 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 class ModelRunner:
     """Owns the model and the KV cache tensor ``[L, 2, Hkv, num_blocks * block_size, D]``."""
 
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_blocks: int,
+        block_size: int,
+        adapter_cache_bytes: int | None = None,
+    ) -> None:
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
         cfg = model.config
@@ -67,21 +74,27 @@ class ModelRunner:
             device=self.device,
         )
         self.embed = model.get_input_embeddings()
-        self._adapter_tensors: dict[str, torch.Tensor] = {}
+        # The device tier: adapter KV / embeddings on the device, LRU by bytes (None: unbounded).
+        self.adapter_tier: LRUTier[str, torch.Tensor] = LRUTier(
+            "device",
+            capacity_bytes=adapter_cache_bytes,
+            size_of=lambda t: t.numel() * t.element_size(),
+        )
 
     # Adapters on the device ---------------------------------------------------------------
     def adapter_tensor(self, seg: AdapterSegment) -> torch.Tensor:
-        """The segment's KV or embeddings on the runner's device and dtype (cached by key)."""
-        t = self._adapter_tensors.get(seg.key)
-        if t is None:
+        """The segment's KV or embeddings on the runner's device and dtype, through the device
+        tier (keyed by content hash, so a new adapter version never finds a stale copy)."""
+
+        def load() -> torch.Tensor:
             src = seg.kv if seg.kind == "prefix_tuning" else seg.embeddings
             assert src is not None, f"adapter {seg.key} of kind {seg.kind} has no tensor"
-            t = src.to(device=self.device, dtype=self.dtype)
-            self._adapter_tensors[seg.key] = t
-        return t
+            return src.to(device=self.device, dtype=self.dtype)
+
+        return self.adapter_tier.get_or_load(seg.key, load)
 
     def drop_adapter(self, key: str) -> None:
-        self._adapter_tensors.pop(key, None)
+        self.adapter_tier.evict(key)
 
     # One step -----------------------------------------------------------------------------
     def slots(self, seq: Sequence, positions: torch.Tensor) -> torch.Tensor:
