@@ -14,7 +14,9 @@ Scales, so that an adapter visibly changes the output while generations stay san
 - P-tuning: the encoder (PEFT's MLP) is seeded, then its last linear layer is rescaled so the
   saved output has the embedding table's per-channel mean and std.
 
-``scale`` multiplies the std (1.0 = the base model's own spread).
+``scale`` multiplies the std (1.0 = the base model's own spread). The bytes are a function of
+the seed and of the base model's forward numerics (through the KV statistics): identical across
+runs on one machine, possibly not bit-identical across CPU types.
 
 The base model is wrapped in place, not copied: PEFT's prompt-learning methods add no modules
 to the base model and change no weight; the only side effect, ``requires_grad=False`` on every
@@ -23,6 +25,7 @@ base parameter, is undone before returning.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,9 +74,8 @@ def make_prefix_tuning(
         with torch.no_grad():
             if prefix_projection:
                 _seed_module(encoder, gen)
-                _match_output(
-                    encoder.transform[-1], encoder(_tokens(num_virtual_tokens)), mean, std * scale
-                )
+                out = encoder(_tokens(encoder, num_virtual_tokens))
+                _match_output(encoder.transform[-1], out, mean, std * scale)
             else:
                 weight = encoder.embedding.weight
                 noise = torch.randn(weight.shape, generator=gen)
@@ -124,11 +126,21 @@ def make_p_tuning(
         encoder = peft_model.prompt_encoder["default"]
         with torch.no_grad():
             _seed_module(encoder, gen)
-            _match_output(
-                encoder.mlp_head[-1], encoder(_tokens(num_virtual_tokens)), mean, std * scale
-            )
+            out = encoder(_tokens(encoder, num_virtual_tokens))
+            _match_output(encoder.mlp_head[-1], out, mean, std * scale)
         peft_model.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence the two warnings PEFT emits on every wrap and prompt-tuning generate here
+    (a transformers deprecation inside PEFT; position ids dropped for soft prompts, which is
+    PEFT's documented behaviour and what the reference wants)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        warnings.filterwarnings("ignore", message="Position ids are not supported.*")
+        yield
 
 
 @contextmanager
@@ -136,14 +148,15 @@ def _wrapped(model: PreTrainedModel, config) -> Iterator[PeftModel]:
     """Wrap ``model`` with a fresh prompt-learning adapter; restore ``requires_grad`` after."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        yield get_peft_model(model, config)
+        with quiet_peft():
+            yield get_peft_model(model, config)
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
 
 
-def _tokens(n: int) -> torch.Tensor:
-    return torch.arange(n).unsqueeze(0)
+def _tokens(encoder: torch.nn.Module, n: int) -> torch.Tensor:
+    return torch.arange(n, device=encoder.embedding.weight.device).unsqueeze(0)
 
 
 def _seed_module(module: torch.nn.Module, gen: torch.Generator) -> None:
@@ -164,8 +177,9 @@ def _match_output(
 ) -> None:
     """Rescale ``last`` (the encoder's final linear) so its current output has per-channel
     ``mean`` and ``std``: out' = (out - m) / s * std + mean, folded into weight and bias."""
-    out = out.reshape(-1, out.shape[-1])
-    ratio = std / out.std(dim=0).clamp_min(1e-6)
+    out = out.reshape(-1, out.shape[-1]).float()
+    mean, std = mean.to(out.device), std.to(out.device)
+    ratio = std / out.std(dim=0, correction=0).clamp_min(1e-6)
     last.weight.mul_(ratio.unsqueeze(1))
     last.bias.copy_((last.bias - out.mean(dim=0)) * ratio + mean)
 

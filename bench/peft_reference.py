@@ -23,6 +23,8 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
+from bench.peft_adapters import quiet_peft
+
 TIE_MARGIN = 1e-3
 
 
@@ -87,9 +89,10 @@ def base_greedy(
 def _peft(base_model: PreTrainedModel, adapter_dir: str | Path) -> Iterator[PeftModel]:
     flags = [(p, p.requires_grad) for p in base_model.parameters()]
     try:
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir))
-        model.eval()
-        yield model
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+            model.eval()
+            yield model
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)

@@ -96,7 +96,7 @@ def run(
         data_dir=data_dir,
         device="cpu",
         dtype="float32",
-        engine_config=EngineConfig(max_num_seqs=256),
+        engine_config=EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048),
     )
     # The baselines get their own copy: the engine's copy routes attention through ours.
     base = AutoModelForCausalLM.from_pretrained(

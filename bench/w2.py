@@ -1,0 +1,380 @@
+"""W2 of BENCHMARKS.md: W1's tenants served over real HTTP, driven by the ``openai`` client.
+
+A ``prefix-serve serve`` process (its own process: the client does not share its GIL) gets one
+API key per tenant; each tenant uploads its prefix-tuning adapter (32 virtual tokens) through
+``POST /v1/adapters`` and sends chat requests (its ~250-token system prompt + a ~40-token
+question, N new tokens, EOS ignored, streamed) at a fixed concurrency: 1, 4, 16. Per level:
+output tok/s, TTFT and inter-token latency (ITL) p50/p99. Side by side, in the same run and on
+the same questions, the in-process engine (``LLM.generate``, all requests at once) gives the
+reference tok/s. Every level and the in-process run start from the same cache state: system
+prompts cached by a warm-up pass, questions never seen (each level has its own questions).
+
+TTFT check: at concurrency 1, each question with its (cached) system prompt against the same
+question with no system prompt; target p99 ratio <= 1.5.
+
+    prefix-serve bench w2 [--tenants 4] [--requests 4] [--new-tokens 32] [--concurrency 1,4,16]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from openai import AsyncOpenAI
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bench.peft_adapters import make_prefix_tuning
+from bench.workloads import VIRTUAL_TOKENS, w1_texts
+from server.engine.engine import EngineConfig
+from server.engine.request import SamplingParams
+from server.llm import LLM
+from server.model_loader import resolve_model_dir
+
+ADAPTER = "persona"
+
+
+@dataclass(frozen=True)
+class Ask:
+    tenant: int
+    system: str | None
+    question: str
+
+
+@dataclass
+class Sample:
+    ttft: float
+    itl: list[float]
+    tokens: int
+
+
+@dataclass
+class Level:
+    concurrency: int
+    requests: int
+    tokens: int
+    seconds: float
+    tok_per_s: float = 0.0
+    ttft_p50: float = 0.0
+    ttft_p99: float = 0.0
+    itl_p50: float = 0.0
+    itl_p99: float = 0.0
+    ttfts: list[float] = field(default_factory=list, repr=False)
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+# The client side -----------------------------------------------------------------------------
+async def ask(client: AsyncOpenAI, a: Ask, new_tokens: int) -> Sample:
+    messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+        {"role": "user", "content": a.question}
+    ]
+    start = time.perf_counter()
+    stream = await client.chat.completions.create(
+        model=ADAPTER,
+        messages=messages,
+        max_tokens=new_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    stamps, tokens = [], 0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return Sample(stamps[0] - start, list(np.diff(stamps)), tokens)
+
+
+async def run_level(
+    clients: list[AsyncOpenAI], asks: list[Ask], concurrency: int, new_tokens: int
+) -> Level:
+    queue: asyncio.Queue[Ask] = asyncio.Queue()
+    for a in asks:
+        queue.put_nowait(a)
+    samples: list[Sample] = []
+
+    async def worker() -> None:
+        while not queue.empty():
+            a = queue.get_nowait()
+            samples.append(await ask(clients[a.tenant], a, new_tokens))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    seconds = time.perf_counter() - start
+    tokens = sum(s.tokens for s in samples)
+    ttfts = [s.ttft for s in samples]
+    itls = [x for s in samples for x in s.itl]
+    return Level(
+        concurrency, len(samples), tokens, seconds, tokens / seconds,
+        pct(ttfts, 50), pct(ttfts, 99), pct(itls, 50), pct(itls, 99), ttfts,
+    )  # fmt: skip
+
+
+# The server process ----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, work: Path, tenants: int) -> tuple[subprocess.Popen, str]:
+    keys = {"keys": [{"key": f"key-{t}", "tenant": f"tenant-{t}"} for t in range(tenants)]}
+    (work / "keys.json").write_text(json.dumps(keys))
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir),
+        "--port", str(port), "--data-dir", str(work / "data"),
+        "--api-keys", str(work / "keys.json"), "--device", "cpu", "--dtype", "float32",
+        "--max-num-seqs", "256", "--log-level", "warning",
+    ]  # fmt: skip
+    log = (work / "server.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    with httpx.Client(trust_env=False) as http:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(work / 'server.log').read_text()}")
+            try:
+                if http.get(url + "/ready").status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.2)
+
+
+def upload_adapters(url: str, adapter_dirs: list[Path]) -> None:
+    """Each tenant uploads its PEFT adapter as ``persona``, with its own key."""
+    with httpx.Client(base_url=url, trust_env=False, timeout=120) as http:
+        for t, path in enumerate(adapter_dirs):
+            files = {
+                "config": ("adapter_config.json", (path / "adapter_config.json").read_bytes()),
+                "weights": (
+                    "adapter_model.safetensors",
+                    (path / "adapter_model.safetensors").read_bytes(),
+                ),
+            }
+            r = http.post(
+                "/v1/adapters",
+                data={"name": ADAPTER},
+                files=files,
+                headers={"Authorization": f"Bearer key-{t}"},
+            )
+            r.raise_for_status()
+
+
+def clients(url: str, tenants: int) -> list[AsyncOpenAI]:
+    return [
+        AsyncOpenAI(
+            base_url=url + "/v1",
+            api_key=f"key-{t}",
+            max_retries=0,
+            http_client=httpx.AsyncClient(trust_env=False, timeout=600),
+        )
+        for t in range(tenants)
+    ]
+
+
+# In process, for the side-by-side reference -----------------------------------------------------
+def chat_ids(tokenizer, a: Ask) -> list[int]:
+    messages = [{"role": "user", "content": a.question}]
+    if a.system:
+        messages.insert(0, {"role": "system", "content": a.system})
+    out = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(out["input_ids"])
+
+
+def in_process(
+    model_dir: Path, adapter_dirs: list[Path], warm: list[Ask], asks: list[Ask], new_tokens: int
+) -> Level:
+    """``LLM.generate`` on ``asks`` all at once, after ``warm`` (system prompts cached)."""
+    config = EngineConfig(max_num_seqs=256)
+    llm = LLM(str(model_dir), device="cpu", dtype="float32", engine_config=config)
+    for t, path in enumerate(adapter_dirs):
+        llm.add_adapter(f"tenant-{t}", path)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+
+    def generate(batch: list[Ask]):
+        prompts = [chat_ids(llm.tokenizer, a) for a in batch]
+        names = [[f"tenant-{a.tenant}"] for a in batch]
+        return llm.generate(prompts, params, names, use_tqdm=False)
+
+    generate(warm)
+    start = time.perf_counter()
+    outs = generate(asks)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+    return Level(len(asks), len(asks), tokens, seconds, tokens / seconds)
+
+
+# The run ----------------------------------------------------------------------------------------
+def questions(tokenizer, tenants: int, per_slice: int, slices: int) -> list[list[Ask]]:
+    """``slices`` lists of asks (tenant-major), each with its own questions; one system prompt
+    per tenant shared by all slices."""
+    texts = w1_texts(tokenizer, tenants, per_slice * slices)
+    return [
+        [
+            Ask(t, system, qs[k * per_slice + i])
+            for t, (system, qs) in enumerate(texts)
+            for i in range(per_slice)
+        ]
+        for k in range(slices)
+    ]
+
+
+async def serve_levels(
+    url: str, tenants: int, warm: list[Ask], slices: list[list[Ask]], levels: list[int],
+    ttft_asks: list[Ask], new_tokens: int,
+) -> tuple[list[Level], dict]:  # fmt: skip
+    cs = clients(url, tenants)
+    await run_level(cs, warm, len(warm), new_tokens)  # caches the system prompts
+    results = [
+        await run_level(cs, asks, c, new_tokens) for c, asks in zip(levels, slices, strict=True)
+    ]
+    bare = [Ask(a.tenant, None, a.question) for a in ttft_asks]
+    cached = await run_level(cs, ttft_asks, 1, 2)
+    plain = await run_level(cs, bare, 1, 2)
+    for c in cs:
+        await c.close()
+    ttft = {
+        "cached_system_p99_s": cached.ttft_p99,
+        "no_system_p99_s": plain.ttft_p99,
+        "cached_system_p50_s": cached.ttft_p50,
+        "no_system_p50_s": plain.ttft_p50,
+        "ratio_p99": cached.ttft_p99 / plain.ttft_p99,
+    }
+    return results, ttft
+
+
+def run(
+    tenants: int = 4,
+    requests: int = 4,
+    new_tokens: int = 32,
+    levels: list[int] | None = None,
+    model: str = "default",
+    data_dir: str = "./data",
+    json_path: str | None = None,
+    plot_path: str | None = None,
+) -> dict:
+    levels = levels or [1, 4, 16]
+    model_dir = resolve_model_dir(model, Path(data_dir))[0]
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        adapter_dirs = [
+            make_prefix_tuning(base, work / f"tenant-{t}", VIRTUAL_TOKENS, seed=t)
+            for t in range(tenants)
+        ]
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        warm, ttft_asks, *slices = questions(tokenizer, tenants, requests, len(levels) + 2)
+        del base
+        gc.collect()
+        top = levels.index(max(levels))
+        reference = in_process(model_dir, adapter_dirs, warm, slices[top], new_tokens)
+        gc.collect()  # the in-process model goes before the server starts
+        proc, url = start_server(model_dir, work, tenants)
+        try:
+            upload_adapters(url, adapter_dirs)
+            rows, ttft = asyncio.run(
+                serve_levels(url, tenants, warm, slices, levels, ttft_asks, new_tokens)
+            )
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    result = {
+        "workload": {
+            "name": "W2", "tenants": tenants, "requests_per_tenant": requests,
+            "new_tokens": new_tokens, "virtual_tokens": VIRTUAL_TOKENS,
+        },
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "in_process": asdict(reference) | {"ttfts": []},
+        "levels": [asdict(r) for r in rows],
+        "http_over_in_process_at_max": rows[top].tok_per_s / reference.tok_per_s,
+        "ttft": ttft,
+    }  # fmt: skip
+    print(format_table(result))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+    if plot_path:
+        plot(result, plot_path)
+    return result
+
+
+def format_table(result: dict) -> str:
+    w = result["workload"]
+    lines = [
+        f"W2: {w['tenants']} tenants x {w['requests_per_tenant']} requests per level, "
+        f"{w['new_tokens']} new tokens, over HTTP (openai client, streaming)",
+        f"{'concurrency':>11}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}"
+        f"{'ITL p50':>9}{'ITL p99':>9}",
+    ]
+    for r in result["levels"]:
+        lines.append(
+            f"{r['concurrency']:>11}{r['tok_per_s']:>9.1f}{r['ttft_p50'] * 1e3:>8.0f}ms"
+            f"{r['ttft_p99'] * 1e3:>8.0f}ms{r['itl_p50'] * 1e3:>7.0f}ms{r['itl_p99'] * 1e3:>7.0f}ms"
+        )
+    ref = result["in_process"]
+    lines.append(
+        f"in-process engine, same requests at once: {ref['tok_per_s']:.1f} tok/s; "
+        f"HTTP at the top level = {result['http_over_in_process_at_max']:.0%} of it "
+        "(target >= 90%)"
+    )
+    t = result["ttft"]
+    lines.append(
+        f"TTFT p99 with a cached system prompt {t['cached_system_p99_s'] * 1e3:.0f} ms vs "
+        f"{t['no_system_p99_s'] * 1e3:.0f} ms with none: {t['ratio_p99']:.2f}x (target <= 1.5x)"
+    )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["levels"]
+    conc = [r["concurrency"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    axes[0].plot(conc, [r["tok_per_s"] for r in rows], "o-", label="over HTTP")
+    axes[0].axhline(result["in_process"]["tok_per_s"], color="gray", ls="--", label="in-process")
+    axes[0].set(title="output tokens/s", xlabel="concurrency")
+    for ax, key, title in ((axes[1], "ttft", "TTFT (ms)"), (axes[2], "itl", "inter-token (ms)")):
+        for q in ("p50", "p99"):
+            ax.plot(conc, [r[f"{key}_{q}"] * 1e3 for r in rows], "o-", label=q)
+        ax.set(title=title, xlabel="concurrency")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(conc, [str(c) for c in conc])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    w = result["workload"]
+    fig.suptitle(
+        f"W2: {w['tenants']} tenants, prefix tuning ({w['virtual_tokens']} virtual tokens), "
+        f"{w['new_tokens']} new tokens, CPU ({result['machine']['cpu_threads']} threads)"
+    )
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
