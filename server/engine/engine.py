@@ -203,4 +203,5 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt,
             num_cached_tokens=seq.num_cached_prompt,
+            queue_s=None if seq.first_scheduled is None else seq.first_scheduled - seq.arrival,
         )

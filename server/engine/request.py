@@ -104,6 +104,7 @@ class Sequence:
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at first admission
+    first_scheduled: float | None = None  # time.monotonic() at first admission
     num_preemptions: int = 0
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
@@ -133,3 +134,4 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort"
     num_prompt_tokens: int  # positions before generation, virtual tokens included
     num_cached_tokens: int
+    queue_s: float | None = None  # arrival to first admission; None while still waiting

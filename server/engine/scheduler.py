@@ -17,6 +17,7 @@ decode phase: a sequence only has ``num_computed`` positions of ``key``.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -188,6 +189,7 @@ class Scheduler:
             seq.block_table.extend(self.pool.allocate(need))
             self.waiting[seq.tenant].remove(seq)
             if seq.num_preemptions == 0:
+                seq.first_scheduled = time.monotonic()
                 seq.num_cached_prompt = min(start, seq.num_prompt)
                 self.prompt_tokens += seq.num_prompt
                 self.cached_prompt_tokens += seq.num_cached_prompt

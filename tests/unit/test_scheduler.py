@@ -56,6 +56,10 @@ def test_max_num_seqs_caps_running():
         s.add(seq(r, range(ord(r) * 10, ord(r) * 10 + 3)))
     assert [c.seq.request_id for c in step(s).chunks] == ["a", "b"]
     assert s.num_waiting() == 1
+    # Queue time starts counting at arrival and stops at first admission.
+    a, _b, c = s.running[0], s.running[1], s.waiting["t"][0]
+    assert a.first_scheduled is not None and a.first_scheduled >= a.arrival
+    assert c.first_scheduled is None
 
 
 def test_shared_prefix_computed_once_then_hit():
