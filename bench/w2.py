@@ -4,10 +4,12 @@ A ``prefix-serve serve`` process (its own process: the client does not share its
 API key per tenant; each tenant uploads its prefix-tuning adapter (32 virtual tokens) through
 ``POST /v1/adapters`` and sends chat requests (its ~250-token system prompt + a ~40-token
 question, N new tokens, EOS ignored, streamed) at a fixed concurrency: 1, 4, 16. Per level:
-output tok/s, TTFT and inter-token latency (ITL) p50/p99. Side by side, in the same run and on
-the same questions, the in-process engine (``LLM.generate``, all requests at once) gives the
-reference tok/s. Every level and the in-process run start from the same cache state: system
-prompts cached by a warm-up pass, questions never seen (each level has its own questions).
+output tok/s, TTFT and inter-token latency (ITL) p50/p99. Side by side, in the same run, the
+in-process engine (``LLM.generate``, all requests at once, loaded in this process) gives the
+reference: the top level runs ``rounds`` times over HTTP, alternating with ``rounds``
+in-process runs, and the medians are compared (the machine is shared and noisy). Every run
+starts from the same cache state: system prompts cached by a warm-up pass, questions never
+seen (each run has its own).
 
 TTFT check: at concurrency 1, each question with its (cached) system prompt against the same
 question with no system prompt; target p99 ratio <= 1.5.
@@ -18,7 +20,6 @@ question with no system prompt; target p99 ratio <= 1.5.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import platform
 import socket
@@ -204,27 +205,28 @@ def chat_ids(tokenizer, a: Ask) -> list[int]:
     return list(out["input_ids"])
 
 
-def in_process(
-    model_dir: Path, adapter_dirs: list[Path], warm: list[Ask], asks: list[Ask], new_tokens: int
-) -> Level:
-    """``LLM.generate`` on ``asks`` all at once, after ``warm`` (system prompts cached)."""
-    config = EngineConfig(max_num_seqs=256)
-    llm = LLM(str(model_dir), device="cpu", dtype="float32", engine_config=config)
-    for t, path in enumerate(adapter_dirs):
-        llm.add_adapter(f"tenant-{t}", path)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+class InProcess:
+    """The engine in this process (``LLM.generate``), warmed like the server (system prompts
+    cached); ``run`` submits its requests all at once."""
 
-    def generate(batch: list[Ask]):
-        prompts = [chat_ids(llm.tokenizer, a) for a in batch]
-        names = [[f"tenant-{a.tenant}"] for a in batch]
-        return llm.generate(prompts, params, names, use_tqdm=False)
+    def __init__(
+        self, model_dir: Path, adapter_dirs: list[Path], warm: list[Ask], new_tokens: int
+    ) -> None:
+        config = EngineConfig(max_num_seqs=256)
+        self.llm = LLM(str(model_dir), device="cpu", dtype="float32", engine_config=config)
+        for t, path in enumerate(adapter_dirs):
+            self.llm.add_adapter(f"tenant-{t}", path)
+        self.params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        self.run(warm)
 
-    generate(warm)
-    start = time.perf_counter()
-    outs = generate(asks)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(o.token_ids) for o in outs)
-    return Level(len(asks), len(asks), tokens, seconds, tokens / seconds)
+    def run(self, asks: list[Ask]) -> Level:
+        prompts = [chat_ids(self.llm.tokenizer, a) for a in asks]
+        names = [[f"tenant-{a.tenant}"] for a in asks]
+        start = time.perf_counter()
+        outs = self.llm.generate(prompts, self.params, names, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.token_ids) for o in outs)
+        return Level(len(asks), len(asks), tokens, seconds, tokens / seconds)
 
 
 # The run ----------------------------------------------------------------------------------------
@@ -243,16 +245,26 @@ def questions(tokenizer, tenants: int, per_slice: int, slices: int) -> list[list
 
 
 async def serve_levels(
-    url: str, tenants: int, warm: list[Ask], slices: list[list[Ask]], levels: list[int],
-    ttft_asks: list[Ask], new_tokens: int,
-) -> tuple[list[Level], dict]:  # fmt: skip
+    url: str, tenants: int, slices: dict, levels: list[int], new_tokens: int,
+    reference: InProcess,
+) -> tuple[list[Level], list[Level], list[Level], dict]:  # fmt: skip
+    """Each level once; the top level again, alternating with the in-process reference
+    (questions never seen by either, the same cache state): the machine is shared, so the
+    ratio is taken between runs seconds apart. Then the TTFT check."""
     cs = clients(url, tenants)
-    await run_level(cs, warm, len(warm), new_tokens)  # caches the system prompts
-    results = [
-        await run_level(cs, asks, c, new_tokens) for c, asks in zip(levels, slices, strict=True)
+    await run_level(cs, slices["warm"], len(slices["warm"]), new_tokens)  # system prompts
+    rows = [
+        await run_level(cs, asks, c, new_tokens)
+        for c, asks in zip(levels, slices["levels"], strict=True)
     ]
-    bare = [Ask(a.tenant, None, a.question) for a in ttft_asks]
-    cached = await run_level(cs, ttft_asks, 1, 2)
+    top = max(levels)
+    http_top, local = [rows[levels.index(top)]], []
+    for i, local_asks in enumerate(slices["local"]):
+        local.append(reference.run(local_asks))
+        if i < len(slices["top"]):
+            http_top.append(await run_level(cs, slices["top"][i], top, new_tokens))
+    bare = [Ask(a.tenant, None, a.question) for a in slices["ttft"]]
+    cached = await run_level(cs, slices["ttft"], 1, 2)
     plain = await run_level(cs, bare, 1, 2)
     for c in cs:
         await c.close()
@@ -263,7 +275,11 @@ async def serve_levels(
         "no_system_p50_s": plain.ttft_p50,
         "ratio_p99": cached.ttft_p99 / plain.ttft_p99,
     }
-    return results, ttft
+    return rows, http_top, local, ttft
+
+
+def median(levels: list[Level]) -> Level:
+    return sorted(levels, key=lambda r: r.tok_per_s)[len(levels) // 2]
 
 
 def run(
@@ -275,6 +291,7 @@ def run(
     data_dir: str = "./data",
     json_path: str | None = None,
     plot_path: str | None = None,
+    rounds: int = 3,
 ) -> dict:
     levels = levels or [1, 4, 16]
     model_dir = resolve_model_dir(model, Path(data_dir))[0]
@@ -285,31 +302,38 @@ def run(
             make_prefix_tuning(base, work / f"tenant-{t}", VIRTUAL_TOKENS, seed=t)
             for t in range(tenants)
         ]
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        warm, ttft_asks, *slices = questions(tokenizer, tenants, requests, len(levels) + 2)
         del base
-        gc.collect()
-        top = levels.index(max(levels))
-        reference = in_process(model_dir, adapter_dirs, warm, slices[top], new_tokens)
-        gc.collect()  # the in-process model goes before the server starts
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        n = len(levels)
+        parts = questions(tokenizer, tenants, requests, 2 + n + 2 * rounds - 1)
+        slices = {
+            "warm": parts[0],
+            "ttft": parts[1],
+            "levels": parts[2 : 2 + n],
+            "top": parts[2 + n : 1 + n + rounds],  # the first top-level run is a level's
+            "local": parts[1 + n + rounds :],
+        }
+        reference = InProcess(model_dir, adapter_dirs, slices["warm"], new_tokens)
         proc, url = start_server(model_dir, work, tenants)
         try:
             upload_adapters(url, adapter_dirs)
-            rows, ttft = asyncio.run(
-                serve_levels(url, tenants, warm, slices, levels, ttft_asks, new_tokens)
+            rows, http_top, local, ttft = asyncio.run(
+                serve_levels(url, tenants, slices, levels, new_tokens, reference)
             )
         finally:
             proc.terminate()
             proc.wait(60)
+    http, ref = median(http_top), median(local)
     result = {
         "workload": {
             "name": "W2", "tenants": tenants, "requests_per_tenant": requests,
-            "new_tokens": new_tokens, "virtual_tokens": VIRTUAL_TOKENS,
+            "new_tokens": new_tokens, "virtual_tokens": VIRTUAL_TOKENS, "rounds": rounds,
         },
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
-        "in_process": asdict(reference) | {"ttfts": []},
         "levels": [asdict(r) for r in rows],
-        "http_over_in_process_at_max": rows[top].tok_per_s / reference.tok_per_s,
+        "top_level_http_tok_per_s": [r.tok_per_s for r in http_top],
+        "in_process_tok_per_s": [r.tok_per_s for r in local],
+        "http_over_in_process_at_top": http.tok_per_s / ref.tok_per_s,
         "ttft": ttft,
     }  # fmt: skip
     print(format_table(result))
@@ -334,11 +358,11 @@ def format_table(result: dict) -> str:
             f"{r['concurrency']:>11}{r['tok_per_s']:>9.1f}{r['ttft_p50'] * 1e3:>8.0f}ms"
             f"{r['ttft_p99'] * 1e3:>8.0f}ms{r['itl_p50'] * 1e3:>7.0f}ms{r['itl_p99'] * 1e3:>7.0f}ms"
         )
-    ref = result["in_process"]
+    http, local = result["top_level_http_tok_per_s"], result["in_process_tok_per_s"]
     lines.append(
-        f"in-process engine, same requests at once: {ref['tok_per_s']:.1f} tok/s; "
-        f"HTTP at the top level = {result['http_over_in_process_at_max']:.0%} of it "
-        "(target >= 90%)"
+        f"top level, {len(http)} runs alternating: HTTP {_runs(http)} tok/s; in-process engine "
+        f"(same requests at once) {_runs(local)} tok/s; medians: HTTP = "
+        f"{result['http_over_in_process_at_top']:.0%} of in-process (target >= 90%)"
     )
     t = result["ttft"]
     lines.append(
@@ -346,6 +370,10 @@ def format_table(result: dict) -> str:
         f"{t['no_system_p99_s'] * 1e3:.0f} ms with none: {t['ratio_p99']:.2f}x (target <= 1.5x)"
     )
     return "\n".join(lines)
+
+
+def _runs(values: list[float]) -> str:
+    return "/".join(f"{v:.0f}" for v in values)
 
 
 def plot(result: dict, path: str) -> None:
@@ -358,7 +386,8 @@ def plot(result: dict, path: str) -> None:
     conc = [r["concurrency"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     axes[0].plot(conc, [r["tok_per_s"] for r in rows], "o-", label="over HTTP")
-    axes[0].axhline(result["in_process"]["tok_per_s"], color="gray", ls="--", label="in-process")
+    local = float(np.median(result["in_process_tok_per_s"]))
+    axes[0].axhline(local, color="gray", ls="--", label="in-process (median)")
     axes[0].set(title="output tokens/s", xlabel="concurrency")
     for ax, key, title in ((axes[1], "ttft", "TTFT (ms)"), (axes[2], "itl", "inter-token (ms)")):
         for q in ("p50", "p99"):

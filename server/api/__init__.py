@@ -1,0 +1,7 @@
+"""HTTP API: OpenAI-compatible generation, adapter management, health (see API.md)."""
+
+from __future__ import annotations
+
+from server.api.app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,59 @@
+"""The app factory: one FastAPI app around an engine, a store and a configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+
+from server.api import adapters, generation, ops
+from server.api.context import AppContext
+from server.api.errors import install_error_handlers
+from server.api.resolver import AdapterResolver
+from server.async_engine import AsyncEngine
+from server.config import ApiKeys, ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    engine: AsyncEngine,
+    store: Any,
+    config: ServeConfig,
+    keys: ApiKeys | None = None,
+) -> FastAPI:
+    """An app serving ``engine`` (started with the app, in its own thread, and stopped with it)
+    and ``store`` (owned by the caller). ``keys`` defaults to ``config.api_keys``'s file; no
+    keys means open single-tenant mode (tenant ``default``)."""
+    if keys is None:
+        keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys()
+    resolver = AdapterResolver(store, lambda: engine.llm.tokenizer)
+    ctx = AppContext(engine, store, config, keys, resolver, ops.Metrics(engine))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        engine.start(asyncio.get_running_loop())
+        store.subscribe(resolver.on_store_event)
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(
+        title="prefix-serve",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(ops.router)
+    app.include_router(generation.router)
+    app.include_router(adapters.router)
+    app.add_middleware(ops.HTTPLayer, get_ctx=lambda: ctx)
+    return app

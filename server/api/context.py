@@ -1,0 +1,74 @@
+"""What every handler needs, built once per app (no module-level state) and the auth check."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+
+from server.api.errors import APIError
+from server.api.resolver import AdapterResolver
+from server.async_engine import AsyncEngine, EngineUnavailable
+from server.config import ApiKeys, Principal, ServeConfig
+
+OPEN_MODE = Principal("default", admin=True)
+T = TypeVar("T")
+
+
+@dataclass
+class AppContext:
+    """The app's collaborators. ``draining`` flips once, on SIGTERM."""
+
+    engine: AsyncEngine
+    store: Any  # adapters_store.store.AdapterStore
+    config: ServeConfig
+    keys: ApiKeys
+    resolver: AdapterResolver
+    metrics: Any  # server.api.ops.Metrics
+    started: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+    inflight: int = 0  # HTTP requests being handled (ops routes excluded)
+
+    async def run_store(self, fn: Callable[..., T], *args: Any) -> T:
+        """Store calls block (SQLite, Redis, blob I/O): run them in a worker thread."""
+        return await asyncio.to_thread(fn, *args)
+
+    def llm(self) -> Any:
+        """The loaded model bundle (``server.llm.LLM``), or 503 while it is loading."""
+        if self.engine.load_error is not None:
+            raise EngineUnavailable(f"the model failed to load: {self.engine.load_error}")
+        if not self.engine.ready:
+            raise EngineUnavailable("the model is still loading")
+        return self.engine.llm
+
+
+def context(request: Request) -> AppContext:
+    return request.app.state.ctx
+
+
+def principal(request: Request) -> Principal:
+    """Authenticate (``Authorization: Bearer KEY``) and refuse new work while draining.
+
+    The tenant returned here is the only source of a request's namespace: nothing in the body
+    can name another one."""
+    ctx = context(request)
+    if ctx.draining:
+        raise APIError(503, "the server is shutting down", code="draining", retry_after=5)
+    if not ctx.keys.enabled:
+        return OPEN_MODE
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise APIError(
+            401, "missing API key: send 'Authorization: Bearer KEY'", code="missing_api_key"
+        )
+    found = ctx.keys.lookup(key.strip())
+    if found is None:
+        raise APIError(401, "invalid API key", code="invalid_api_key")
+    return found
+
+
+Caller = Annotated[Principal, Depends(principal)]

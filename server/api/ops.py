@@ -1,0 +1,180 @@
+"""Operations routes (no auth): ``/health``, ``/ready``, ``/metrics``; the HTTP request
+counters and the body-size limit, as ASGI middleware."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.context import context
+from server.api.errors import APIError
+from server.async_engine import AsyncEngine
+
+router = APIRouter()
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    alive = context(request).engine.alive
+    return JSONResponse({"status": "ok" if alive else "dead"}, status_code=200 if alive else 503)
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    ctx = context(request)
+    problem = None
+    if ctx.draining:
+        problem = "draining"
+    elif ctx.engine.load_error is not None:
+        problem = f"the model failed to load: {ctx.engine.load_error}"
+    elif not ctx.engine.ready:
+        problem = "loading the model"
+    else:
+        problem = await _registry_problem(ctx.store)
+    if problem:
+        return JSONResponse(
+            {"status": "not ready", "reason": problem},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+    return JSONResponse({"status": "ready"})
+
+
+async def _registry_problem(store) -> str | None:
+    """None when the registry answers within 2 s."""
+    try:
+        ok = await asyncio.wait_for(asyncio.to_thread(store.ping), 2.0)
+    except Exception as exc:  # unreachable, timed out, misconfigured
+        return f"the adapter registry does not answer: {type(exc).__name__}"
+    return None if ok else "the adapter registry does not answer"
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(
+        generate_latest(context(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
+
+
+class Metrics:
+    """A few basic series in a registry of this app's own (no process-global state)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "prefix_serve_http_requests",
+            "HTTP requests answered, by route template and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(engine))
+
+
+class _EngineCollector:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.snapshot
+        counters = {
+            "prefix_serve_engine_steps": (s.steps, "engine steps run"),
+            "prefix_serve_generation_tokens": (s.generated_tokens, "tokens generated"),
+            "prefix_serve_prompt_tokens": (s.prompt_tokens, "prompt positions admitted"),
+            "prefix_serve_cached_prompt_tokens": (
+                s.cached_prompt_tokens,
+                "prompt positions served from the prefix cache",
+            ),
+            "prefix_serve_preemptions": (s.preemptions, "sequences preempted"),
+        }
+        for name, (value, text) in counters.items():
+            yield CounterMetricFamily(name, text, value=value)
+        gauges = {
+            "prefix_serve_running_requests": (s.running, "sequences in the batch"),
+            "prefix_serve_waiting_requests": (s.waiting, "sequences waiting for admission"),
+            "prefix_serve_kv_usage_ratio": (s.kv_usage, "fraction of KV blocks in use"),
+            "prefix_serve_outstanding_requests": (
+                self.engine.outstanding,
+                "engine requests accepted and not finished",
+            ),
+        }
+        for name, (value, text) in gauges.items():
+            yield GaugeMetricFamily(name, text, value=value)
+
+
+class HTTPLayer:
+    """Outermost middleware: the body-size limit (413 from ``Content-Length`` before anything
+    is read, or as soon as a chunked body passes it), the in-flight count used by the drain,
+    and the request counter."""
+
+    def __init__(self, app: ASGIApp, get_ctx: Callable[[], object]) -> None:
+        self.app = app
+        self.get_ctx = get_ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = self.get_ctx()
+        upload = scope["path"] == "/v1/adapters" and scope["method"] == "POST"
+        limit = ctx.config.max_upload_bytes if upload else ctx.config.max_request_bytes
+        status: list[int] = [0]
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        ops = scope["path"] in OPS_PATHS
+        ctx.inflight += 0 if ops else 1
+        try:
+            early = _declared_too_large(scope, limit)
+            if early is not None:
+                await early.response()(scope, receive, counted_send)
+            else:
+                await self.app(scope, _limited(receive, limit), counted_send)
+        finally:
+            ctx.inflight -= 0 if ops else 1
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            ctx.metrics.requests.labels(template, str(status[0] or 500)).inc()
+
+
+def _declared_too_large(scope: Scope, limit: int) -> APIError | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                size = int(value)
+            except ValueError:
+                return APIError(400, "invalid Content-Length header", code="invalid_request")
+            if size > limit:
+                return _too_large(size, limit)
+    return None
+
+
+def _too_large(size: int | str, limit: int) -> APIError:
+    return APIError(
+        413, f"the request body is {size} bytes; the limit is {limit}", code="body_too_large"
+    )
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise StarletteHTTPException(413, _too_large(f"over {limit}", limit).message)
+        return message
+
+    return wrapped

@@ -1,0 +1,304 @@
+"""The synchronous engine driven from asyncio: one dedicated thread owns every engine call.
+
+The event loop never touches the engine. It sends commands (add, abort, call) through a
+thread-safe queue; the engine thread applies them between steps, runs ``step()`` while anything
+is unfinished, and hands each output back to the submitting handler's ``asyncio.Queue`` with
+``loop.call_soon_threadsafe`` (one hop per step). An abort is therefore applied before the next
+step starts: a request aborted during step k holds its KV blocks at most until step k ends.
+
+Admission is bounded: at most ``capacity`` engine requests may be outstanding (submitted and
+not yet finished or aborted); past that ``submit`` raises ``Overloaded`` and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from server.engine.request import AdapterSegment, InvalidRequest, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Overloaded(Exception):
+    """The bounded queue is full; retry after ``retry_after`` seconds."""
+
+    retry_after = 1
+
+
+class EngineUnavailable(Exception):
+    """The engine is not loaded yet, failed to load, or has stopped."""
+
+    retry_after = 5
+
+
+class EngineFailure(Exception):
+    """A step raised: a bug. The requests in the batch are failed, the loop goes on."""
+
+
+@dataclass(frozen=True)
+class EngineInput:
+    """One engine request: prompt token ids after the adapters' segments, in ``tenant``'s
+    prefix-cache namespace."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    segments: Sequence[AdapterSegment] = ()
+    tenant: str = "default"
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Counters read by /metrics; replaced (never mutated) by the engine thread each step."""
+
+    steps: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    num_free_blocks: int = 0
+    preemptions: int = 0
+
+
+@dataclass(eq=False)
+class Submission:
+    """The engine requests of one HTTP request (``n`` choices x prompts), read from ``queue``
+    as ``(index, RequestOutput)`` or ``(index, exception)``. Indices follow ``ids``."""
+
+    ids: list[str]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    done: set[str] = field(default_factory=set)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.done) == len(self.ids)
+
+
+class AsyncEngine:
+    """Builds the model with ``build()`` in its own thread, then serves submissions.
+
+    ``build`` returns an ``server.llm.LLM`` (model, tokenizer, adapters shape, engine).
+    Thread ownership: ``llm.engine`` is touched only by the engine thread; ``llm.tokenizer``,
+    ``llm.model_id``, ``llm.shape`` and ``llm.limits`` are read-only and safe from the loop.
+    """
+
+    def __init__(self, build: Callable[[], Any], capacity: int) -> None:
+        self._build = build
+        self.capacity = capacity
+        self.llm: Any = None
+        self.load_error: BaseException | None = None
+        self.snapshot = EngineSnapshot()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._loaded = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._live: dict[str, Submission] = {}  # loop thread only
+        self._ids = itertools.count()
+
+    # Lifecycle (loop thread) ---------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._commands.put(("stop",))
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded.is_set() and self.llm is not None and self.alive
+
+    async def wait_loaded(self, timeout: float | None = None) -> bool:
+        return await asyncio.to_thread(self._loaded.wait, timeout)
+
+    @property
+    def outstanding(self) -> int:
+        """Engine requests submitted and not yet finished or aborted."""
+        return len(self._live)
+
+    # Requests (loop thread) ----------------------------------------------------------------
+    def submit(self, inputs: Sequence[EngineInput]) -> Submission:
+        """Queue ``inputs`` as one submission. Raises ``Overloaded`` (nothing queued) when the
+        outstanding count would pass ``capacity``; errors of a single input (``InvalidRequest``)
+        arrive on the submission's queue and abort the rest of the submission."""
+        if not self.ready:
+            raise EngineUnavailable("the model is not loaded yet")
+        if len(self._live) + len(inputs) > self.capacity:
+            raise Overloaded(
+                f"{len(self._live)} requests are in flight (capacity {self.capacity}); retry later"
+            )
+        sub = Submission([f"req-{next(self._ids)}" for _ in inputs])
+        for rid in sub.ids:
+            self._live[rid] = sub
+        self._commands.put(("add", sub, list(inputs)))
+        return sub
+
+    def abort(self, sub: Submission) -> None:
+        """Stop every unfinished request of ``sub``; their blocks are freed before the next
+        step. Idempotent."""
+        ids = [rid for rid in sub.ids if rid not in sub.done]
+        for rid in ids:
+            sub.done.add(rid)
+            self._live.pop(rid, None)
+        if ids:
+            self._commands.put(("abort", ids))
+
+    def fail_all(self, exc: Exception) -> None:
+        """End every request in flight with ``exc`` (e.g. at the end of a drain); their
+        handlers answer it and the engine frees their blocks before its next step."""
+        self._commands.put(("fail", exc))
+
+    async def call(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(llm)`` in the engine thread between two steps and return its result."""
+        assert self._loop is not None
+        fut: asyncio.Future = self._loop.create_future()
+        self._commands.put(("call", fn, fut))
+        return await fut
+
+    def call_blocking(self, fn: Callable[[Any], T], timeout: float = 30.0) -> T:
+        """``call`` for other threads (never the loop's): e.g. tests reading the block pool."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, fut))
+        return fut.result(timeout)
+
+    def _dispatch(self, items: list[tuple[Submission, int, Any]]) -> None:
+        """Loop side of a delivery: queue items, retire finished requests."""
+        for sub, index, item in items:
+            rid = sub.ids[index]
+            if rid in sub.done:
+                continue  # aborted meanwhile: the handler is gone
+            if isinstance(item, BaseException) or item.finished:
+                sub.done.add(rid)
+                self._live.pop(rid, None)
+            sub.queue.put_nowait((index, item))
+
+    # Engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.llm = self._build()
+        except BaseException as exc:  # reported by /ready and every request
+            log.exception("loading the model failed")
+            self.load_error = exc
+            self._loaded.set()
+            return
+        self._loaded.set()
+        engine = self.llm.engine
+        routes: dict[str, tuple[Submission, int]] = {}
+        while True:
+            for cmd in self._take(block=not engine.has_unfinished()):
+                if cmd[0] == "stop":
+                    self._fail_all(routes, EngineUnavailable("the server is shutting down"))
+                    return
+                self._apply(cmd, routes)
+            if engine.has_unfinished():
+                self._step(routes)
+
+    def _take(self, block: bool) -> list[tuple]:
+        cmds = [self._commands.get()] if block else []
+        while True:
+            try:
+                cmds.append(self._commands.get_nowait())
+            except queue.Empty:
+                return cmds
+
+    def _apply(self, cmd: tuple, routes: dict[str, tuple[Submission, int]]) -> None:
+        engine = self.llm.engine
+        if cmd[0] == "add":
+            _, sub, inputs = cmd
+            for index, (rid, inp) in enumerate(zip(sub.ids, inputs, strict=True)):
+                try:
+                    engine.add_request(rid, inp.prompt_ids, inp.params, inp.segments, inp.tenant)
+                except (InvalidRequest, ValueError) as exc:
+                    for other in sub.ids[:index]:
+                        engine.abort(other)
+                        routes.pop(other, None)
+                    self._send([(sub, index, exc)])
+                    return
+                routes[rid] = (sub, index)
+        elif cmd[0] == "abort":
+            for rid in cmd[1]:
+                engine.abort(rid)
+                routes.pop(rid, None)
+        elif cmd[0] == "fail":
+            self._fail_all(routes, cmd[1])
+        elif cmd[0] == "call":
+            _, fn, fut = cmd
+            try:
+                result, error = fn(self.llm), None
+            except Exception as exc:
+                result, error = None, exc
+            if isinstance(fut, concurrent.futures.Future):
+                _settle(fut, result, error)
+            else:
+                self._loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    def _step(self, routes: dict[str, tuple[Submission, int]]) -> None:
+        engine = self.llm.engine
+        try:
+            outputs: list[RequestOutput] = engine.step()
+        except Exception as exc:
+            log.exception("engine step failed")
+            self._fail_all(routes, EngineFailure(f"engine step failed: {exc}"))
+            return
+        items = []
+        for out in outputs:
+            route = routes.get(out.request_id)
+            if route is None:
+                continue
+            if out.finished:
+                del routes[out.request_id]
+            items.append((*route, out))
+        self._send(items)
+        self._update_snapshot()
+
+    def _fail_all(self, routes: dict[str, tuple[Submission, int]], exc: Exception) -> None:
+        for rid in list(routes):
+            self.llm.engine.abort(rid)
+        self._send([(sub, index, exc) for sub, index in routes.values()])
+        routes.clear()
+
+    def _send(self, items: list[tuple[Submission, int, Any]]) -> None:
+        if items:
+            self._loop.call_soon_threadsafe(self._dispatch, items)
+
+    def _update_snapshot(self) -> None:
+        engine = self.llm.engine
+        sched = engine.scheduler
+        self.snapshot = EngineSnapshot(
+            steps=engine.stats.steps,
+            generated_tokens=engine.stats.generated_tokens,
+            prompt_tokens=sched.prompt_tokens,
+            cached_prompt_tokens=sched.cached_prompt_tokens,
+            running=len(sched.running),
+            waiting=sched.num_waiting(),
+            kv_usage=engine.pool.usage(),
+            num_free_blocks=engine.pool.num_free,
+            preemptions=sched.num_preemptions,
+        )
+
+
+def _settle(
+    fut: asyncio.Future | concurrent.futures.Future, result: Any, error: BaseException | None
+) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

@@ -1,0 +1,186 @@
+"""/v1/completions, /v1/chat/completions and /v1/models over real HTTP (tiny random model):
+response shapes, streaming, n, stop, seed, usage and cached tokens, token limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_ID, make_llm
+
+PROMPT = "The quick brown fox jumps over the lazy dog because"
+
+
+@pytest.fixture
+def server(make_server, tiny_llm):
+    return make_server(tiny_llm)
+
+
+def sse_events(response) -> list:
+    """Parse an SSE body into JSON chunks (and the final "[DONE]")."""
+    events = []
+    for block in response.text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            payload = block[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_models_lists_the_base_model(server):
+    models = server.openai().models.list()
+    assert [(m.id, m.object, m.owned_by) for m in models.data] == [
+        (TINY_ID, "model", "prefix-serve")
+    ]
+    assert models.data[0].model_extra["parent"] is None
+
+
+def test_completion_shape_and_usage(server, tiny_llm):
+    out = server.openai().completions.create(
+        model=TINY_ID, prompt=PROMPT, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.object == "text_completion" and out.id.startswith("cmpl-")
+    assert out.model == TINY_ID
+    assert [(c.index, c.finish_reason) for c in out.choices] == [(0, "length")]
+    n_prompt = len(tiny_llm.tokenizer.encode(PROMPT))
+    assert out.usage.prompt_tokens == n_prompt
+    assert out.usage.completion_tokens == 7
+    assert out.usage.total_tokens == n_prompt + 7
+    assert out.usage.prompt_tokens_details.cached_tokens == 0
+    # Greedy is deterministic, and a token-id prompt gives the same answer.
+    ids = tiny_llm.tokenizer.encode(PROMPT)
+    again = server.openai().completions.create(
+        model=TINY_ID, prompt=ids, max_tokens=7, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert again.choices[0].text == out.choices[0].text
+    # The whole prompt but its last block is now served from the prefix cache.
+    assert again.usage.prompt_tokens_details.cached_tokens == (n_prompt - 1) // 16 * 16
+
+
+def test_streaming_completion_equals_non_streaming(server):
+    client = server.openai()
+    args = dict(model=TINY_ID, prompt=PROMPT + " it", max_tokens=12, temperature=0)
+    args["extra_body"] = {"ignore_eos": True}
+    whole = client.completions.create(**args)
+    chunks = list(
+        client.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_sse_wire_format(server):
+    body = {"model": TINY_ID, "prompt": PROMPT, "max_tokens": 3, "stream": True}
+    body["temperature"] = 0
+    with server.http() as http:
+        r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert all("usage" not in e for e in events[:-1])  # no include_usage: no usage key
+    assert r.text.endswith("data: [DONE]\n\n")
+
+
+def test_chat_streaming_and_usage(server, tiny_llm):
+    client = server.openai()
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+    ]
+    args = dict(model=TINY_ID, messages=messages, max_completion_tokens=9, temperature=0)
+    args["extra_body"] = {"ignore_eos": True}
+    whole = client.chat.completions.create(**args)
+    assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].finish_reason == "length"
+    flat = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    ids = tiny_llm.tokenizer.apply_chat_template(
+        flat, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    assert whole.usage.prompt_tokens == len(ids) and whole.usage.completion_tokens == 9
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content == ""
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+
+
+def test_n_seed_and_sampling(server):
+    client = server.openai()
+    args = dict(model=TINY_ID, prompt=PROMPT, max_tokens=6, temperature=1.0, seed=1234, n=3)
+    args["extra_body"] = {"ignore_eos": True}
+    a = client.completions.create(**args)
+    b = client.completions.create(**args)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded
+    assert len({c.text for c in a.choices}) > 1  # each choice has its own stream
+    assert a.usage.completion_tokens == 18
+    # top_k=1 samples the argmax: the same as greedy.
+    greedy = client.completions.create(
+        model=TINY_ID, prompt=PROMPT, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    top1 = client.completions.create(
+        model=TINY_ID,
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=0.8,
+        extra_body={"ignore_eos": True, "top_k": 1},
+    )
+    assert top1.choices[0].text == greedy.choices[0].text
+
+
+def test_several_prompts_times_n(server):
+    out = server.openai().completions.create(
+        model=TINY_ID, prompt=["one two", "three four five"], n=2, max_tokens=2, temperature=0
+    )
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text == out.choices[1].text  # greedy: both choices of prompt 0
+    assert out.usage.prompt_tokens == 2 + 3  # each prompt counted once
+
+
+def test_stop_strings_cut_the_text(server):
+    client = server.openai()
+    base = dict(model=TINY_ID, prompt="Stop test:", max_tokens=24, temperature=0)
+    base["extra_body"] = {"ignore_eos": True}
+    full = client.completions.create(**base).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3 and stop.strip(), full
+    expected = full[: full.index(stop)]
+    cut = client.completions.create(**base, stop=[stop, "never-seen-xyz"])
+    assert cut.choices[0].text == expected and cut.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(**base, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_min_tokens(server):
+    out = server.openai().completions.create(
+        model=TINY_ID, prompt=PROMPT, max_tokens=5, temperature=0, extra_body={"min_tokens": 5}
+    )
+    assert out.usage.completion_tokens == 5
+
+
+def test_chat_without_max_tokens_fills_the_context(make_server, tiny_model_dir):
+    llm = make_llm(tiny_model_dir, kv_cache_memory=16 * 512 * 16)  # 16 blocks: 256 positions
+    assert llm.engine.max_model_len == 256
+    out = (
+        make_server(llm)
+        .openai()
+        .chat.completions.create(
+            model=TINY_ID,
+            messages=[{"role": "user", "content": "hi"}],
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+    )
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens + out.usage.completion_tokens == 256
