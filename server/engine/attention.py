@@ -2,14 +2,20 @@
 
 A step's tokens form one flat, unpadded batch. Every sequence reads its KV from the cache:
 an optional *shared* segment (blocks it has in common with the other members of its group) and
-its *own* suffix. Following Hydragen, the group's queries attend to the shared segment in one
-matrix product (non-causal: every query sits after the segment), each sequence attends to its
-own suffix (causal), and the two partial results are merged by their log-sum-exp. The result
-equals plain causal attention over the concatenation; ``tests/unit/test_attention.py`` checks it.
+its *own* suffix. Following Hydragen, the group's queries read the shared segment once, in one
+matrix product per group, not once per sequence:
 
-Cache layout: ``kv_cache[layer, 0 | 1]`` is ``[kv_heads, num_slots, head_dim]``, slot =
-``block_id * block_size + offset``. Query heads are grouped GQA-style: query head ``h`` reads kv
-head ``h // (q_heads // kv_heads)``, as transformers' ``repeat_kv`` does.
+- multi-token chunks (prefill) attend causally to their suffix, and all of a group's queries
+  attend to its segment (non-causal: every query sits after it); the two partial results are
+  merged by their log-sum-exp;
+- one-token chunks (decode) of a group form one unit whose keys are the segment, read once,
+  followed by every member's suffix, each query masked to the segment and its own suffix: a
+  single softmax, complete, no merge needed.
+
+Both equal plain causal attention over the concatenation; ``tests/unit/test_attention.py``
+checks it. Cache layout: ``kv_cache[layer, 0 | 1]`` is ``[kv_heads, num_slots, head_dim]``,
+slot = ``block_id * block_size + offset``. Query heads are grouped GQA-style: query head ``h``
+reads kv head ``h // (q_heads // kv_heads)``, as transformers' ``repeat_kv`` does.
 """
 
 from __future__ import annotations
@@ -77,72 +83,88 @@ class SeqAttention:
 
 
 @dataclass
-class GroupBatch:
-    """All groups of the step, padded into one batch. Group ``g`` is a set of sequences
-    sharing a cached segment; all their query rows read it once, unmasked (the segment lies
-    before every one of them).
+class PaddedBatch:
+    """Units of queries padded into one batch, each unit reading its own list of cache slots.
 
-    ``q_index[g * q_len + j]`` is the flat-batch row of the group's j-th query (padding points
-    at row 0); ``valid`` lists the padded positions that are real queries and ``rows`` the
+    Two uses. *Decode units*: a group of one-token sequences that share a cached segment (or
+    one such sequence alone) reads the segment once plus every member's own suffix, ``hidden``
+    keeping each query to its own suffix; the result is complete. *Shared segments*: the
+    multi-token members of a group read the segment once, unmasked; the result is merged by
+    log-sum-exp with their suffix attention.
+
+    ``q_index[u * q_len + j]`` is the flat-batch row of unit u's j-th query (padding points at
+    row 0); ``valid`` lists the padded positions that are real queries and ``rows`` the
     flat-batch row of each, in the same order.
     """
 
     q_len: int
-    q_index: torch.Tensor  # [G * q_len]
+    q_index: torch.Tensor  # [U * q_len]
     valid: torch.Tensor  # [R]
     rows: torch.Tensor  # [R]
-    slots: torch.Tensor  # [G, S] shared-segment slots, padded
-    hidden: torch.Tensor  # [G, 1, S] True on padding
+    slots: torch.Tensor  # [U, S] padded with slot 0
+    hidden: torch.Tensor  # [U, q_len | 1, S] True where a query must not see a key
 
 
 @dataclass
 class AttentionMetadata:
     """Everything attention needs for one forward; built once per step, read by every layer.
 
-    Invariant: each flat-batch row is covered by exactly one suffix entry (``single_*`` or a
-    ``SeqAttention``) and by at most one group.
+    Invariant: each flat-batch row is in exactly one of ``decode`` (complete) or ``seqs``
+    (suffix); a ``seqs`` row is in at most one unit of ``shared``, whose segment lies before it.
     """
 
     kv_cache: torch.Tensor  # [L, 2, Hkv, num_slots, D]
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     num_rows: int
-    single_rows: torch.Tensor | None  # [B1] rows of one-query sequences (decode)
-    single_slots: torch.Tensor | None  # [B1, M] their suffix slots, padded
-    single_hidden: torch.Tensor | None  # [B1, 1, M] True on padding
+    decode: PaddedBatch | None
     seqs: list[SeqAttention]
-    groups: GroupBatch | None
+    shared: PaddedBatch | None
 
 
-def pad_slots(lists: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack slot lists into ``[N, max_len]`` (padding with slot 0) and a ``[N, 1, max_len]``
-    mask that is True on the padding."""
-    width = max(len(x) for x in lists)
-    slots = torch.zeros(len(lists), width, dtype=torch.long, device=device)
-    hidden = torch.ones(len(lists), 1, width, dtype=torch.bool, device=device)
-    for i, x in enumerate(lists):
-        slots[i, : len(x)] = x
-        hidden[i, 0, : len(x)] = False
-    return slots, hidden
-
-
-def group_batch(groups: list[tuple[list[int], torch.Tensor]], device) -> GroupBatch:
-    """Pack groups given as (flat-batch rows of all members' queries, shared-segment slots)."""
-    q_len = max(len(rows) for rows, _ in groups)
-    q_index = torch.zeros(len(groups) * q_len, dtype=torch.long)
+def padded_batch(
+    units: list[tuple[list[int], torch.Tensor, torch.Tensor | None]], device
+) -> PaddedBatch:
+    """Pack units given as (flat-batch rows, cache slots, hidden ``[len(rows), len(slots)]``
+    or None when every query sees every slot)."""
+    q_len = max(len(rows) for rows, _, _ in units)
+    width = max(len(slots) for _, slots, _ in units)
+    per_query = any(h is not None for _, _, h in units)
+    slots = torch.zeros(len(units), width, dtype=torch.long)
+    hidden = torch.ones(len(units), q_len if per_query else 1, width, dtype=torch.bool)
+    q_index = torch.zeros(len(units) * q_len, dtype=torch.long)
     valid, all_rows = [], []
-    for g, (rows, _) in enumerate(groups):
-        q_index[g * q_len : g * q_len + len(rows)] = torch.tensor(rows)
-        valid.extend(range(g * q_len, g * q_len + len(rows)))
+    for u, (rows, unit_slots, unit_hidden) in enumerate(units):
+        n, m = len(rows), len(unit_slots)
+        slots[u, :m] = unit_slots
+        hidden[u, :, :m] = False
+        if unit_hidden is not None:
+            hidden[u, :n, :m] = unit_hidden
+        q_index[u * q_len : u * q_len + n] = torch.tensor(rows)
+        valid.extend(range(u * q_len, u * q_len + n))
         all_rows.extend(rows)
-    slots, hidden = pad_slots([s for _, s in groups], device)
-    return GroupBatch(
+    return PaddedBatch(
         q_len=q_len,
         q_index=q_index.to(device),
         valid=torch.tensor(valid, device=device),
         rows=torch.tensor(all_rows, device=device),
-        slots=slots,
-        hidden=hidden,
+        slots=slots.to(device),
+        hidden=hidden.to(device),
     )
+
+
+def _attend_padded(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pb: PaddedBatch, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``pb``'s units: ``out [Hq, R, D]`` and ``lse [Hq, R]`` for ``pb.rows``."""
+    hq, _, d = q.shape
+    n_units, width = pb.slots.shape
+    flat = pb.slots.view(-1)
+    ks = k_cache.index_select(1, flat).view(-1, n_units, width, d)  # [Hkv, U, S, D]
+    vs = v_cache.index_select(1, flat).view(-1, n_units, width, d)
+    qu = q.index_select(1, pb.q_index).view(hq, n_units, pb.q_len, d)
+    o, lse = attend(qu, ks, vs, scale, pb.hidden)  # [Hq, U, q_len, D], [Hq, U, q_len]
+    o = o.reshape(hq, -1, d).index_select(1, pb.valid)
+    return o, lse.reshape(hq, -1).index_select(1, pb.valid)
 
 
 def prefix_attention(
@@ -153,34 +175,22 @@ def prefix_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention for the flat batch. q: ``[Hq, T, D]`` -> ``[Hq, T, D]``."""
-    hq, _, d = q.shape
     out = torch.empty_like(q)
+    if meta.decode is not None:
+        o, _ = _attend_padded(q, k_cache, v_cache, meta.decode, scale)
+        out.index_copy_(1, meta.decode.rows, o)
+    if not meta.seqs:
+        return out
     lse = torch.empty(q.shape[:2], dtype=q.dtype, device=q.device)
-    if meta.single_rows is not None:
-        b1, width = meta.single_slots.shape
-        flat = meta.single_slots.view(-1)
-        ks = k_cache.index_select(1, flat).view(-1, b1, width, d)  # [Hkv, B1, M, D]
-        vs = v_cache.index_select(1, flat).view(-1, b1, width, d)
-        qs = q.index_select(1, meta.single_rows).unsqueeze(2)  # [Hq, B1, 1, D]
-        o, l_ = attend(qs, ks, vs, scale, meta.single_hidden)
-        out.index_copy_(1, meta.single_rows, o.squeeze(2))
-        lse.index_copy_(1, meta.single_rows, l_.squeeze(2))
     for s in meta.seqs:
         ks = k_cache.index_select(1, s.slots)
         vs = v_cache.index_select(1, s.slots)
         out[:, s.rows], lse[:, s.rows] = attend(q[:, s.rows], ks, vs, scale, s.hidden)
-    gb = meta.groups
-    if gb is not None:
-        n_groups, width = gb.slots.shape
-        flat = gb.slots.view(-1)
-        ks = k_cache.index_select(1, flat).view(-1, n_groups, width, d)  # [Hkv, G, S, D]
-        vs = v_cache.index_select(1, flat).view(-1, n_groups, width, d)
-        qg = q.index_select(1, gb.q_index).view(hq, n_groups, gb.q_len, d)
-        og, lg = attend(qg, ks, vs, scale, gb.hidden)  # [Hq, G, q_len, D], [Hq, G, q_len]
-        og = og.reshape(hq, -1, d).index_select(1, gb.valid)
-        lg = lg.reshape(hq, -1).index_select(1, gb.valid)
-        merged, _ = merge(out.index_select(1, gb.rows), lse.index_select(1, gb.rows), og, lg)
-        out.index_copy_(1, gb.rows, merged)
+    if meta.shared is not None:
+        rows = meta.shared.rows
+        og, lg = _attend_padded(q, k_cache, v_cache, meta.shared, scale)
+        merged, _ = merge(out.index_select(1, rows), lse.index_select(1, rows), og, lg)
+        out.index_copy_(1, rows, merged)
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 
 from adapters_store.tiers import LRUTier
 from server.engine import attention
-from server.engine.attention import AttentionMetadata, SeqAttention, group_batch, pad_slots
+from server.engine.attention import AttentionMetadata, SeqAttention, padded_batch
 from server.engine.request import AdapterSegment, Sequence
 
 
@@ -172,44 +172,66 @@ class ModelRunner:
             positions.extend(range(lo, hi))
 
     def _metadata(self, seq_rows: list[_SeqRows], num_rows: int) -> AttentionMetadata:
+        """Sort the step's rows into decode units (one-token chunks, by group: complete
+        attention over the shared segment once plus each member's suffix) and multi-token
+        chunks (causal suffix attention, plus their group's shared segment merged by LSE)."""
         shared = self._shared_prefixes(seq_rows)
         bs, dev = self.block_size, self.device
-        slot_parts, singles, single_rows, seqs = [], [], [], []
-        for sr, sh in zip(seq_rows, shared, strict=True):
+        slot_parts: list[torch.Tensor] = []
+        seqs: list[SeqAttention] = []
+        decode: dict[object, list[tuple[int, torch.Tensor]]] = {}
+        multi: dict[int, list[int]] = {}
+        segments: dict[int, torch.Tensor] = {}
+        for i, (sr, sh) in enumerate(zip(seq_rows, shared, strict=True)):
             n = sr.rows.stop - sr.rows.start
             if n == 0:
                 continue
             seq = sr.chunk.seq
             slot_parts.append(self.slots(seq, torch.tensor(sr.positions)))
             lo = sh[0] * bs if sh else 0
-            key_slots = self.slots(seq, torch.arange(lo, sr.chunk.end))
+            if sh and sh[1] not in segments:
+                segments[sh[1]] = self.slots(seq, torch.arange(lo))
+            suffix = self.slots(seq, torch.arange(lo, sr.chunk.end))
             if n == 1 and sr.chunk.end - sr.chunk.start == 1:
-                singles.append(key_slots)
-                single_rows.append(sr.rows.start)
-            else:
-                qpos = torch.tensor(sr.positions, device=dev).unsqueeze(1)
-                kpos = torch.arange(lo, sr.chunk.end, device=dev).unsqueeze(0)
-                seqs.append(SeqAttention(sr.rows, key_slots, kpos > qpos))
-        groups = [
-            (
-                [r for sr in members for r in range(sr.rows.start, sr.rows.stop)],
-                self.slots(members[0].chunk.seq, torch.arange(n_blocks * bs)),
-            )
-            for members, n_blocks in self._groups(seq_rows, shared)
-        ]
-        single_slots = single_hidden = None
-        if singles:
-            single_slots, single_hidden = pad_slots(singles, dev)
+                decode.setdefault(sh[1] if sh else ("alone", i), []).append((sr.rows.start, suffix))
+                continue
+            qpos = torch.tensor(sr.positions, device=dev).unsqueeze(1)
+            kpos = torch.arange(lo, sr.chunk.end, device=dev).unsqueeze(0)
+            seqs.append(SeqAttention(sr.rows, suffix, kpos > qpos))
+            if sh:
+                multi.setdefault(sh[1], []).extend(range(sr.rows.start, sr.rows.stop))
+        units = [self._decode_unit(members, segments.get(g)) for g, members in decode.items()]
         return AttentionMetadata(
             kv_cache=self.kv_cache,
             slot_mapping=torch.cat(slot_parts).to(dev),
             num_rows=num_rows,
-            single_rows=torch.tensor(single_rows, device=dev) if singles else None,
-            single_slots=single_slots,
-            single_hidden=single_hidden,
+            decode=padded_batch(units, dev) if units else None,
             seqs=seqs,
-            groups=group_batch(groups, dev) if groups else None,
+            shared=(
+                padded_batch([(rows, segments[g], None) for g, rows in multi.items()], dev)
+                if multi
+                else None
+            ),
         )
+
+    @staticmethod
+    def _decode_unit(
+        members: list[tuple[int, torch.Tensor]], segment: torch.Tensor | None
+    ) -> tuple[list[int], torch.Tensor, torch.Tensor | None]:
+        """One decode unit: the shared segment (read once) then each member's suffix; member
+        j's query sees the segment and its own suffix only."""
+        if segment is None and len(members) == 1:
+            row, suffix = members[0]
+            return [row], suffix, None
+        parts = ([segment] if segment is not None else []) + [s for _, s in members]
+        slots = torch.cat(parts)
+        hidden = torch.ones(len(members), len(slots), dtype=torch.bool)
+        start = len(segment) if segment is not None else 0
+        hidden[:, :start] = False
+        for j, (_, suffix) in enumerate(members):
+            hidden[j, start : start + len(suffix)] = False
+            start += len(suffix)
+        return [row for row, _ in members], slots, hidden
 
     def _shared_prefixes(self, seq_rows: list[_SeqRows]) -> list[tuple[int, int] | None]:
         """For each chunk, ``(n_blocks, group_id)`` of the cached segment it shares with other
@@ -234,13 +256,3 @@ class ModelRunner:
             for i in idx:
                 result[i] = (n, first)
         return result
-
-    @staticmethod
-    def _groups(
-        seq_rows: list[_SeqRows], shared: list[tuple[int, int] | None]
-    ) -> list[tuple[list[_SeqRows], int]]:
-        groups: dict[int, tuple[list[_SeqRows], int]] = {}
-        for sr, sh in zip(seq_rows, shared, strict=True):
-            if sh is not None:
-                groups.setdefault(sh[1], ([], sh[0]))[0].append(sr)
-        return list(groups.values())

@@ -10,9 +10,8 @@ from server.engine.attention import (
     AttentionMetadata,
     SeqAttention,
     attend,
-    group_batch,
     merge,
-    pad_slots,
+    padded_batch,
     prefix_attention,
 )
 
@@ -66,10 +65,11 @@ def test_merge_of_two_halves_is_whole():
 
 
 def test_grouped_paged_batch_equals_plain_attention():
-    """Two groups and a loner, decode and multi-token chunks mixed. Group 0: three sequences
-    sharing blocks 0, 1 (8 tokens); group 1: two sequences sharing block 3 (4 tokens), so the
-    group batch pads both its queries and its segments. Blocks are scattered through the pool
-    to exercise the slot arithmetic."""
+    """Two groups and a loner, one-token (decode) and multi-token chunks mixed. Group 0: three
+    sequences sharing blocks 0, 1 (8 tokens); group 1: two sharing block 3 (4 tokens).
+    One-token chunks form decode units (segment once + every member's suffix, masked);
+    multi-token chunks attend to their suffix and to their group's segment, merged by LSE.
+    Blocks are scattered through the pool to exercise the slot arithmetic."""
     g = torch.Generator().manual_seed(2)
     bs, num_blocks = 4, 16
     cache = torch.randn(1, 2, HKV, num_blocks * bs, D, generator=g)
@@ -89,38 +89,48 @@ def test_grouped_paged_batch_equals_plain_attention():
         p = torch.tensor(list(positions))
         return t[p // bs] * bs + p % bs
 
+    segment = {0: slots([0, 1], range(8)), 1: slots([3], range(4))}
     n_rows = sum(len(x[2]) for x in seqs)
     q = torch.randn(HQ, n_rows, D, generator=g)
-    singles, single_rows, multi = [], [], []
-    group_rows: dict[int, list[int]] = {0: [], 1: []}
-    group_slots = {0: slots([0, 1], range(8)), 1: slots([3], range(4))}
+    decode: dict[object, list[tuple[int, torch.Tensor]]] = {}
+    multi: list[SeqAttention] = []
+    shared_rows: dict[int, list[int]] = {0: [], 1: []}
     row = 0
     rows_of = []
-    for table, total, qpos, shared, group in seqs:
+    for i, (table, total, qpos, n_shared, group) in enumerate(seqs):
         rows = list(range(row, row + len(qpos)))
         rows_of.append(rows)
         row += len(qpos)
-        suffix = slots(table, range(shared, total))
+        suffix = slots(table, range(n_shared, total))
         if len(qpos) == 1:
-            singles.append(suffix)
-            single_rows.append(rows[0])
-        else:
-            kpos = torch.arange(shared, total)
-            hidden = kpos[None, :] > torch.tensor(qpos)[:, None]
-            multi.append(SeqAttention(slice(rows[0], rows[-1] + 1), suffix, hidden))
-        if group is not None:
-            group_rows[group].extend(rows)
-    single_slots, single_hidden = pad_slots(singles, "cpu")
+            decode.setdefault(group if group is not None else f"alone-{i}", []).append(
+                (rows[0], suffix)
+            )
+            continue
+        kpos = torch.arange(n_shared, total)
+        hidden = kpos[None, :] > torch.tensor(qpos)[:, None]
+        multi.append(SeqAttention(slice(rows[0], rows[-1] + 1), suffix, hidden))
+        shared_rows[group].extend(rows)
+    units = []
+    for key, members in decode.items():
+        head = [segment[key]] if key in segment else []
+        keys = torch.cat(head + [s for _, s in members])
+        hidden = torch.ones(len(members), len(keys), dtype=torch.bool)
+        at = len(head[0]) if head else 0
+        hidden[:, :at] = False
+        for j, (_, s) in enumerate(members):
+            hidden[j, at : at + len(s)] = False
+            at += len(s)
+        units.append(([r for r, _ in members], keys, hidden))
     meta = AttentionMetadata(
         kv_cache=cache,
         slot_mapping=torch.empty(0, dtype=torch.long),
         num_rows=n_rows,
-        single_rows=torch.tensor(single_rows),
-        single_slots=single_slots,
-        single_hidden=single_hidden,
+        decode=padded_batch(units, "cpu"),
         seqs=multi,
-        groups=group_batch([(group_rows[i], group_slots[i]) for i in (0, 1)], "cpu"),
+        shared=padded_batch([(shared_rows[i], segment[i], None) for i in (0, 1)], "cpu"),
     )
+    assert meta.decode.slots.shape == (3, 8 + 6 + 2)  # group 0: segment + two suffixes
     out = prefix_attention(q, cache[0, 0], cache[0, 1], meta, scale)
     for (table, total, qpos, _, _), rows in zip(seqs, rows_of, strict=True):
         s = slots(table, range(total))
