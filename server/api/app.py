@@ -16,6 +16,7 @@ from server.api.errors import install_error_handlers
 from server.api.resolver import AdapterResolver
 from server.async_engine import AsyncEngine
 from server.config import ApiKeys, ServeConfig
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ def create_app(
     if keys is None:
         keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys()
     resolver = AdapterResolver(store, lambda: engine.llm.tokenizer)
-    ctx = AppContext(engine, store, config, keys, resolver, ops.Metrics(engine))
+    metrics = Metrics(lambda: engine.llm.engine if engine.llm is not None else None, store)
+    ctx = AppContext(engine, store, config, keys, resolver, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

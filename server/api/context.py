@@ -28,7 +28,7 @@ class AppContext:
     config: ServeConfig
     keys: ApiKeys
     resolver: AdapterResolver
-    metrics: Any  # server.api.ops.Metrics
+    metrics: Any  # server.metrics.Metrics
     started: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     inflight: int = 0  # HTTP requests being handled (ops routes excluded)
@@ -59,6 +59,7 @@ def principal(request: Request) -> Principal:
     if ctx.draining:
         raise APIError(503, "the server is shutting down", code="draining", retry_after=5)
     if not ctx.keys.enabled:
+        request.state.tenant = OPEN_MODE.tenant
         return OPEN_MODE
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
@@ -68,6 +69,7 @@ def principal(request: Request) -> Principal:
     found = ctx.keys.lookup(key.strip())
     if found is None:
         raise APIError(401, "invalid API key", code="invalid_api_key")
+    request.state.tenant = found.tenant
     return found
 
 

@@ -149,8 +149,10 @@ def _snake(name: str) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def handle(_request: Request, exc: Exception) -> JSONResponse:
-        return to_api_error(exc).response()
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        err = to_api_error(exc)
+        request.app.state.ctx.metrics.count_error(err.body()["error"]["type"])
+        return err.response()
 
     for cls in (
         APIError,

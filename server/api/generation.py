@@ -84,7 +84,7 @@ async def _generate(
         for choice in range(body.n)
     ]
     meta = _Meta(body, chat)
-    job = Job(ctx.engine, inputs, ctx.config.request_timeout)
+    job = Job(ctx.engine, inputs, ctx.config.request_timeout, ctx.metrics)
     job.watch(request)
     try:
         if body.stream:

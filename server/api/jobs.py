@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from server.api.errors import APIError
 from server.async_engine import AsyncEngine, EngineInput
 from server.engine.request import RequestOutput
+from server.metrics import Metrics
+
+
+@dataclass
+class _Timing:
+    start: float
+    ttft: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
 
 
 class ClientGone(Exception):
@@ -23,11 +34,20 @@ class Job:
 
     Raises ``Overloaded`` from the constructor when the bounded queue is full."""
 
-    def __init__(self, engine: AsyncEngine, inputs: Sequence[EngineInput], timeout: float):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        inputs: Sequence[EngineInput],
+        timeout: float,
+        metrics: Metrics | None = None,
+    ):
         self.engine = engine
         self.sub = engine.submit(inputs)
-        self.deadline = asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + timeout
         self._watcher: asyncio.Task | None = None
+        self._timing = [_Timing(loop.time()) for _ in self.sub.ids] if metrics else []
+        self.metrics = metrics
 
     def watch(self, request: Request) -> None:
         """Abort as soon as the client disconnects (the engine drops the requests before its
@@ -53,7 +73,30 @@ class Job:
             ) from None
         if isinstance(item, BaseException):
             raise item
+        if self.metrics is not None:
+            self._observe(index, item)
         return index, item
+
+    def _observe(self, index: int, out: RequestOutput) -> None:
+        """Latencies of one engine request, reported once when it ends."""
+        t, now = self._timing[index], asyncio.get_running_loop().time()
+        for _ in range(len(out.token_ids) - t.tokens):
+            if t.last is None:
+                t.ttft = now - t.start
+            else:
+                t.gaps.append(now - t.last)
+            t.last = now
+        t.tokens = len(out.token_ids)
+        if out.finished:
+            self.metrics.observe_request(  # type: ignore[union-attr]
+                t.ttft,
+                t.gaps,
+                now - t.start,
+                out.queue_s,
+                out.finish_reason,
+                out.num_prompt_tokens,
+                len(out.token_ids),
+            )
 
     def close(self) -> None:
         self.engine.abort(self.sub)

@@ -4,18 +4,17 @@ counters and the body-size limit, as ASGI middleware."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.context import context
 from server.api.errors import APIError
-from server.async_engine import AsyncEngine
+from server.request_log import RequestLog, log_request, request_id_from
 
 router = APIRouter()
 OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -59,54 +58,8 @@ async def _registry_problem(store) -> str | None:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(
-        generate_latest(context(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
-
-
-class Metrics:
-    """A few basic series in a registry of this app's own (no process-global state)."""
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "prefix_serve_http_requests",
-            "HTTP requests answered, by route template and status",
-            ["route", "status"],
-            registry=self.registry,
-        )
-        self.registry.register(_EngineCollector(engine))
-
-
-class _EngineCollector:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-
-    def collect(self):
-        s = self.engine.snapshot
-        counters = {
-            "prefix_serve_engine_steps": (s.steps, "engine steps run"),
-            "prefix_serve_generation_tokens": (s.generated_tokens, "tokens generated"),
-            "prefix_serve_prompt_tokens": (s.prompt_tokens, "prompt positions admitted"),
-            "prefix_serve_cached_prompt_tokens": (
-                s.cached_prompt_tokens,
-                "prompt positions served from the prefix cache",
-            ),
-            "prefix_serve_preemptions": (s.preemptions, "sequences preempted"),
-        }
-        for name, (value, text) in counters.items():
-            yield CounterMetricFamily(name, text, value=value)
-        gauges = {
-            "prefix_serve_running_requests": (s.running, "sequences in the batch"),
-            "prefix_serve_waiting_requests": (s.waiting, "sequences waiting for admission"),
-            "prefix_serve_kv_usage_ratio": (s.kv_usage, "fraction of KV blocks in use"),
-            "prefix_serve_outstanding_requests": (
-                self.engine.outstanding,
-                "engine requests accepted and not finished",
-            ),
-        }
-        for name, (value, text) in gauges.items():
-            yield GaugeMetricFamily(name, text, value=value)
+    body, content_type = context(request).metrics.render()
+    return Response(body, media_type=content_type)
 
 
 class HTTPLayer:
@@ -126,10 +79,14 @@ class HTTPLayer:
         upload = scope["path"] == "/v1/adapters" and scope["method"] == "POST"
         limit = ctx.config.max_upload_bytes if upload else ctx.config.max_request_bytes
         status: list[int] = [0]
+        rid = request_id_from(scope.get("headers", ()))
+        started = time.monotonic()
 
         async def counted_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
         ops = scope["path"] in OPS_PATHS
@@ -142,9 +99,21 @@ class HTTPLayer:
                 await self.app(scope, _limited(receive, limit), counted_send)
         finally:
             ctx.inflight -= 0 if ops else 1
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            ctx.metrics.requests.labels(template, str(status[0] or 500)).inc()
+            template = getattr(scope.get("route"), "path", "unmatched")
+            code = status[0] or 500
+            ctx.metrics.count_http_request(template, code)
+            if not ops:
+                tenant = str(scope.get("state", {}).get("tenant", "-"))
+                log_request(
+                    RequestLog(
+                        request_id=rid,
+                        tenant=tenant,
+                        method=scope["method"],
+                        route=template,
+                        status=code,
+                        e2e_s=time.monotonic() - started,
+                    )
+                )
 
 
 def _declared_too_large(scope: Scope, limit: int) -> APIError | None:

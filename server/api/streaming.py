@@ -64,7 +64,10 @@ async def events(
     except ClientGone:
         return
     except Exception as exc:  # headers are sent: the error goes in the stream
-        yield sse(to_api_error(exc).body())
+        err = to_api_error(exc)
+        if job.metrics is not None:
+            job.metrics.count_error(err.body()["error"]["type"])
+        yield sse(err.body())
         yield sse("[DONE]")
     finally:
         job.close()
