@@ -168,9 +168,9 @@ def test_families_names_types_and_label_sets_exactly() -> None:
     assert all(spec.help for spec in SPECS.values())
 
 
-def test_docs_table_lists_every_metric_with_its_vllm_counterpart() -> None:
+def test_readme_table_lists_every_metric_with_its_vllm_counterpart() -> None:
     rows = {}
-    for line in (ROOT / "docs" / "operations.md").read_text().splitlines():
+    for line in (ROOT / "README.md").read_text().splitlines():
         if line.startswith("| `prefix_serve_"):
             name, kind, labels, _meaning, vllm = (c.strip() for c in line.strip("|").split("|"))
             rows[name.strip("`").removesuffix("_total")] = (kind, labels, vllm)
