@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import socket
 import subprocess
@@ -134,7 +135,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, work: Path, tenants: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model_dir: Path, work: Path, tenants: int, threads: int | None = None
+) -> tuple[subprocess.Popen, str]:
     keys = {"keys": [{"key": f"key-{t}", "tenant": f"tenant-{t}"} for t in range(tenants)]}
     (work / "keys.json").write_text(json.dumps(keys))
     port = free_port()
@@ -145,7 +148,8 @@ def start_server(model_dir: Path, work: Path, tenants: int) -> tuple[subprocess.
         "--max-num-seqs", "256", "--log-level", "warning",
     ]  # fmt: skip
     log = (work / "server.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     with httpx.Client(trust_env=False) as http:
@@ -292,8 +296,13 @@ def run(
     json_path: str | None = None,
     plot_path: str | None = None,
     rounds: int = 3,
+    threads: int | None = None,
 ) -> dict:
+    """``threads``: torch threads for both the server and the in-process reference (default:
+    torch's, one per core)."""
     levels = levels or [1, 4, 16]
+    if threads:
+        torch.set_num_threads(threads)
     model_dir = resolve_model_dir(model, Path(data_dir))[0]
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     with tempfile.TemporaryDirectory() as tmp:
@@ -314,7 +323,7 @@ def run(
             "local": parts[1 + n + rounds :],
         }
         reference = InProcess(model_dir, adapter_dirs, slices["warm"], new_tokens)
-        proc, url = start_server(model_dir, work, tenants)
+        proc, url = start_server(model_dir, work, tenants, threads)
         try:
             upload_adapters(url, adapter_dirs)
             rows, http_top, local, ttft = asyncio.run(

@@ -31,6 +31,7 @@ def _bench_parser(sub) -> None:
     w2.add_argument("--json", default="bench/results/w2.json", help="where to write the JSON")
     w2.add_argument("--plot", default="bench/results/w2.png", help="where to draw the PNG")
     w2.add_argument("--rounds", type=int, default=3, help="top-level runs vs in-process runs")
+    w2.add_argument("--torch-threads", type=int, default=None, help="for server and reference")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json,
             args.plot,
             args.rounds,
+            args.torch_threads,
         )
     return 0
 

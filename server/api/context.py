@@ -50,11 +50,11 @@ def context(request: Request) -> AppContext:
     return request.app.state.ctx
 
 
-def principal(request: Request) -> Principal:
+async def principal(request: Request) -> Principal:
     """Authenticate (``Authorization: Bearer KEY``) and refuse new work while draining.
 
     The tenant returned here is the only source of a request's namespace: nothing in the body
-    can name another one."""
+    can name another one. ``async`` only so that FastAPI calls it inline, not in a thread."""
     ctx = context(request)
     if ctx.draining:
         raise APIError(503, "the server is shutting down", code="draining", retry_after=5)

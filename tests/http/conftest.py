@@ -4,20 +4,14 @@ lifecycle) and the real default model (greedy output equals PEFT's)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
 import torch
-import uvicorn
+from http_helpers import DATA_DIR, KEYS, TINY_ID, LiveServer, make_llm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from adapters_store.store import open_store
@@ -25,13 +19,8 @@ from adapters_store.types import Quota, TenantQuotas
 from server.api import create_app
 from server.async_engine import AsyncEngine
 from server.config import ApiKeys, ServeConfig
-from server.engine.engine import EngineConfig
 from server.llm import LLM
 from server.model_loader import resolve_model_dir
-
-DATA_DIR = Path(os.environ.get("PREFIX_SERVE_TEST_DATA_DIR", "data"))
-TINY_ID = "tiny-llama"
-KEYS = {"acme": "key-acme", "globex": "key-globex"}
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +55,6 @@ def tiny_model_dir(default_model_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
-def make_llm(model_dir: Path, **engine) -> LLM:
-    engine.setdefault("kv_cache_memory", 64 << 20)
-    return LLM(
-        str(model_dir),
-        data_dir=DATA_DIR,
-        device="cpu",
-        dtype="float32",
-        engine_config=EngineConfig(**engine),
-    )
-
-
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_model_dir: Path) -> LLM:
     return make_llm(tiny_model_dir)
@@ -87,80 +65,6 @@ def tiny_ref(tiny_model_dir: Path):
     """A second copy of the tiny model (PEFT adapters are made on it; the engine's copy routes
     attention through prefix-serve's function)."""
     return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
-
-
-class LiveServer:
-    """A uvicorn server in a thread, on a free loopback port, around ``create_app``."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-        self.ctx = app.state.ctx
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
-
-    @property
-    def engine(self) -> AsyncEngine:
-        return self.ctx.engine
-
-    def start(self, wait_ready: bool = True) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        while wait_ready and not self.engine.ready:
-            assert time.monotonic() < deadline, "model did not load"
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
-
-    def openai(self, tenant: str | None = "acme", **kw) -> openai.OpenAI:
-        key = KEYS.get(tenant, "none") if tenant else "none"
-        kw.setdefault("http_client", httpx.Client(trust_env=False, timeout=60))
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
-
-    def http(self, tenant: str | None = "acme", **kw) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
-        kw.setdefault("timeout", 60)
-        return httpx.Client(base_url=self.url, headers=headers, trust_env=False, **kw)
-
-    def engine_state(self) -> dict:
-        """Read in the engine thread, between steps."""
-
-        def read(llm) -> dict:
-            e = llm.engine
-            return {
-                "seqs": len(e.seqs),
-                "free": e.pool.num_free,
-                "cached": e.tree.num_cached_blocks,
-                "blocks": e.pool.num_blocks,
-                "running": len(e.scheduler.running),
-                "waiting": e.scheduler.num_waiting(),
-                "generated": e.stats.generated_tokens,
-            }
-
-        return self.engine.call_blocking(read)
-
-    def wait_idle(self, timeout: float = 10.0) -> dict:
-        """Until no request holds a KV block: every used block is the prefix tree's."""
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.engine_state()
-            if state["seqs"] == 0 and state["free"] + state["cached"] == state["blocks"]:
-                return state
-            assert time.monotonic() < deadline, f"engine still busy: {state}"
-            time.sleep(0.02)
 
 
 ServerFactory = Callable[..., LiveServer]
@@ -194,12 +98,3 @@ def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
     for server, store in started:
         server.stop()
         store.close()
-
-
-def error_of(response: httpx.Response) -> dict:
-    """The OpenAI error object, after checking the shape exactly."""
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]

@@ -4,20 +4,24 @@ namespaces taken from the key only (tiny random model)."""
 
 from __future__ import annotations
 
-import io
 import json
-import stat
-import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ID, error_of
+from http_helpers import (
+    CONFIG,
+    TINY_ID,
+    WEIGHTS,
+    error_of,
+    files_of,
+    peft_entries,
+    tar_gz_of,
+    upload,
+    zip_of,
+)
 
 from adapters_store.types import Quota
 from bench.peft_adapters import make_p_tuning, make_prefix_tuning, make_prompt_tuning
-
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -35,52 +39,6 @@ def peft_dirs(tiny_ref, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def server(make_server, tiny_llm):
     return make_server(tiny_llm)
-
-
-def files_of(path: Path) -> dict:
-    return {
-        "config": (CONFIG, (path / CONFIG).read_bytes(), "application/json"),
-        "weights": (WEIGHTS, (path / WEIGHTS).read_bytes(), "application/octet-stream"),
-    }
-
-
-def zip_of(entries: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in entries.items():
-            z.writestr(name, data)
-        for name, target in (links or {}).items():
-            info = zipfile.ZipInfo(name)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            z.writestr(info, target)
-    return buf.getvalue()
-
-
-def tar_gz_of(entries: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as t:
-        for name, data in entries.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            t.addfile(info)
-    return buf.getvalue()
-
-
-def peft_entries(path: Path, prefix: str = "my-adapter/") -> dict[str, bytes]:
-    """What zipping a PeftModel.save_pretrained directory gives (README.md included)."""
-    return {
-        prefix + CONFIG: (path / CONFIG).read_bytes(),
-        prefix + WEIGHTS: (path / WEIGHTS).read_bytes(),
-        prefix + "README.md": b"# model card\n",
-    }
-
-
-def upload(http, name: str, **files):
-    return http.post("/v1/adapters", data={"name": name}, files=files)
 
 
 def greedy(server, model: str, adapters=(), tenant="acme", prompt="Tell me about the sea") -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import TINY_ID, error_of
+from http_helpers import TINY_ID, error_of
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_ID, make_llm
+from http_helpers import TINY_ID, make_llm
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 

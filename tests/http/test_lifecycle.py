@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import TINY_ID, error_of, make_llm
+from http_helpers import TINY_ID, error_of, make_llm
 
 from adapters_store.store import open_store
 from server.api import create_app

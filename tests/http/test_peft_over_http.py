@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_llm
-from test_adapters_api import files_of, peft_entries, tar_gz_of, upload, zip_of
+from http_helpers import files_of, make_llm, peft_entries, tar_gz_of, upload, zip_of
 from transformers import AutoModelForCausalLM
 
 from bench.peft_adapters import make_p_tuning, make_prefix_tuning, make_prompt_tuning
