@@ -85,6 +85,9 @@ async def _generate(
     ]
     meta = _Meta(body, chat)
     job = Job(ctx.engine, inputs, ctx.config.request_timeout, ctx.metrics)
+    request.state.job = job  # read by the request log line
+    request.state.adapter_ids = tuple(s.key[:16] for s in segments)
+    request.state.stream = bool(body.stream)
     job.watch(request)
     try:
         if body.stream:

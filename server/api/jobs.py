@@ -48,6 +48,7 @@ class Job:
         self._watcher: asyncio.Task | None = None
         self._timing = [_Timing(loop.time()) for _ in self.sub.ids] if metrics else []
         self.metrics = metrics
+        self.finished: list[tuple[RequestOutput, float | None]] = []  # (output, ttft) for logs
 
     def watch(self, request: Request) -> None:
         """Abort as soon as the client disconnects (the engine drops the requests before its
@@ -88,6 +89,7 @@ class Job:
             t.last = now
         t.tokens = len(out.token_ids)
         if out.finished:
+            self.finished.append((out, t.ttft))
             self.metrics.observe_request(  # type: ignore[union-attr]
                 t.ttft,
                 t.gaps,

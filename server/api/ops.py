@@ -103,17 +103,33 @@ class HTTPLayer:
             code = status[0] or 500
             ctx.metrics.count_http_request(template, code)
             if not ops:
-                tenant = str(scope.get("state", {}).get("tenant", "-"))
-                log_request(
-                    RequestLog(
-                        request_id=rid,
-                        tenant=tenant,
-                        method=scope["method"],
-                        route=template,
-                        status=code,
-                        e2e_s=time.monotonic() - started,
-                    )
-                )
+                log_request(_log_record(scope, rid, template, code, time.monotonic() - started))
+
+
+def _log_record(scope: Scope, rid: str, route: str, status: int, e2e: float) -> RequestLog:
+    """The request's log line: tenant and generation details from what the handlers left in
+    the request state (content-hash ids of the adapters, never their names)."""
+    state = scope.get("state", {})
+    finished = getattr(state.get("job"), "finished", [])
+    outs = [out for out, _ in finished]
+    ttfts = [ttft for _, ttft in finished if ttft is not None]
+    queues = [out.queue_s for out in outs if out.queue_s is not None]
+    return RequestLog(
+        request_id=rid,
+        tenant=str(state.get("tenant", "-")),
+        method=scope["method"],
+        route=route,
+        status=status,
+        adapter_ids=tuple(state.get("adapter_ids", ())),
+        prompt_tokens=sum(o.num_prompt_tokens for o in outs),
+        cached_tokens=sum(o.num_cached_tokens for o in outs),
+        generation_tokens=sum(len(o.token_ids) for o in outs),
+        finish_reason=outs[-1].finish_reason if outs else None,
+        stream=bool(state.get("stream", False)),
+        queue_s=max(queues) if queues else None,
+        ttft_s=min(ttfts) if ttfts else None,
+        e2e_s=e2e,
+    )
 
 
 def _declared_too_large(scope: Scope, limit: int) -> APIError | None:

@@ -3,7 +3,10 @@ HTTP counter, and X-Request-ID echoed (the client's when safe, else one made her
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import time
 
 from http_helpers import TINY_ID
 
@@ -47,3 +50,37 @@ def test_metrics_count_requests_errors_and_echo_request_ids(make_server, tiny_ll
     assert series(after, errors) - series(before, errors) == 1
     http_ok = 'prefix_serve_http_requests_total{route="/v1/completions",status="200"}'
     assert series(after, http_ok) - series(before, http_ok) == 3
+
+
+def test_one_json_log_line_per_request(make_server, tiny_llm, caplog):
+    server = make_server(tiny_llm)
+    body = {
+        "model": TINY_ID,
+        "prompt": "Hello there",
+        "max_tokens": 3,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    with caplog.at_level(logging.INFO, logger="prefix_serve.requests"), server.http() as http:
+        r = http.post("/v1/completions", json=body, headers={"X-Request-ID": "log-1"})
+        assert r.status_code == 200
+        line = None
+        deadline = time.monotonic() + 5  # the line is written after the response is sent
+        while line is None and time.monotonic() < deadline:
+            records = [rec for rec in caplog.records if rec.name == "prefix_serve.requests"]
+            lines = [json.loads(rec.getMessage()) for rec in records]
+            line = next((x for x in lines if x["request_id"] == "log-1"), None)
+            time.sleep(0.01)
+    assert line is not None
+    usage = r.json()["usage"]
+    assert (line["tenant"], line["method"], line["route"], line["status"]) == (
+        "acme",
+        "POST",
+        "/v1/completions",
+        200,
+    )
+    assert line["prompt_tokens"] == usage["prompt_tokens"]
+    assert line["generation_tokens"] == usage["completion_tokens"] == 3
+    assert line["finish_reason"] == "length" and line["stream"] is False
+    assert 0 < line["ttft_s"] <= line["e2e_s"]
+    assert "Hello" not in json.dumps(line)  # no prompt text in the log
