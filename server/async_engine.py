@@ -55,21 +55,6 @@ class EngineInput:
     tenant: str = "default"
 
 
-@dataclass(frozen=True)
-class EngineSnapshot:
-    """Counters read by /metrics; replaced (never mutated) by the engine thread each step."""
-
-    steps: int = 0
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
-    num_free_blocks: int = 0
-    preemptions: int = 0
-
-
 @dataclass(eq=False)
 class Submission:
     """The engine requests of one HTTP request (``n`` choices x prompts), read from ``queue``
@@ -97,7 +82,6 @@ class AsyncEngine:
         self.capacity = capacity
         self.llm: Any = None
         self.load_error: BaseException | None = None
-        self.snapshot = EngineSnapshot()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._loaded = threading.Event()
         self._thread: threading.Thread | None = None
@@ -265,7 +249,6 @@ class AsyncEngine:
                 del routes[out.request_id]
             items.append((*route, out))
         self._send(items)
-        self._update_snapshot()
 
     def _fail_all(self, routes: dict[str, tuple[Submission, int]], exc: Exception) -> None:
         for rid in list(routes):
@@ -276,21 +259,6 @@ class AsyncEngine:
     def _send(self, items: list[tuple[Submission, int, Any]]) -> None:
         if items:
             self._loop.call_soon_threadsafe(self._dispatch, items)
-
-    def _update_snapshot(self) -> None:
-        engine = self.llm.engine
-        sched = engine.scheduler
-        self.snapshot = EngineSnapshot(
-            steps=engine.stats.steps,
-            generated_tokens=engine.stats.generated_tokens,
-            prompt_tokens=sched.prompt_tokens,
-            cached_prompt_tokens=sched.cached_prompt_tokens,
-            running=len(sched.running),
-            waiting=sched.num_waiting(),
-            kv_usage=engine.pool.usage(),
-            num_free_blocks=engine.pool.num_free,
-            preemptions=sched.num_preemptions,
-        )
 
 
 def _settle(
