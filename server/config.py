@@ -165,7 +165,7 @@ _FLAGS: list[tuple[str, object, str]] = [
     ("port", int, "port to listen on"),
     ("data-dir", str, "adapters, registry and converted models live here"),
     ("redis-url", str, "registry in Redis (shared by replicas) instead of SQLite"),
-    ("blob-url", str, "adapter blobs in an S3-compatible bucket instead of the data dir"),
+    ("blob-url", str, "adapter blobs on a shared volume (file:///path) instead of the data dir"),
     ("api-keys", str, 'JSON file {"keys": [{"key", "tenant", "admin"}]}; none = open mode'),
     ("device", str, "auto | cpu | cuda"),
     ("dtype", str, "auto | float32 | bfloat16"),
