@@ -115,7 +115,6 @@ class AttentionMetadata:
 
     kv_cache: torch.Tensor  # [L, 2, Hkv, num_slots, D]
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
-    num_rows: int
     decode: PaddedBatch | None
     seqs: list[SeqAttention]
     shared: PaddedBatch | None

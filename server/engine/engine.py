@@ -149,28 +149,32 @@ class LLMEngine:
         return [self._after_token(seq) for seq in sampling]
 
     def _after_token(self, seq: Sequence) -> RequestOutput:
-        reason = self._stop_reason(seq)
+        """Decode once, stop if due (cutting at a stop string), report."""
+        text = self.decode(seq)
+        cut = self._stop_string(seq, text) if seq.params.stop else None
+        reason = self._stop_reason(seq, cut)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.seqs.pop(seq.request_id, None)
-        return self.output(seq)
+            if cut is not None:
+                text = text[:cut]
+        return self.output(seq, text)
 
-    def _stop_reason(self, seq: Sequence) -> str | None:
+    def _stop_reason(self, seq: Sequence, stop_at: int | None) -> str | None:
         p, out = seq.params, seq.output_ids
         if len(out) >= p.min_tokens:
             last = out[-1]
             if (not p.ignore_eos and last in self.eos_ids) or last in p.stop_token_ids:
                 return "stop"
-            if p.stop and self._stop_string(seq) is not None:
+            if stop_at is not None:
                 return "stop"
         if len(out) >= p.max_tokens:
             return "length"
         return None
 
-    def _stop_string(self, seq: Sequence) -> int | None:
-        """Index in the decoded text where the first stop string starts, or None. Only text
-        after the first ``min_tokens`` tokens can stop a request."""
-        text = self.decode(seq)
+    def _stop_string(self, seq: Sequence, text: str) -> int | None:
+        """Index in ``text`` (the decoded output) where the first stop string starts, or None.
+        Only text after the first ``min_tokens`` tokens can stop a request."""
         start = 0
         if seq.params.min_tokens:
             start = len(
@@ -187,12 +191,7 @@ class LLMEngine:
             ids = ids[:-1]
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def output(self, seq: Sequence) -> RequestOutput:
-        text = self.decode(seq)
-        if seq.status == SeqStatus.FINISHED and seq.params.stop:
-            cut = self._stop_string(seq)
-            if cut is not None:
-                text = text[:cut]
+    def output(self, seq: Sequence, text: str) -> RequestOutput:
         prompt = [t for t in seq.key[: seq.num_prompt] if isinstance(t, int)]
         return RequestOutput(
             request_id=seq.request_id,

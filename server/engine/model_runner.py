@@ -122,7 +122,7 @@ class ModelRunner:
         for row, vec in emb_rows:
             embeds[row] = vec
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        meta = self._metadata(seq_rows, len(positions))
+        meta = self._metadata(seq_rows)
         hidden = self.model.model(
             inputs_embeds=embeds.unsqueeze(0),
             position_ids=pos.unsqueeze(0),
@@ -171,7 +171,7 @@ class ModelRunner:
             token_ids.extend(seq.key[lo:hi])  # type: ignore[arg-type]
             positions.extend(range(lo, hi))
 
-    def _metadata(self, seq_rows: list[_SeqRows], num_rows: int) -> AttentionMetadata:
+    def _metadata(self, seq_rows: list[_SeqRows]) -> AttentionMetadata:
         """Sort the step's rows into decode units (one-token chunks, by group: complete
         attention over the shared segment once plus each member's suffix) and multi-token
         chunks (causal suffix attention, plus their group's shared segment merged by LSE)."""
@@ -204,7 +204,6 @@ class ModelRunner:
         return AttentionMetadata(
             kv_cache=self.kv_cache,
             slot_mapping=torch.cat(slot_parts).to(dev),
-            num_rows=num_rows,
             decode=padded_batch(units, dev) if units else None,
             seqs=seqs,
             shared=(

@@ -125,7 +125,6 @@ def test_grouped_paged_batch_equals_plain_attention():
     meta = AttentionMetadata(
         kv_cache=cache,
         slot_mapping=torch.empty(0, dtype=torch.long),
-        num_rows=n_rows,
         decode=padded_batch(units, "cpu"),
         seqs=multi,
         shared=padded_batch([(shared_rows[i], segment[i], None) for i in (0, 1)], "cpu"),
