@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test lint bench tools
+.PHONY: setup serve test lint bench tools reliability
 
 setup: $(STAMP)
 
@@ -28,6 +28,16 @@ lint: setup
 
 test: lint tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The reliability suite at full size (minutes of load, every fault, the whole fuzz corpus; the
+# same tests run small inside `make test`), bounded at 40 minutes; its figures are rendered as
+# the table of docs/reliability.md into bench/results/reliability.md.
+reliability: tools
+	rm -f bench/results/reliability.jsonl
+	PREFIX_SERVE_RELIABILITY=full timeout 2400 $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/reliability
+	$(BIN)/python tests/reliability/report.py > bench/results/reliability.md
+	@cat bench/results/reliability.md
 
 bench: setup
 	$(BIN)/prefix-serve bench w1
