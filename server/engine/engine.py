@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.detokenizer import IncrementalText
 from server.engine.kv_cache import BlockPool
 from server.engine.model_runner import ModelRunner, kv_bytes_per_token
 from server.engine.prefix_tree import PrefixTree
@@ -153,6 +154,10 @@ class LLMEngine:
         text = self.decode(seq)
         cut = self._stop_string(seq, text) if seq.params.stop else None
         reason = self._stop_reason(seq, cut)
+        if reason is not None and cut is None:
+            text = self.decode(seq, final=True)  # with a character held back, if any
+            cut = self._stop_string(seq, text) if seq.params.stop else None
+            reason = self._stop_reason(seq, cut)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.seqs.pop(seq.request_id, None)
@@ -185,11 +190,15 @@ class LLMEngine:
         hits = [i for s in seq.params.stop if (i := text.find(s, start)) >= 0]
         return min(hits) if hits else None
 
-    def decode(self, seq: Sequence) -> str:
+    def decode(self, seq: Sequence, final: bool = False) -> str:
+        """The output's text so far (a trailing EOS excluded), decoded incrementally; while
+        not ``final``, an incomplete character at the end is held back."""
         ids = seq.output_ids
         if ids and not seq.params.ignore_eos and ids[-1] in self.eos_ids:
             ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if seq.detok is None:
+            seq.detok = IncrementalText(self.tokenizer)
+        return seq.detok.final(ids) if final else seq.detok.update(ids)
 
     def output(self, seq: Sequence, text: str) -> RequestOutput:
         prompt = [t for t in seq.key[: seq.num_prompt] if isinstance(t, int)]

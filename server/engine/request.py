@@ -6,6 +6,7 @@ import enum
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -109,6 +110,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    detok: Any = field(default=None, repr=False)  # the engine's IncrementalText of the output
 
     def __post_init__(self) -> None:
         self.num_prompt = len(self.key)

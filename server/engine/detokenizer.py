@@ -1,0 +1,52 @@
+"""Output text that grows with the tokens, decoding a few tokens per step instead of all.
+
+Decoding every output from its first token at every step costs O(length) per step, so
+O(length^2) per request. Instead the text is extended by the difference between two decodes
+of a short window: ``ids[start:]`` and ``ids[start:read]``, where ``read`` is where the text
+ends and ``start`` the previous step's ``read`` (one token or more of left context, so that a
+tokenizer joining tokens, e.g. dropping a leading word-boundary space, decodes the window as it
+would the whole). While the window ends in an incomplete UTF-8 character (U+FFFD) the text
+waits for the next token. Where the window's decode does not extend its context's (a clean-up
+rule reaching further back than the window), the text falls back to one full decode.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalText:
+    """The decoded text of a token list that only grows (``update`` with the whole list)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self.text = ""
+        self._start = 0  # window start (context already in ``text``)
+        self._read = 0  # tokens whose text is in ``text``
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def update(self, ids: list[int]) -> str:
+        if len(ids) < self._read:
+            raise ValueError("the token list shrank")
+        if len(ids) == self._read:
+            return self.text
+        context = self._decode(ids[self._start : self._read])
+        window = self._decode(ids[self._start :])
+        if window.endswith("\ufffd"):
+            return self.text  # an incomplete character: wait for its next bytes
+        if window.startswith(context):
+            self.text += window[len(context) :]
+        else:
+            self.text = self._decode(ids)
+        self._start, self._read = self._read, len(ids)
+        return self.text
+
+    def final(self, ids: list[int]) -> str:
+        """The text of the finished ``ids``: what is held back (an incomplete character at
+        the end) is decoded as the whole decode would, with U+FFFD."""
+        self.update(ids)
+        if self._read < len(ids):
+            self.text = self._decode(ids)
+            self._start = self._read = len(ids)
+        return self.text
