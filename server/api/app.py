@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from server.api import adapters, generation, ops
 from server.api.context import AppContext
 from server.api.errors import install_error_handlers
+from server.api.openapi import build_openapi
 from server.api.resolver import AdapterResolver
 from server.async_engine import AsyncEngine
 from server.config import ApiKeys, ServeConfig
@@ -50,12 +51,14 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",  # no auth, like /health
     )
     app.state.ctx = ctx
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(generation.router)
     app.include_router(adapters.router)
+    document = build_openapi(app, auth=keys.enabled)  # checks that every route is described
+    app.openapi = lambda: document  # type: ignore[method-assign]
     app.add_middleware(ops.HTTPLayer, get_ctx=lambda: ctx)
     return app

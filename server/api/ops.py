@@ -17,7 +17,7 @@ from server.api.errors import APIError
 from server.request_log import RequestLog, log_request, request_id_from
 
 router = APIRouter()
-OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})  # no key, no log line
 
 
 @router.get("/health")

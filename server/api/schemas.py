@@ -1,17 +1,36 @@
-"""Request bodies of the OpenAI-compatible routes (responses are built as plain dicts).
+"""Request bodies of the OpenAI-compatible routes, and the response shapes of every route.
 
-Strict types (no "5" for 5); unknown fields are ignored, as OpenAI clients send fields this
-server has no use for. Fields whose non-default value would change the answer in a way this
-server cannot honour (``logprobs``, ``echo``, ``best_of`` > n, ``suffix``, tools) are refused.
+Requests: strict types (no "5" for 5); unknown fields are ignored, as OpenAI clients send fields
+this server has no use for. Fields whose non-default value would change the answer in a way this
+server cannot honour (``logprobs``, ``echo``, ``best_of`` > n, ``suffix``, tools) are refused;
+their JSON schema (``WithJsonSchema``) names the only values accepted, so that the OpenAPI
+document says what the validators do.
+
+Responses are built as plain dicts by the handlers; the models at the end of this file only
+describe them in the OpenAPI document (``server.api.openapi``), and tests/reliability/
+test_schema.py checks every answer against that document.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+
+from adapters_store.types import NAME_RE
+from adapters_store.validate import AdapterLimits
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+NAME_PATTERN = NAME_RE.pattern
+MAX_TEXT_CHARS = AdapterLimits.max_text_chars
+
+
+def _only(*values: Any, description: str) -> WithJsonSchema:
+    return WithJsonSchema({"enum": list(values), "description": description})
+
+
+_NONEMPTY = {"type": "string", "minLength": 1}
+_TOKEN_ID = {"type": "integer", "minimum": 0, "description": "below the vocabulary size"}
 
 
 class StreamOptions(BaseModel):
@@ -20,14 +39,40 @@ class StreamOptions(BaseModel):
 
 
 class _Generation(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(
+        extra="ignore",
+        strict=True,
+        json_schema_extra={
+            # What JSON Schema cannot say (answered 400), and the one rule it can (if/then).
+            "description": "Integers are written as integers (5, not 5.0 nor '5'); "
+            "min_tokens at most the token limit; best_of only equal to n; prompts x n at most "
+            "64; the prompt and the token limit within the model's context; stream_options "
+            "only with stream: true.",
+            "if": {
+                "properties": {"stream_options": {"type": "object"}},
+                "required": ["stream_options"],
+            },
+            "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+        },
+    )
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1, le=1 << 20)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    stop: Annotated[
+        str | list[str] | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    _NONEMPTY,
+                    {"type": "array", "items": _NONEMPTY, "maxItems": 16},
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = None
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -38,10 +83,13 @@ class _Generation(BaseModel):
     ignore_eos: bool = False
     adapters: list[str] = Field(default_factory=list, max_length=8)
     # Refused when set to anything but their defaults.
-    logprobs: Any = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict | None = None
+    logprobs: Annotated[Any, _only(None, False, 0, description="not supported")] = None
+    frequency_penalty: Annotated[float | None, _only(None, 0, description="not supported")] = None
+    presence_penalty: Annotated[float | None, _only(None, 0, description="not supported")] = None
+    logit_bias: Annotated[
+        dict | None,
+        WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}]}),
+    ] = None
 
     @model_validator(mode="after")
     def _supported(self) -> _Generation:
@@ -73,10 +121,35 @@ class _Generation(BaseModel):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: Annotated[
+        str | list[str] | list[int] | list[list[int]],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    _NONEMPTY,
+                    {"type": "array", "items": _NONEMPTY, "minItems": 1},
+                    {"type": "array", "items": _TOKEN_ID, "minItems": 1},
+                    {
+                        "type": "array",
+                        "items": {"type": "array", "items": _TOKEN_ID, "minItems": 1},
+                        "minItems": 1,
+                    },
+                ],
+                "description": "text or token ids; one prompt or a list of them",
+            }
+        ),
+    ]
+    echo: Annotated[bool, _only(False, description="not supported")] = False
+    best_of: Annotated[
+        int | None,
+        WithJsonSchema(
+            {"type": ["integer", "null"], "description": "only equal to n is supported"}
+        ),
+    ] = None
+    suffix: Annotated[
+        str | None,
+        WithJsonSchema({"anyOf": [{"type": "string", "maxLength": 0}, {"type": "null"}]}),
+    ] = None
 
     @model_validator(mode="after")
     def _completion_only(self) -> CompletionRequest:
@@ -112,9 +185,22 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
-    tools: list | None = None
+    tools: Annotated[
+        list | None,
+        WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]}),
+    ] = None
     tool_choice: Any = None
-    response_format: dict | None = None
+    response_format: Annotated[
+        dict | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "object", "properties": {"type": {"enum": ["text", None]}}},
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = None
 
     @model_validator(mode="after")
     def _chat_only(self) -> ChatCompletionRequest:
@@ -133,5 +219,187 @@ class TextAdapterBody(BaseModel):
     """``POST /v1/adapters`` with a JSON body: a named text prefix."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
+    name: Annotated[str, WithJsonSchema({"type": "string", "pattern": NAME_PATTERN})]
+    text: Annotated[
+        str, WithJsonSchema({"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS})
+    ]
+
+
+# Responses (documentation only: the handlers build these shapes as dicts).
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(_Shape):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Shape):
+    """Every 4xx and 503 of the API, and an error event inside a stream."""
+
+    error: ErrorDetail
+
+
+class Adapter(_Shape):
+    id: str
+    object: Literal["adapter"]
+    name: Annotated[str, WithJsonSchema({"type": "string", "pattern": NAME_PATTERN})]
+    kind: Literal["prefix_tuning", "prompt_tuning", "p_tuning", "text"]
+    num_virtual_tokens: int = Field(ge=0)
+    version: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+    created: int
+    owned_by: str
+
+
+class AdapterList(_Shape):
+    object: Literal["list"]
+    data: list[Adapter]
+
+
+class AdapterDeleted(_Shape):
+    id: str
+    object: Literal["adapter"]
+    deleted: Literal[True]
+
+
+class Model(_Shape):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    parent: str | None
+
+
+class ModelList(_Shape):
+    object: Literal["list"]
+    data: list[Model] = Field(min_length=1)
+
+
+class PromptTokensDetails(_Shape):
+    cached_tokens: int = Field(ge=0)
+
+
+class Usage(_Shape):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    prompt_tokens_details: PromptTokensDetails
+
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class CompletionChoice(_Shape):
+    index: int = Field(ge=0)
     text: str
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class Completion(_Shape):
+    id: str = Field(pattern=r"^cmpl-")
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice] = Field(min_length=1)
+    usage: Usage
+
+
+class AssistantMessage(_Shape):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Shape):
+    index: int = Field(ge=0)
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(_Shape):
+    id: str = Field(pattern=r"^chatcmpl-")
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice] = Field(min_length=1)
+    usage: Usage
+
+
+class CompletionChunkChoice(_Shape):
+    index: int = Field(ge=0)
+    text: str
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class CompletionChunk(_Shape):
+    """One event of a ``/v1/completions`` stream; ``usage`` only with ``include_usage`` (null
+    but in the last event, which has no choices)."""
+
+    id: str = Field(pattern=r"^cmpl-")
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice] = Field(max_length=1)
+    usage: Usage | None = None
+
+
+class ChatDelta(_Shape):
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+
+
+class ChatChunkChoice(_Shape):
+    index: int = Field(ge=0)
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Shape):
+    """One event of a ``/v1/chat/completions`` stream (``usage`` as in ``CompletionChunk``)."""
+
+    id: str = Field(pattern=r"^chatcmpl-")
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] = Field(max_length=1)
+    usage: Usage | None = None
+
+
+class Health(_Shape):
+    status: Literal["ok", "dead"]
+
+
+class Ready(_Shape):
+    status: Literal["ready"]
+
+
+class NotReady(_Shape):
+    status: Literal["not ready"]
+    reason: str
+
+
+REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, TextAdapterBody)
+RESPONSE_MODELS = (
+    ErrorResponse,
+    Adapter,
+    AdapterList,
+    AdapterDeleted,
+    ModelList,
+    Completion,
+    ChatCompletion,
+    CompletionChunk,
+    ChatCompletionChunk,
+    Health,
+    Ready,
+    NotReady,
+)

@@ -6,6 +6,8 @@ import torch
 
 from server.engine.request import Sequence
 
+_TINY = torch.finfo(torch.float32).tiny
+
 
 def make_generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
@@ -33,6 +35,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the mass before it already reaches top_p (the first always stays).
         drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        drop[..., 0] = False  # explicitly: a top_p below float32's range compares as 0
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     return logits
@@ -56,7 +59,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
         p = seq.params
         if p.temperature == 0:
             continue
-        row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p)
+        # Shifted so that the best logit is 0: a tiny temperature then sends the others to
+        # -inf rather than the best to +inf (a NaN softmax); and never divided by float32's 0.
+        row = (logits[i] - logits[i].max()) / max(p.temperature, _TINY)
+        row = filter_logits(row, p.top_k, p.top_p)
         probs = torch.softmax(row, dim=-1)
         if seq.generator is None:
             seq.generator = make_generator(p.seed)

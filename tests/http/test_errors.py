@@ -31,6 +31,21 @@ def test_auth_missing_or_unknown_key_is_401(server):
         server.openai(tenant="nobody").models.list()
 
 
+def test_the_key_is_checked_before_the_body_is_read(server):
+    """Without a key, a malformed body still answers 401 (found by tests/reliability/
+    test_schema.py: FastAPI parsed a body parameter before the auth dependency ran)."""
+    with server.http(tenant=None) as http:
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            for body in (b"{not json", b"\xff\xfe", b'{"model": 5}'):
+                r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+                assert r.status_code == 401, (path, body, r.text)
+    with server.http() as http:  # with one, the same bodies are 400
+        r = http.post("/v1/completions", content=b"\xff\xfe")
+        assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
+        r = http.post("/v1/completions", content=b"{}", headers={"Content-Type": "text/plain"})
+        assert r.status_code == 400 and error_of(r)["code"] == "invalid_request"
+
+
 def test_ops_routes_need_no_key(server):
     with server.http(tenant=None) as http:
         assert http.get("/health").json() == {"status": "ok"}

@@ -222,3 +222,17 @@ def test_edge_values_are_accepted_and_stop_is_normalised():
     assert SamplingParams(stop="END").stop == ("END",)
     assert SamplingParams(stop=["a", "b"], stop_token_ids=[7]).stop_token_ids == (7,)
     assert len(SamplingParams(stop=[str(i) for i in range(16)]).stop) == 16
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(top_p=5e-324, seed=1),  # rounds to 0 in float32
+        SamplingParams(temperature=5e-324, seed=1),  # divides by float32's 0
+        SamplingParams(temperature=1e-39, seed=1),  # overflows the best logit to +inf
+        SamplingParams(temperature=1e-30, top_p=1e-40, top_k=2, seed=1),
+    ],
+)
+def test_extreme_temperature_and_top_p_pick_the_argmax(params):
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.5], [9.0, 1.0, 0.0, 8.0]])
+    assert sample(logits.clone(), [make_seq(params), make_seq(params)], eos_ids=()) == [1, 0]
