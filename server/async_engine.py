@@ -121,17 +121,23 @@ class AsyncEngine:
         """Queue ``inputs`` as one submission. Raises ``Overloaded`` (nothing queued) when the
         outstanding count would pass ``capacity``; errors of a single input (``InvalidRequest``)
         arrive on the submission's queue and abort the rest of the submission."""
-        if not self.ready:
-            raise EngineUnavailable("the model is not loaded yet")
-        if len(self._live) + len(inputs) > self.capacity:
-            raise Overloaded(
-                f"{len(self._live)} requests are in flight (capacity {self.capacity}); retry later"
-            )
+        self.check_admission(len(inputs))
         sub = Submission([f"req-{next(self._ids)}" for _ in inputs])
         for rid in sub.ids:
             self._live[rid] = sub
         self._commands.put(("add", sub, list(inputs)))
         return sub
+
+    def check_admission(self, count: int) -> None:
+        """Raise ``EngineUnavailable`` or ``Overloaded`` if ``count`` more engine requests
+        would not be accepted now. Handlers call it early, before any costly work (adapter
+        look-ups, tokenization), so that a refusal under overload stays cheap."""
+        if not self.ready:
+            raise EngineUnavailable("the model is not loaded yet")
+        if len(self._live) + count > self.capacity:
+            raise Overloaded(
+                f"{len(self._live)} requests are in flight (capacity {self.capacity}); retry later"
+            )
 
     def abort(self, sub: Submission) -> None:
         """Stop every unfinished request of ``sub``; their blocks are freed before the next

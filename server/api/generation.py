@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
 from server.api import streaming
 from server.api.context import AppContext, Caller, context
@@ -21,6 +24,7 @@ from server.engine.request import AdapterSegment, RequestOutput, SamplingParams
 router = APIRouter()
 MAX_CHOICES = 64  # prompts x n of one request
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+G = TypeVar("G", bound=_Generation)
 
 
 @router.get("/v1/models")
@@ -44,9 +48,11 @@ def _model(model_id: str, created: int, owner: str, parent: str | None) -> dict:
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request, who: Caller) -> Response:
+async def completions(request: Request, who: Caller) -> Response:
+    body = await _body(request, CompletionRequest)
     ctx = context(request)
     llm = ctx.llm()
+    ctx.engine.check_admission(body.n)  # a 429 before any costly work
     segments = await ctx.resolver.segments(who.tenant, body.model, llm.model_id, body.adapters)
     prompts = _completion_prompts(body.prompt, llm.tokenizer)
     limit = body.max_tokens or DEFAULT_COMPLETION_TOKENS
@@ -54,9 +60,11 @@ async def completions(body: CompletionRequest, request: Request, who: Caller) ->
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request, who: Caller) -> Response:
+async def chat_completions(request: Request, who: Caller) -> Response:
+    body = await _body(request, ChatCompletionRequest)
     ctx = context(request)
     llm = ctx.llm()
+    ctx.engine.check_admission(body.n)  # a 429 before any costly work
     segments = await ctx.resolver.segments(who.tenant, body.model, llm.model_id, body.adapters)
     prompt = _chat_prompt(body, llm.tokenizer)
     limit = body.token_limit
@@ -64,6 +72,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, who: C
         used = sum(s.length for s in segments) + len(prompt)
         limit = max(1, llm.engine.max_model_len - used)
     return await _generate(ctx, request, body, who, segments, [prompt], limit, chat=True)
+
+
+async def _body(request: Request, model: type[G]) -> G:
+    """The JSON body, read once the caller is authenticated (as a FastAPI body parameter it
+    was parsed first: a malformed body without a key answered 400, not 401)."""
+    media = request.headers.get("content-type") or "application/json"
+    media = media.split(";")[0].strip().lower()
+    if not (
+        media == "application/json" or media.startswith("application/") and media.endswith("+json")
+    ):
+        raise APIError(
+            400, f"the body must be application/json, not {media!r}", code="invalid_request"
+        )
+    raw = await request.body()
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:  # answered like FastAPI's own validation errors
+        raise RequestValidationError(exc.errors()) from None
 
 
 async def _generate(

@@ -20,6 +20,11 @@ from server.async_engine import AsyncEngine, EngineUnavailable
 from server.config import ApiKeys, ServeConfig
 
 log = logging.getLogger(__name__)
+# Idle keep-alive connections are closed after this long. uvicorn's default (5 s) equals the
+# idle expiry of httpx's pool (the openai client's too): a client then reuses a connection at
+# the moment the server closes it and its request fails with no response. Longer than client
+# pools and load balancers (60 s) keep, so the client side always closes first.
+KEEP_ALIVE_S = 75
 
 
 class DrainingServer(uvicorn.Server):
@@ -114,6 +119,7 @@ def serve(config: ServeConfig) -> int:
             port=config.port,
             log_level=config.log_level,
             timeout_graceful_shutdown=5,
+            timeout_keep_alive=KEEP_ALIVE_S,
             lifespan="on",
         )
         server = DrainingServer(uv_config, app.state.ctx, config.drain_timeout)

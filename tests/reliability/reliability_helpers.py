@@ -134,11 +134,13 @@ class Target:
 @dataclass
 class LoadResult:
     """Outcomes of every request sent. ``statuses`` counts HTTP statuses (a transport error
-    counts as ``"transport"``); ``broken`` counts 200 streams that ended without ``[DONE]``;
-    ``errors`` keeps a sample of the unexpected ones."""
+    counts as ``"transport"``); ``broken`` counts 200 streams that ended without ``[DONE]``,
+    ``stream_errors`` those that carried an error event; ``errors`` keeps a sample of the
+    unexpected ones."""
 
     statuses: Counter = field(default_factory=Counter)
     broken: int = 0
+    stream_errors: int = 0
     tokens: int = 0
     ttfts: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -153,7 +155,8 @@ class LoadResult:
 
 async def _one(
     http: httpx.AsyncClient, target: Target, prompt: str, max_tokens: int, out: LoadResult
-) -> None:
+) -> float:
+    """One streamed request, counted in ``out``; returns the Retry-After of a 429, else 0."""
     body = {
         "model": target.model,
         "prompt": prompt,
@@ -178,7 +181,7 @@ async def _one(
                 out.statuses[r.status_code] += 1
                 if r.status_code != 429 and len(out.errors) < 20:
                     out.errors.append(f"{r.status_code}: {text[:300]}")
-                return
+                return float(r.headers.get("retry-after", 0)) if r.status_code == 429 else 0.0
             done, first = False, True
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
@@ -188,8 +191,10 @@ async def _one(
                     done = True
                     continue
                 chunk = json.loads(data)
-                if "error" in chunk and len(out.errors) < 20:
-                    out.errors.append(f"stream error: {data[:300]}")
+                if "error" in chunk:
+                    out.stream_errors += 1
+                    if len(out.errors) < 20:
+                        out.errors.append(f"stream error: {data[:300]}")
                 if chunk.get("choices") and first:
                     out.ttfts.append(time.perf_counter() - start)
                     first = False
@@ -202,6 +207,7 @@ async def _one(
         out.statuses["transport"] += 1
         if len(out.errors) < 20:
             out.errors.append(f"transport: {exc!r}")
+    return 0.0
 
 
 async def run_load(
@@ -214,7 +220,7 @@ async def run_load(
 ) -> LoadResult:
     """``clients`` concurrent streaming clients, each sending requests back to back (client
     ``i`` cycles through ``targets`` from ``i``) for ``seconds`` or until ``stop`` is set.
-    A 429 is followed by a 0.2 s pause (the server asked for a retry later)."""
+    After a 429 a client waits what the server's ``Retry-After`` asks, as clients do."""
     out = LoadResult()
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -224,10 +230,10 @@ async def run_load(
             n = 0
             while time.monotonic() < deadline and not (stop and stop.is_set()):
                 target = targets[(i + n) % len(targets)]
-                before = out.statuses[429]
-                await _one(http, target, f"Client {i} request {n}: tell me about", max_tokens, out)
-                if out.statuses[429] > before:
-                    await asyncio.sleep(0.2)
+                prompt = f"Client {i} request {n}: tell me about"
+                retry_after = await _one(http, target, prompt, max_tokens, out)
+                if retry_after:
+                    await asyncio.sleep(retry_after)
                 n += 1
 
         await asyncio.gather(*(client(i) for i in range(clients)))
