@@ -116,10 +116,13 @@ def _read_file(path: str, limit: int, param: str) -> bytes:
             raise AdapterError(f"{name} is not a regular file", param=param)
         check_size(info.st_size, limit, name, param)
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)  # the file may have grown since fstat
+            # A buffered read(n) allocates n bytes up front: ask for the size fstat gave, and
+            # one more byte to notice a file that grew since.
+            data = f.read(info.st_size + 1)
     finally:
         os.close(fd)
-    check_size(len(data), limit, name, param)
+    if len(data) != info.st_size:
+        raise AdapterError(f"{name} changed while it was read; try again", param=param)
     return data
 
 

@@ -18,11 +18,14 @@ PEFT 0.21 facts these checks rely on (verified by tests/unit/test_adapter_format
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import safetensors.torch
 import torch
+
+from adapters_store.safetensors_header import HeaderError, read_header
 
 WEIGHTS_KEY = "prompt_embeddings"
 # peft_type (as written in adapter_config.json) -> our adapter kind.
@@ -31,7 +34,9 @@ PEFT_TYPE_TO_KIND = {
     "PROMPT_TUNING": "prompt_tuning",
     "P_TUNING": "p_tuning",
 }
-ACCEPTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# PEFT saves prompt_embeddings in the dtype the model was trained in; float64 training of a
+# served model is not a thing, and integer or bool values are not embeddings.
+ACCEPTED_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class AdapterError(ValueError):
@@ -175,7 +180,7 @@ def _check_num_virtual_tokens(value: Any, limits: AdapterLimits) -> int:
         )
     if value > limits.max_virtual_tokens:
         raise AdapterError(
-            f"num_virtual_tokens is {value}; this server accepts at most "
+            f"num_virtual_tokens is {_show(value)}; this server accepts at most "
             f"{limits.max_virtual_tokens} virtual tokens",
             param="num_virtual_tokens",
         )
@@ -213,7 +218,7 @@ def _expect_field(config: dict[str, Any], name: str, expected: int, why: str) ->
         raise AdapterError(f"{name} is {_show(value)}; expected an integer", param=name)
     if value != expected:
         raise AdapterError(
-            f"adapter_config.json has {name}={value}; the base model needs {expected} {why}",
+            f"adapter_config.json has {name}={_show(value)}; the base model needs {expected} {why}",
             param=name,
         )
 
@@ -231,25 +236,28 @@ def _is_int(value: Any) -> bool:
 def load_weights(weights_bytes: bytes, kind: str, limits: AdapterLimits) -> torch.Tensor:
     """Deserialize adapter_model.safetensors (never pickle) and return its one tensor.
 
-    The tensor is the `prompt_embeddings` key, exactly, in a float dtype; it is returned as a
-    new float32 tensor that owns its memory. Its shape is not checked here.
+    The header is checked first (``safetensors_header.read_header``): the tensor is the
+    `prompt_embeddings` key, exactly, in a float dtype; nothing is decoded before that. It is
+    returned as a new float32 tensor that owns its memory. Its shape is not checked here.
     """
     check_size(len(weights_bytes), limits.max_file_bytes, "adapter_model.safetensors", "weights")
     try:
-        tensors = safetensors.torch.load(weights_bytes)
-    except Exception as exc:  # SafetensorError, unknown dtype, inconsistent header
+        entries = read_header(weights_bytes)
+    except HeaderError as exc:
+        if exc.too_large:
+            raise AdapterTooLargeError(
+                f"adapter_model.safetensors is too large: {exc}", param="weights"
+            ) from None
         raise AdapterError(
-            f"adapter_model.safetensors is not a valid safetensors file ({exc}); expected the "
-            "file that PeftModel.save_pretrained writes",
-            param="weights",
+            f"adapter_model.safetensors is not a valid safetensors file: {exc}", param="weights"
         ) from None
-    if WEIGHTS_KEY not in tensors:
+    if WEIGHTS_KEY not in entries:
         raise AdapterError(
             f"adapter_model.safetensors has no {WEIGHTS_KEY!r} tensor (found: "
-            f"{_names(tensors)}); PEFT saves {kind} adapters as that one tensor",
+            f"{_names(entries)}); PEFT saves {kind} adapters as that one tensor",
             param="weights",
         )
-    extra = {name: t for name, t in tensors.items() if name != WEIGHTS_KEY}
+    extra = [name for name in entries if name != WEIGHTS_KEY]
     if extra:
         raise AdapterError(
             f"adapter_model.safetensors has unexpected tensor(s) {_names(extra)}; expected "
@@ -257,22 +265,30 @@ def load_weights(weights_bytes: bytes, kind: str, limits: AdapterLimits) -> torc
             "embeddings are not supported)",
             param="weights",
         )
-    tensor = tensors[WEIGHTS_KEY]
-    if tensor.dtype not in ACCEPTED_DTYPES:
+    dtype = entries[WEIGHTS_KEY].dtype_name
+    if dtype not in ACCEPTED_DTYPES:
         raise AdapterError(
-            f"{WEIGHTS_KEY} has dtype {str(tensor.dtype).removeprefix('torch.')}; expected "
-            "float32, float16 or bfloat16",
+            f"{WEIGHTS_KEY} has dtype {dtype}; expected float32, float16 or bfloat16",
             param="weights",
         )
+    try:
+        tensor = safetensors.torch.load(weights_bytes)[WEIGHTS_KEY]
+    except Exception as exc:  # SafetensorError: whatever read_header did not foresee
+        raise AdapterError(
+            f"adapter_model.safetensors is not a valid safetensors file ({exc}); expected the "
+            "file that PeftModel.save_pretrained writes",
+            param="weights",
+        ) from None
     return tensor.to(dtype=torch.float32, copy=True)
 
 
-def _names(tensors: dict[str, torch.Tensor], most: int = 5) -> str:
-    if not tensors:
+def _names(names: Iterable[str], most: int = 5) -> str:
+    ordered = sorted(names)
+    if not ordered:
         return "none"
-    names = [repr(name[:64]) for name in sorted(tensors)[:most]]
-    more = len(tensors) - most
-    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
+    shown = [repr(name[:64]) for name in ordered[:most]]
+    more = len(ordered) - most
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def check_weights(

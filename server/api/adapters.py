@@ -125,7 +125,8 @@ async def _read(item: UploadFile | str | None, field: str, limits: AdapterLimits
     elif isinstance(item, UploadFile):
         if item.size is not None:
             check_size(item.size, limit, field, field)
-        data = await item.read(limit + 1)
+        # A buffered read(n) allocates n bytes up front: ask for what the part holds.
+        data = await item.read(limit + 1 if item.size is None else item.size + 1)
     else:
         raise AdapterError(f"'{field}' must be a file", param=field)
     check_size(len(data), limit, field, field)
