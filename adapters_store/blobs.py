@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from adapters_store.types import BlobError, StorageFull
+from adapters_store.types import BlobError, StorageFull, StorageNotWritable
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 SUFFIX = ".safetensors"
-_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no room: 507
+_NOT_WRITABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}  # refused: 503
 
 
 class LocalBlobStore:
@@ -51,7 +52,8 @@ class LocalBlobStore:
     def write(self, sha: str, data: bytes) -> None:
         """Store ``data`` as blob ``sha`` (the caller vouches that it is that content).
 
-        StorageFull if the location is full or read-only; then nothing is left behind.
+        StorageFull if the location has no room (ENOSPC, EDQUOT, EFBIG), StorageNotWritable
+        if it refuses writes (EROFS, EACCES, EPERM); either way no temp file is left behind.
         """
         final = self.path(sha)
         tmp = self.tmp / f"{sha}.{secrets.token_hex(8)}.part"
@@ -71,9 +73,19 @@ class LocalBlobStore:
             os.replace(tmp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            # On a read-only file system unlink fails with EROFS even when the file is absent;
+            # that must not replace the error being reported.
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             if exc.errno in _FULL_ERRNOS:
-                raise StorageFull(f"cannot write adapter blob: {exc.strerror}") from exc
+                raise StorageFull(
+                    f"adapter storage is full ({exc.strerror}); free space or delete adapters, "
+                    "then upload again"
+                ) from exc
+            if exc.errno in _NOT_WRITABLE_ERRNOS:
+                raise StorageNotWritable(
+                    f"adapter storage is not writable ({exc.strerror}); retry later"
+                ) from exc
             raise
 
     def read(self, sha: str) -> bytes:

@@ -232,6 +232,9 @@ class RedisRegistry(Registry):
             self._call(self._client.ping, retry=False, breaker=False)
         except RegistryUnavailable:
             return False
+        # Redis answers: close the breaker, or /ready would say 200 while calls are still
+        # refused for the rest of retry_interval_s.
+        self._down_until = 0.0
         return True
 
     def watch(self, handler: EventHandler) -> None:

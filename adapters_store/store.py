@@ -49,7 +49,9 @@ class AdapterStore:
     """Uploads, look-ups and loads of adapters, by (tenant, name). Thread-safe.
 
     Errors are the typed ``StoreError``s of ``types.py``: AdapterNotFound, InvalidName,
-    QuotaExceeded, RegistryUnavailable (registry down: retry), StorageFull, BlobError.
+    QuotaExceeded, RegistryUnavailable (registry down: retry), StorageFull (no room: 507),
+    StorageNotWritable (read-only or permission denied: 503, retry), BlobError. A put that
+    fails on the blob leaves neither a record nor a temp file.
     """
 
     def __init__(

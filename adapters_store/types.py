@@ -79,9 +79,18 @@ class RegistryUnavailable(StoreError):
 
 
 class StorageFull(StoreError):
-    """The blob location is full or read-only; nothing was written."""
+    """The blob location has no room left (ENOSPC, EDQUOT, EFBIG); nothing was written.
+    Answered 507: retrying does not help until an operator frees space."""
 
     status = 507
+
+
+class StorageNotWritable(StoreError):
+    """The blob location refuses writes (read-only file system, permission denied); nothing
+    was written. Answered 503 with ``Retry-After``: a remount or permission fix clears it."""
+
+    status = 503
+    retry_after = 30
 
 
 class BlobError(StoreError):

@@ -54,6 +54,7 @@ ERROR_TYPES = (
     "overloaded_error",
     "internal_error",
     "service_unavailable_error",
+    "insufficient_storage_error",
     OTHER,
 )
 # The route templates of API.md; a path that matched none is counted as `other`.

@@ -4,7 +4,8 @@
 
 Statuses follow API.md: 400 invalid request, 401 auth, 404 unknown model/adapter, 409 conflict,
 413 too large, 415 unsupported file type, 429 overloaded and 503 unavailable (both with
-``Retry-After``). Anything else that escapes a handler is a bug and answers 500.
+``Retry-After``), and 507 when adapter storage is full (no ``Retry-After``: space must be freed
+first). Anything else that escapes a handler is a bug and answers 500.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ERROR_TYPES = {
     429: "overloaded_error",
     500: "internal_error",
     503: "service_unavailable_error",
+    507: "insufficient_storage_error",
 }
 
 
@@ -114,8 +116,10 @@ def _store_error(exc: StoreError) -> APIError:
         return APIError(404, message, code="adapter_not_found", param="name")
     if exc.status in (400, 409, 413, 415):
         return APIError(exc.status, message, code=code)
-    if exc.status >= 500 and exc.status != 500:
-        # Registry or blob storage temporarily unable to serve (507 included): retryable.
+    if exc.status == 507:  # blob storage full: an operator must free space
+        return APIError(507, message, code=code)
+    if exc.status > 500:
+        # Registry unreachable, blob storage read-only: retryable.
         return APIError(503, message, code=code, retry_after=getattr(exc, "retry_after", 5) or 5)
     log.error("store error", exc_info=exc)
     return APIError(500, message, code=code)
