@@ -15,7 +15,7 @@ import torch
 from http_helpers import DATA_DIR, KEYS, TINY_ID, LiveServer, make_llm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from adapters_store.store import open_store
+from adapters_store.store import DEFAULT_HOST_CACHE_BYTES, open_store
 from adapters_store.types import Quota, TenantQuotas
 from server.api import create_app
 from server.async_engine import AsyncEngine
@@ -73,7 +73,8 @@ ServerFactory = Callable[..., LiveServer]
 
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
-    """``make_server(llm, keys=KEYS, build=None, quota=None, **ServeConfig fields)``; every
+    """``make_server(llm, keys=KEYS, build=None, quota=None, host_cache_bytes=1 GiB,
+    **ServeConfig fields)`` (``host_cache_bytes``: the store's host tier); every
     server started is stopped (and its store closed) at the end of the test."""
     started: list[tuple[LiveServer, object]] = []
 
@@ -83,11 +84,14 @@ def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
         build: Callable[[], LLM] | None = None,
         quota: Quota | None = None,
         wait_ready: bool = True,
+        host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES,
         **fields,
     ) -> LiveServer:
         config = replace(ServeConfig(data_dir=str(tmp_path / "data")), **fields)
         quotas = TenantQuotas(default=quota) if quota else None
-        store = open_store(config.data_dir, quotas=quotas, gc_interval_s=None)
+        store = open_store(
+            config.data_dir, quotas=quotas, gc_interval_s=None, host_cache_bytes=host_cache_bytes
+        )
         capacity = llm.engine.config.max_num_seqs + config.max_queued_requests
         engine = AsyncEngine(build or (lambda: llm), capacity=capacity)
         api_keys = ApiKeys.from_entries([(k, t, False) for t, k in (keys or {}).items()])

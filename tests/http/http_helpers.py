@@ -44,7 +44,10 @@ class LiveServer:
     def __init__(self, app) -> None:
         self.app = app
         self.ctx = app.state.ctx
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets whose proto says
+        # TCP, and without it every response after a connection's first waits ~40 ms (Nagle
+        # holding the body back until the client's delayed ACK of the headers).
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
