@@ -155,14 +155,25 @@ class AsyncEngine:
         self._commands.put(("fail", exc))
 
     async def call(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(llm)`` in the engine thread between two steps and return its result."""
+        """Run ``fn(llm)`` in the engine thread between two steps and return its result.
+
+        Torch work of the server's handlers goes through here (an upload's validation and
+        conversion; decoding a stored blob starts no parallel region): with OpenMP, each
+        thread that starts a parallel region gets a team of its own, and once there are more
+        such threads than cores, every team's workers stop spinning between regions: the
+        engine's steps got 15-60% slower after one upload had been validated in a worker
+        thread."""
         assert self._loop is not None
+        if not self.alive:
+            raise EngineUnavailable("the engine has stopped")
         fut: asyncio.Future = self._loop.create_future()
         self._commands.put(("call", fn, fut))
         return await fut
 
-    def call_blocking(self, fn: Callable[[Any], T], timeout: float = 30.0) -> T:
-        """``call`` for other threads (never the loop's): e.g. tests reading the block pool."""
+    def call_blocking(self, fn: Callable[[Any], T], timeout: float = 60.0) -> T:
+        """``call`` for other threads (never the loop's): worker threads, tests."""
+        if not self.alive:
+            raise EngineUnavailable("the engine has stopped")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("call", fn, fut))
         return fut.result(timeout)
@@ -193,11 +204,19 @@ class AsyncEngine:
         while True:
             for cmd in self._take(block=not engine.has_unfinished()):
                 if cmd[0] == "stop":
-                    self._fail_all(routes, EngineUnavailable("the server is shutting down"))
+                    self._stop(routes)
                     return
                 self._apply(cmd, routes)
             if engine.has_unfinished():
                 self._step(routes)
+
+    def _stop(self, routes: dict[str, tuple[Submission, int]]) -> None:
+        """Fail what is in flight and every call still queued (nobody will run them)."""
+        gone = EngineUnavailable("the server is shutting down")
+        self._fail_all(routes, gone)
+        for cmd in self._take(block=False):
+            if cmd[0] == "call":
+                self._settle_call(cmd[2], None, gone)
 
     def _take(self, block: bool) -> list[tuple]:
         cmds = [self._commands.get()] if block else []
@@ -233,10 +252,13 @@ class AsyncEngine:
                 result, error = fn(self.llm), None
             except Exception as exc:
                 result, error = None, exc
-            if isinstance(fut, concurrent.futures.Future):
-                _settle(fut, result, error)
-            else:
-                self._loop.call_soon_threadsafe(_settle, fut, result, error)
+            self._settle_call(fut, result, error)
+
+    def _settle_call(self, fut, result: Any, error: BaseException | None) -> None:
+        if isinstance(fut, concurrent.futures.Future):
+            _settle(fut, result, error)
+        else:
+            self._loop.call_soon_threadsafe(_settle, fut, result, error)
 
     def _step(self, routes: dict[str, tuple[Submission, int]]) -> None:
         engine = self.llm.engine

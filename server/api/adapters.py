@@ -18,6 +18,7 @@ from server.api.archive import read_archive
 from server.api.context import Caller, context
 from server.api.errors import APIError
 from server.api.schemas import TextAdapterBody
+from server.async_engine import AsyncEngine
 
 router = APIRouter()
 FILE_FIELDS = ("config", "weights", "archive")
@@ -32,7 +33,7 @@ async def upload(request: Request, who: Caller) -> JSONResponse:
     if media == "application/json":
         name, adapter = await _text_upload(request, limits)
     elif media == "multipart/form-data":
-        name, adapter = await _file_upload(request, llm.shape, limits)
+        name, adapter = await _file_upload(request, llm.shape, limits, ctx.engine)
     else:
         raise APIError(
             415,
@@ -81,7 +82,7 @@ def _first_error(exc: ValueError) -> str:
 
 
 async def _file_upload(
-    request: Request, shape: ModelShape, limits: AdapterLimits
+    request: Request, shape: ModelShape, limits: AdapterLimits, engine: AsyncEngine
 ) -> tuple[str, CanonicalAdapter]:
     form = await request.form(max_files=3, max_fields=3)
     try:
@@ -109,7 +110,8 @@ async def _file_upload(
             "(adapter_model.safetensors), or one 'archive' (.zip or .tar.gz)",
             param="config" if "archive" not in files else "archive",
         )
-    adapter = await asyncio.to_thread(parse_adapter, config, weights, shape, limits)
+    # Validation and conversion run torch operators: in the engine thread, like all of them.
+    adapter = await engine.call(lambda _llm: parse_adapter(config, weights, shape, limits))
     return name, adapter
 
 
