@@ -64,12 +64,13 @@ def test_promtool_accepts_the_config_and_the_rules() -> None:
     assert "SUCCESS: 1 rule files found" in config.stdout + config.stderr
     rules = run(promtool, "check", "rules", "alerts.yml", cwd=PROMETHEUS)
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 5 rules found" in rules.stdout + rules.stderr
+    assert "SUCCESS: 6 rules found" in rules.stdout + rules.stderr
 
 
 def test_alerts_fire_on_their_unit_test_series() -> None:
     """alerts.test.yml: down, queue growing, server-side error rate (client errors alone stay
-    quiet), KV cache nearly full, preempting: each fires with the exact labels and text."""
+    quiet), KV cache nearly full, preempting, adapter storage full: each fires with the exact
+    labels and text."""
     result = run(tool("promtool"), "test", "rules", "alerts.test.yml", cwd=PROMETHEUS)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
