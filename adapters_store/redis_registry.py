@@ -122,8 +122,6 @@ return #members
 
 
 class RedisRegistry(Registry):
-    shared = True
-
     def __init__(
         self,
         url: str,

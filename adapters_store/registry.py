@@ -62,9 +62,6 @@ class NewVersion:
 class Registry(ABC):
     """Metadata of every adapter version. Every method may raise RegistryUnavailable."""
 
-    #: True when changes made by other processes are announced through ``watch``.
-    shared: bool = False
-
     def begin(self) -> float:
         """Start a put: check the registry answers, return a token for ``commit``."""
         return 0.0
@@ -119,7 +116,7 @@ class Registry(ABC):
 
     def watch(self, handler: EventHandler) -> None:
         """Deliver other processes' changes to ``handler`` (from a background thread). A
-        registry that is not ``shared`` never calls it."""
+        registry of one process (SQLite) never calls it."""
         return None
 
     def watching(self) -> bool:

@@ -23,6 +23,9 @@ from server.engine.engine import EngineConfig
 from server.engine.request import SamplingParams
 from server.llm import LLM
 
+# The engine's configuration in W1 (and on both sides of W2's comparison with it).
+W1_ENGINE = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048)
+
 
 @dataclass
 class Row:
@@ -96,7 +99,7 @@ def run(
         data_dir=data_dir,
         device="cpu",
         dtype="float32",
-        engine_config=EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048),
+        engine_config=W1_ENGINE,
     )
     # The baselines get their own copy: the engine's copy routes attention through ours.
     base = AutoModelForCausalLM.from_pretrained(

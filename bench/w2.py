@@ -42,14 +42,13 @@ from openai import AsyncOpenAI
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.peft_adapters import make_prefix_tuning
+from bench.w1 import W1_ENGINE
 from bench.workloads import VIRTUAL_TOKENS, w1_texts
-from server.engine.engine import EngineConfig
 from server.engine.request import SamplingParams
 from server.llm import LLM
 from server.model_loader import resolve_model_dir
 
 ADAPTER = "persona"
-TOKEN_BUDGET = 2048  # W1's engine configuration, on both sides
 
 
 @dataclass(frozen=True)
@@ -150,7 +149,8 @@ def start_server(
         sys.executable, "-m", "server.cli", "serve", "--model", str(model_dir),
         "--port", str(port), "--data-dir", str(work / "data"),
         "--api-keys", str(work / "keys.json"), "--device", "cpu", "--dtype", "float32",
-        "--max-num-seqs", "256", "--max-num-batched-tokens", str(TOKEN_BUDGET),
+        "--max-num-seqs", str(W1_ENGINE.max_num_seqs),
+        "--max-num-batched-tokens", str(W1_ENGINE.max_num_batched_tokens),
         "--log-level", "warning",
     ]  # fmt: skip
     log = (work / "server.log").open("w")
@@ -222,8 +222,7 @@ class InProcess:
     def __init__(
         self, model_dir: Path, adapter_dirs: list[Path], warm: list[Ask], new_tokens: int
     ) -> None:
-        config = EngineConfig(max_num_seqs=256, max_num_batched_tokens=TOKEN_BUDGET)
-        self.llm = LLM(str(model_dir), device="cpu", dtype="float32", engine_config=config)
+        self.llm = LLM(str(model_dir), device="cpu", dtype="float32", engine_config=W1_ENGINE)
         for t, path in enumerate(adapter_dirs):
             self.llm.add_adapter(f"tenant-{t}", path)
         self.params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
@@ -364,7 +363,7 @@ def run(
         },
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
         "levels": [asdict(r) for r in rows],
-        "token_budget": TOKEN_BUDGET,
+        "token_budget": W1_ENGINE.max_num_batched_tokens,
         "top_level_runs_tok_per_s": {k: [r.tok_per_s for r in v] for k, v in runs.items()},
         "http_over_w1_in_process": ratio["cold"],
         "http_over_in_process_warm": ratio["warm"],

@@ -29,10 +29,10 @@ VIRTUAL_TOKENS = 32
 @dataclass(frozen=True)
 class WorkloadRequest:
     """One request: ``prompt_ids`` is the full chat-templated prompt (system + user + the
-    assistant header); the adapter in ``adapter_dir`` goes in front of it."""
+    assistant header); tenant ``t``'s adapter (``Workload.adapter_dirs[t]``) goes in front of
+    it."""
 
     tenant: int
-    adapter_dir: Path
     prompt_ids: list[int]
     system_prompt: str
     question: str
@@ -90,7 +90,7 @@ def build_w1(
             ids = tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=True
             )["input_ids"]
-            requests.append(WorkloadRequest(t, adapter_dirs[t], list(ids), system, question))
+            requests.append(WorkloadRequest(t, list(ids), system, question))
     return Workload(requests=requests, new_tokens=new_tokens, adapter_dirs=adapter_dirs)
 
 

@@ -64,10 +64,6 @@ class Submission:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: set[str] = field(default_factory=set)
 
-    @property
-    def finished(self) -> bool:
-        return len(self.done) == len(self.ids)
-
 
 class AsyncEngine:
     """Builds the model with ``build()`` in its own thread, then serves submissions.

@@ -81,13 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args, os.environ)
-    except ConfigError as exc:
-        print(f"prefix-serve serve: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    from server.api.server import serve
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+        from server.api.server import serve
 
-    try:
         return serve(config)
     except ConfigError as exc:
         print(f"prefix-serve serve: {exc}", file=sys.stderr)

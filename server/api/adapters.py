@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from adapters_store.formats import CanonicalAdapter, parse_adapter, text_adapter
 from adapters_store.types import check_name
 from adapters_store.validate import AdapterError, AdapterLimits, ModelShape, check_size
-from server.api.archive import read_archive
+from server.api.archive import archive_budget, read_archive
 from server.api.context import Caller, context
 from server.api.errors import APIError
 from server.api.schemas import TextAdapterBody
@@ -120,7 +120,7 @@ async def _read(item: UploadFile | str | None, field: str, limits: AdapterLimits
     limit = {
         "config": limits.max_config_bytes,
         "weights": limits.max_file_bytes,
-        "archive": limits.max_file_bytes + limits.max_config_bytes + (1 << 20),
+        "archive": archive_budget(limits),
     }[field]
     if isinstance(item, str):
         data = item.encode()

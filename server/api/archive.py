@@ -82,7 +82,7 @@ def read_archive(data: bytes, limits: AdapterLimits) -> tuple[bytes, bytes]:
     )
 
 
-def _budget(limits: AdapterLimits) -> int:
+def archive_budget(limits: AdapterLimits) -> int:
     """The most an archive may decompress to, in all."""
     return limits.max_file_bytes + limits.max_config_bytes + EXTRA_BYTES
 
@@ -179,10 +179,10 @@ def _from_zip(data: bytes, limits: AdapterLimits) -> tuple[bytes, bytes]:
         if len(entries) > MAX_ENTRIES:
             raise AdapterError(f"the archive has over {MAX_ENTRIES} entries", param="archive")
         declared = sum(info.file_size for info in entries)
-        if declared > _budget(limits):
+        if declared > archive_budget(limits):
             raise AdapterTooLargeError(
                 f"the archive declares {declared} bytes uncompressed; the limit is "
-                f"{_budget(limits)} bytes",
+                f"{archive_budget(limits)} bytes",
                 param="archive",
             )
         for info in entries:
@@ -313,7 +313,7 @@ class _BoundedTarInfo(tarfile.TarInfo):
 
 
 def _from_tar(data: bytes, limits: AdapterLimits) -> tuple[bytes, bytes]:
-    stream = _Inflater(data, _budget(limits))
+    stream = _Inflater(data, archive_budget(limits))
     members = _Members()
     with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as archive:
         for count, member in enumerate(archive, start=1):

@@ -49,11 +49,7 @@ def _model(model_id: str, created: int, owner: str, parent: str | None) -> dict:
 
 @router.post("/v1/completions")
 async def completions(request: Request, who: Caller) -> Response:
-    body = await _body(request, CompletionRequest)
-    ctx = context(request)
-    llm = ctx.llm()
-    ctx.engine.check_admission(body.n)  # a 429 before any costly work
-    segments = await ctx.resolver.segments(who.tenant, body.model, llm.model_id, body.adapters)
+    body, ctx, llm, segments = await _prepare(request, who, CompletionRequest)
     prompts = _completion_prompts(body.prompt, llm.tokenizer)
     limit = body.max_tokens or DEFAULT_COMPLETION_TOKENS
     return await _generate(ctx, request, body, who, segments, prompts, limit, chat=False)
@@ -61,17 +57,26 @@ async def completions(request: Request, who: Caller) -> Response:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, who: Caller) -> Response:
-    body = await _body(request, ChatCompletionRequest)
-    ctx = context(request)
-    llm = ctx.llm()
-    ctx.engine.check_admission(body.n)  # a 429 before any costly work
-    segments = await ctx.resolver.segments(who.tenant, body.model, llm.model_id, body.adapters)
+    body, ctx, llm, segments = await _prepare(request, who, ChatCompletionRequest)
     prompt = _chat_prompt(body, llm.tokenizer)
     limit = body.token_limit
     if limit is None:  # as much as the context leaves
         used = sum(s.length for s in segments) + len(prompt)
         limit = max(1, llm.engine.max_model_len - used)
     return await _generate(ctx, request, body, who, segments, [prompt], limit, chat=True)
+
+
+async def _prepare(
+    request: Request, who: Principal, model: type[G]
+) -> tuple[G, AppContext, Any, list[AdapterSegment]]:
+    """The parts both generation routes start with, in order: the body (after auth), the
+    loaded model (or 503), a cheap 429 before any costly work, the caller's adapters."""
+    body = await _body(request, model)
+    ctx = context(request)
+    llm = ctx.llm()
+    ctx.engine.check_admission(body.n)
+    segments = await ctx.resolver.segments(who.tenant, body.model, llm.model_id, body.adapters)
+    return body, ctx, llm, segments
 
 
 async def _body(request: Request, model: type[G]) -> G:

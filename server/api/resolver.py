@@ -78,7 +78,3 @@ class AdapterResolver:
                 return
             for rid in [k for k, v in self._cache.items() if v[:2] == (tenant, name)]:
                 del self._cache[rid]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._cache.clear()

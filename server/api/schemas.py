@@ -93,7 +93,7 @@ class _Generation(BaseModel):
 
     @model_validator(mode="after")
     def _supported(self) -> _Generation:
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        stops = self.stops
         if len(stops) > 16 or any(not s for s in stops):
             raise ValueError("stop: at most 16 non-empty strings")
         if self.stream_options is not None and not self.stream:

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 
 class IncrementalText:
-    """The decoded text of a token list that only grows (``update`` with the whole list)."""
+    """The decoded text (special tokens skipped) of a token list that only grows (``update``
+    with the whole list)."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer) -> None:
         self._tokenizer = tokenizer
-        self._skip = skip_special_tokens
         self.text = ""
         self._start = 0  # window start (context already in ``text``)
         self._read = 0  # tokens whose text is in ``text``
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def update(self, ids: list[int]) -> str:
         if len(ids) < self._read:

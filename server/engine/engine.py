@@ -118,6 +118,8 @@ class LLMEngine:
                 "max_tokens",
             )
         seq = Sequence(request_id, tenant, key, virtual, params, time.monotonic())
+        seq.prompt_token_ids = [t for t in key if isinstance(t, int)]  # once, not every step
+        seq.detok = IncrementalText(self.tokenizer)
         if params.temperature > 0:
             seq.generator = make_generator(params.seed)
         self.seqs[request_id] = seq
@@ -150,14 +152,17 @@ class LLMEngine:
         return [self._after_token(seq) for seq in sampling]
 
     def _after_token(self, seq: Sequence) -> RequestOutput:
-        """Decode once, stop if due (cutting at a stop string), report."""
+        """Decode the new token, stop if due (cutting at a stop string), report. A finishing
+        request's text is completed once more if a character was held back."""
         text = self.decode(seq)
         cut = self._stop_string(seq, text) if seq.params.stop else None
         reason = self._stop_reason(seq, cut)
         if reason is not None and cut is None:
-            text = self.decode(seq, final=True)  # with a character held back, if any
-            cut = self._stop_string(seq, text) if seq.params.stop else None
-            reason = self._stop_reason(seq, cut)
+            final = self.decode(seq, final=True)  # with a character held back, if any
+            if final != text:
+                text = final
+                cut = self._stop_string(seq, text) if seq.params.stop else None
+                reason = self._stop_reason(seq, cut)
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.seqs.pop(seq.request_id, None)
@@ -180,14 +185,14 @@ class LLMEngine:
     def _stop_string(self, seq: Sequence, text: str) -> int | None:
         """Index in ``text`` (the decoded output) where the first stop string starts, or None.
         Only text after the first ``min_tokens`` tokens can stop a request."""
-        start = 0
-        if seq.params.min_tokens:
-            start = len(
-                self.tokenizer.decode(
-                    seq.output_ids[: seq.params.min_tokens], skip_special_tokens=True
-                )
+        p = seq.params
+        if len(seq.output_ids) < p.min_tokens:
+            return None  # nothing can stop it yet (_stop_reason would ignore a hit)
+        if seq.stop_search_from is None:  # the first min_tokens tokens never change: once
+            seq.stop_search_from = len(
+                self.tokenizer.decode(seq.output_ids[: p.min_tokens], skip_special_tokens=True)
             )
-        hits = [i for s in seq.params.stop if (i := text.find(s, start)) >= 0]
+        hits = [i for s in p.stop if (i := text.find(s, seq.stop_search_from)) >= 0]
         return min(hits) if hits else None
 
     def decode(self, seq: Sequence, final: bool = False) -> str:
@@ -196,15 +201,12 @@ class LLMEngine:
         ids = seq.output_ids
         if ids and not seq.params.ignore_eos and ids[-1] in self.eos_ids:
             ids = ids[:-1]
-        if seq.detok is None:
-            seq.detok = IncrementalText(self.tokenizer)
         return seq.detok.final(ids) if final else seq.detok.update(ids)
 
     def output(self, seq: Sequence, text: str) -> RequestOutput:
-        prompt = [t for t in seq.key[: seq.num_prompt] if isinstance(t, int)]
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=prompt,
+            prompt_token_ids=seq.prompt_token_ids,
             token_ids=list(seq.output_ids),
             text=text,
             finished=seq.status == SeqStatus.FINISHED,

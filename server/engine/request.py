@@ -111,6 +111,8 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     detok: Any = field(default=None, repr=False)  # the engine's IncrementalText of the output
+    prompt_token_ids: list[int] = field(default_factory=list, repr=False)  # the key's ints
+    stop_search_from: int | None = None  # where text after the first min_tokens tokens starts
 
     def __post_init__(self) -> None:
         self.num_prompt = len(self.key)

@@ -14,6 +14,7 @@ from server.engine.attention import (
     padded_batch,
     prefix_attention,
 )
+from server.engine.model_runner import ModelRunner
 
 HQ, HKV, D = 6, 2, 8
 
@@ -112,16 +113,8 @@ def test_grouped_paged_batch_equals_plain_attention():
         multi.append(SeqAttention(slice(rows[0], rows[-1] + 1), suffix, hidden))
         shared_rows[group].extend(rows)
     units = []
-    for key, members in decode.items():
-        head = [segment[key]] if key in segment else []
-        keys = torch.cat(head + [s for _, s in members])
-        hidden = torch.ones(len(members), len(keys), dtype=torch.bool)
-        at = len(head[0]) if head else 0
-        hidden[:, :at] = False
-        for j, (_, s) in enumerate(members):
-            hidden[j, at : at + len(s)] = False
-            at += len(s)
-        units.append(([r for r, _ in members], keys, hidden))
+    for key, members in decode.items():  # the runner's own unit builder
+        units.append(ModelRunner._decode_unit(members, segment.get(key)))
     meta = AttentionMetadata(
         kv_cache=cache,
         slot_mapping=torch.empty(0, dtype=torch.long),
