@@ -98,9 +98,10 @@ class ModelRunner:
 
     # One step -----------------------------------------------------------------------------
     def slots(self, seq: Sequence, positions: torch.Tensor) -> torch.Tensor:
+        """Cache slots of ``positions`` of ``seq`` (on the CPU; callers move what they use)."""
         table = torch.tensor(seq.block_table, dtype=torch.long)
         bs = self.block_size
-        return (table[positions // bs] * bs + positions % bs).to(self.device)
+        return table[positions // bs] * bs + positions % bs
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -152,7 +153,7 @@ class ModelRunner:
             self._real_rows(seq, cursor, lo, token_ids, positions)
             tensor = self.adapter_tensor(seg)
             if seg.kind == "prefix_tuning":
-                slots = self.slots(seq, torch.arange(lo, hi))
+                slots = self.slots(seq, torch.arange(lo, hi)).to(self.device)
                 src = tensor[:, :, :, lo - vs : hi - vs]  # [L, 2, Hkv, n, D]
                 self.kv_cache.index_copy_(3, slots, src)
             else:
@@ -186,18 +187,19 @@ class ModelRunner:
             n = sr.rows.stop - sr.rows.start
             if n == 0:
                 continue
-            seq = sr.chunk.seq
-            slot_parts.append(self.slots(seq, torch.tensor(sr.positions)))
+            # Every slot of the sequence up to the chunk's end, once; the parts are views.
+            full = self.slots(sr.chunk.seq, torch.arange(sr.chunk.end))
+            slot_parts.append(full[torch.tensor(sr.positions)])
             lo = sh[0] * bs if sh else 0
             if sh and sh[1] not in segments:
-                segments[sh[1]] = self.slots(seq, torch.arange(lo))
-            suffix = self.slots(seq, torch.arange(lo, sr.chunk.end))
+                segments[sh[1]] = full[:lo]
+            suffix = full[lo:]
             if n == 1 and sr.chunk.end - sr.chunk.start == 1:
                 decode.setdefault(sh[1] if sh else ("alone", i), []).append((sr.rows.start, suffix))
                 continue
             qpos = torch.tensor(sr.positions, device=dev).unsqueeze(1)
             kpos = torch.arange(lo, sr.chunk.end, device=dev).unsqueeze(0)
-            seqs.append(SeqAttention(sr.rows, suffix, kpos > qpos))
+            seqs.append(SeqAttention(sr.rows, suffix.to(dev), kpos > qpos))
             if sh:
                 multi.setdefault(sh[1], []).extend(range(sr.rows.start, sr.rows.stop))
         units = [self._decode_unit(members, segments.get(g)) for g, members in decode.items()]
