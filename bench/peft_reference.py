@@ -1,8 +1,11 @@
-"""The independent reference: greedy generation through HF ``generate`` and PEFT.
+"""The second witness: greedy generation through ``PeftModel.generate`` (and HF ``generate`` for
+the bare model), as a user of PEFT alone would run it.
 
-Tests compare the engine against these, token for token, and stop comparing at the first step
-where the reference's top-2 logits are closer than the tie threshold (see DESIGN.md,
-"Correctness contract").
+The engine is compared against the hand reference (``bench.reference``), never against this:
+PEFT's glue between its adapters and transformers' ``generate`` has broken several times
+(with transformers 5.24 it drops the prefix KV). ``tests/integration/test_reference.py`` shows
+that this witness agrees with the hand reference at the locked versions; the W1 baselines
+(``bench.baselines``) run the same ``generate`` and ``bench w1`` checks their tokens too.
 
 ``ignore_eos=True`` follows vLLM's meaning: an EOS token does not end generation, but it may
 still be chosen (it is not masked), so the logits and margins are the model's raw ones.
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,33 +26,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from bench.peft_adapters import quiet_peft
-
-TIE_MARGIN = 1e-3
-
-
-@dataclass(frozen=True)
-class GreedyResult:
-    """One prompt's greedy continuation.
-
-    ``tokens[i]`` is the argmax of the step-i logits; ``margins[i]`` is top1 - top2 of those raw
-    logits (>= 0). ``logits`` is [len(tokens), vocab] float32 when asked for, else None.
-    """
-
-    tokens: list[int]
-    margins: list[float]
-    logits: torch.Tensor | None = None
-
-    def first_tie(self, threshold: float = TIE_MARGIN) -> int | None:
-        """Index of the first step whose margin is below ``threshold``, or None.
-
-        Tokens before this step must match exactly; at and after it they may differ.
-        """
-        return next((i for i, m in enumerate(self.margins) if m < threshold), None)
-
-    def comparable(self, threshold: float = TIE_MARGIN) -> list[int]:
-        """The tokens before the first tie step: what an engine must reproduce exactly."""
-        tie = self.first_tie(threshold)
-        return self.tokens if tie is None else self.tokens[:tie]
+from bench.reference import GreedyResult, eos_ids
 
 
 def peft_greedy(
@@ -71,18 +47,6 @@ def peft_greedy(
     """
     with _peft(base_model, adapter_dir) as model:
         return _greedy(model, prompt_ids, max_new_tokens, ignore_eos, batch_size, keep_logits)
-
-
-def base_greedy(
-    base_model: PreTrainedModel,
-    prompt_ids: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    ignore_eos: bool = True,
-    batch_size: int = 1,
-    keep_logits: bool = False,
-) -> list[GreedyResult]:
-    """Greedy ``generate`` of the bare model; same conventions as ``peft_greedy``."""
-    return _greedy(base_model, prompt_ids, max_new_tokens, ignore_eos, batch_size, keep_logits)
 
 
 @contextmanager
@@ -138,7 +102,7 @@ def _generate(
     new = out.sequences[:, input_ids.shape[1] :]
     top2 = logits.topk(2, dim=-1).values
     margins = top2[..., 0] - top2[..., 1]
-    eos = set(_eos_ids(model))
+    eos = set(eos_ids(_generation_config(model)))
     results = []
     for row in range(len(group)):
         tokens = new[row].tolist()
@@ -173,16 +137,9 @@ def _generation_config(model: torch.nn.Module):
     return inner.generation_config
 
 
-def _eos_ids(model: torch.nn.Module) -> list[int]:
-    eos = _generation_config(model).eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
 def _pad_id(model: torch.nn.Module) -> int:
     pad = _generation_config(model).pad_token_id
     if pad is not None:
         return pad
-    eos = _eos_ids(model)
+    eos = eos_ids(_generation_config(model))
     return eos[0] if eos else 0

@@ -1,6 +1,7 @@
 """The correctness contract over HTTP: greedy output through the server, driven by the
-``openai`` client, equals ``PeftModel.generate``'s for every adapter kind, each uploaded in a
-different way (multipart files, .zip, .tar.gz, JSON text), on the real default model.
+``openai`` client, equals the hand reference's (``bench.reference``) for every adapter kind,
+each uploaded in a different way (multipart files, .zip, .tar.gz, JSON text), on the real
+default model.
 Compared up to the first step where the reference's top-2 logits are closer than 1e-3."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from http_helpers import files_of, make_llm, peft_entries, tar_gz_of, upload, zi
 from transformers import AutoModelForCausalLM
 
 from bench.peft_adapters import make_p_tuning, make_prefix_tuning, make_prompt_tuning
-from bench.peft_reference import base_greedy, peft_greedy
+from bench.reference import adapter_segment, greedy, text_segment
 
 N_NEW = 12
 SYSTEM = "You are a careful assistant for a shipping company. Answer briefly and name the port. "
@@ -40,7 +41,7 @@ def real_adapters(ref_model, tmp_path_factory):
     }
 
 
-def test_greedy_over_http_equals_peft(make_server, real_llm, ref_model, real_adapters):
+def test_greedy_over_http_equals_the_reference(make_server, real_llm, ref_model, real_adapters):
     server = make_server(real_llm)
     tok = real_llm.tokenizer
     with server.http() as http:
@@ -69,10 +70,12 @@ def test_greedy_over_http_equals_peft(make_server, real_llm, ref_model, real_ada
     for model, prompt in cases:
         ids = tok.encode(prompt)
         if model in real_adapters:
-            ref = peft_greedy(ref_model, real_adapters[model], [ids], N_NEW)[0]
+            segments = [adapter_segment(ref_model, real_adapters[model])]
+        elif model == "shipping":
+            segments = [text_segment(tok.encode(SYSTEM, add_special_tokens=False))]
         else:
-            prefix = tok.encode(SYSTEM, add_special_tokens=False) if model == "shipping" else []
-            ref = base_greedy(ref_model, [prefix + ids], N_NEW)[0]
+            segments = []
+        ref = greedy(ref_model, ids, N_NEW, segments)
         want = ref.comparable()
         assert len(want) >= 4, f"{model}: reference tie at step {len(want)}"
         args = dict(model=model, prompt=prompt, max_tokens=len(want), temperature=0)
@@ -86,7 +89,7 @@ def test_greedy_over_http_equals_peft(make_server, real_llm, ref_model, real_ada
     assert compared >= 0.8 * N_NEW * len(cases)
 
 
-def test_chat_with_adapter_equals_peft(make_server, real_llm, ref_model, real_adapters):
+def test_chat_with_adapter_equals_the_reference(make_server, real_llm, ref_model, real_adapters):
     server = make_server(real_llm)
     with server.http() as http:
         assert upload(http, "prefix", **files_of(real_adapters["prefix"])).status_code == 201
@@ -94,7 +97,8 @@ def test_chat_with_adapter_equals_peft(make_server, real_llm, ref_model, real_ad
     ids = real_llm.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
-    want = peft_greedy(ref_model, real_adapters["prefix"], [list(ids)], N_NEW)[0].comparable()
+    segment = adapter_segment(ref_model, real_adapters["prefix"])
+    want = greedy(ref_model, list(ids), N_NEW, [segment]).comparable()
     assert len(want) >= 4
     out = server.openai().chat.completions.create(
         model="prefix",

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench.peft_adapters import make_p_tuning, make_prefix_tuning, make_prompt_tuning
+from bench.reference import Segment, adapter_segment
 from server.model_loader import load_base_model, resolve_model_dir
 
 DATA_DIR = Path(os.environ.get("PREFIX_SERVE_TEST_DATA_DIR", "data"))
@@ -50,3 +51,9 @@ def adapter_dirs(ref_model, tmp_path_factory) -> dict[str, Path]:
         "prompt": make_prompt_tuning(ref_model, root / "prompt", num_virtual_tokens=10, seed=3),
         "ptuning": make_p_tuning(ref_model, root / "ptuning", num_virtual_tokens=8, seed=4),
     }
+
+
+@pytest.fixture(scope="session")
+def ref_segments(ref_model, adapter_dirs) -> dict[str, Segment]:
+    """The hand reference's view of each adapter: PEFT's adapter math over its saved files."""
+    return {kind: adapter_segment(ref_model, path) for kind, path in adapter_dirs.items()}

@@ -8,7 +8,7 @@ import pytest
 from adapters_store.formats import ModelShape, parse_adapter, read_peft_dir
 from adapters_store.store import open_store
 from bench.peft_adapters import make_prefix_tuning
-from bench.peft_reference import peft_greedy
+from bench.reference import adapter_segment, greedy
 from server import LLM, SamplingParams
 from server.engine.engine import EngineConfig
 from server.llm import to_segment
@@ -69,7 +69,7 @@ def test_reupload_serves_the_new_weights(
     v1, v2 = outputs
     assert v1.token_ids != v2.token_ids
     for out, path in zip((v1, v2), two_prefixes, strict=True):
-        want = peft_greedy(ref_model, path, [prompt], 6)[0].comparable()
+        want = greedy(ref_model, prompt, 6, [adapter_segment(ref_model, path)]).comparable()
         assert len(want) >= 3 and out.token_ids[: len(want)] == want
     # The new version's virtual tokens are a new key: nothing of v1 was reused for v2.
     assert v2.num_cached_tokens == 0

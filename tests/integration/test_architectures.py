@@ -1,7 +1,8 @@
 """Any Llama-family architecture that transformers supports works unchanged (DESIGN.md,
 decision 1): for tiny random Llama, Mistral and Qwen2 models, greedy output through the engine
-equals PEFT's (prefix tuning, prompt tuning) and HF's (bare model), token for token, in one
-mixed batch. SmolLM/SmolLM2 are Llama checkpoints: the default model covers them.
+equals the hand reference's (prefix tuning, prompt tuning, bare model; ``bench.reference``),
+token for token, in one mixed batch. SmolLM/SmolLM2 are Llama checkpoints: the default model
+covers them.
 
 The models have a 256-token vocabulary: a random model's logits over 256 tokens have fewer
 near-ties than over 49k, and the model stays tiny. The tokenizer is the default model's,
@@ -26,7 +27,7 @@ from transformers import (
 )
 
 from bench.peft_adapters import make_prefix_tuning, make_prompt_tuning
-from bench.peft_reference import GreedyResult, base_greedy, peft_greedy
+from bench.reference import GreedyResult, adapter_segment, greedy, hf_greedy
 from server import LLM, SamplingParams
 from server.engine.engine import EngineConfig
 from server.engine.request import InvalidRequest
@@ -92,7 +93,7 @@ def compare(got: list[int], ref: GreedyResult, label: str) -> int:
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_prefix_and_prompt_tuning_match_peft(arch, model_dir, tmp_path):
+def test_prefix_and_prompt_tuning_match_the_reference(arch, model_dir, tmp_path):
     config = CONFIGS[arch]
     path = write_model(config, tmp_path / f"tiny-{arch}", model_dir)
     ref = load_ref(path)
@@ -122,12 +123,8 @@ def test_prefix_and_prompt_tuning_match_peft(arch, model_dir, tmp_path):
         [p for _, p in cases], params, adapters=[n for n, _ in cases], use_tqdm=False
     )
 
-    refs = []
-    for names, prompt in cases:
-        if names:
-            refs.append(peft_greedy(ref, adapters[names[0]], [prompt], N_NEW)[0])
-        else:
-            refs.append(base_greedy(ref, [prompt], N_NEW)[0])
+    segments = {name: adapter_segment(ref, path) for name, path in adapters.items()}
+    refs = [greedy(ref, prompt, N_NEW, [segments[n] for n in names]) for names, prompt in cases]
     compared = 0
     for (names, _), out, want in zip(cases, outs, refs, strict=True):
         assert out.finish_reason == "length"
@@ -149,7 +146,7 @@ def test_sliding_window_shorter_than_the_sequence(model_dir, tmp_path):
     ref = load_ref(path)
     llm = LLM(str(path), data_dir=tmp_path / "data", device="cpu", dtype="float32")
     prompt = random_prompts([16], seed=5)[0]
-    want = base_greedy(ref, [prompt], 8)[0]
+    want = hf_greedy(ref, prompt, 8)  # transformers' own sliding-window attention
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     try:
         out = llm.generate([prompt], params, use_tqdm=False)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.peft_reference import base_greedy
+from bench.reference import greedy
 from server import LLM, SamplingParams
 from server.engine.engine import EngineConfig
 
@@ -48,8 +48,8 @@ def test_shared_system_prompt_computed_once(llm, tokenizer, ref_model):
     # positions each (the 6th token is sampled, never fed back).
     expected = sum(map(len, prompts)) - 2 * shared + 3 * 5
     assert stats.computed_tokens - computed0 == expected
-    refs = base_greedy(ref_model, prompts, 6)
-    for out, ref in zip(outs, refs, strict=True):
+    for out, prompt in zip(outs, prompts, strict=True):
+        ref = greedy(ref_model, prompt, 6)
         want = ref.comparable()
         assert out.token_ids[: len(want)] == want
 

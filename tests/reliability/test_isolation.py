@@ -1,7 +1,7 @@
 """Tenant isolation under real HTTP (a tiny random model): the prefix cache never crosses
 tenants whatever the request says, adapter churn around hot adapters leaves their greedy outputs
 byte-identical, and a batch mixing tenants and adapter kinds gives every request the output it
-gets alone, which is PEFT's. (Get/use/list/delete isolation is in tests/http.)
+gets alone, which is the hand reference's. (Get/use/list/delete isolation is in tests/http.)
 
 The model is the shared tiny model's architecture and tokenizer with untied embeddings and
 wider weights: the shared one (tied embeddings, std 0.02) answers by repeating the prompt's
@@ -27,7 +27,7 @@ from report import record, scale
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from bench.peft_adapters import make_p_tuning, make_prefix_tuning, make_prompt_tuning
-from bench.peft_reference import base_greedy, peft_greedy
+from bench.reference import adapter_segment, greedy, text_segment
 
 MAKERS = {"prefix": make_prefix_tuning, "prompt": make_prompt_tuning, "ptuning": make_p_tuning}
 TOKENS = {"prefix": 8, "prompt": 5, "ptuning": 4}  # virtual tokens of each kind made here
@@ -441,10 +441,11 @@ SPECS = {
 N_NEW = 8
 
 
-def test_mixed_tenant_batch_equals_alone_and_peft(make_server, llm, ref, peft):
+def test_mixed_tenant_batch_equals_alone_and_the_reference(make_server, llm, ref, peft):
     """Three tenants x seven adapter set-ups x two (full: four) prompts in flight at once: each
     request's output equals the one it gets alone (sent one by one, by a tenant holding the
-    same adapters) and again with a warm cache; for every adapter kind it equals PEFT's."""
+    same adapters) and again with a warm cache; for every adapter kind it equals the hand
+    reference's (``bench.reference``)."""
     prompts = PROMPTS[: scale(2, 4)]
     tenants = [t for g in GROUPS for t in (g, g + "-solo")]
     keys = {t: f"key-{t}" for t in tenants}
@@ -485,9 +486,13 @@ def test_mixed_tenant_batch_equals_alone_and_peft(make_server, llm, ref, peft):
         if list(SPECS)[i // len(prompts)] != "base":
             assert len({cold[i + g * per_setup][0] for g in range(len(GROUPS))}) == len(GROUPS)
 
-    # PEFT's greedy output for acme's adapters of every kind, on every prompt.
+    # The hand reference's greedy output for acme's adapters of every kind, on every prompt.
     tok = llm.tokenizer
     sys_ids = tok.encode(f"You answer for {GROUPS[0]}. " + DESK, add_special_tokens=False)
+    segments = {
+        kind: adapter_segment(ref, peft(kind, seed))
+        for kind, seed in (("prefix", 150), ("prompt", 160), ("ptuning", 170))
+    }
     compared = 0
     for p, prompt in enumerate(prompts):
         ids = tok.encode(prompt)
@@ -498,12 +503,12 @@ def test_mixed_tenant_batch_equals_alone_and_peft(make_server, llm, ref, peft):
             return_dict=True,
         )["input_ids"]
         refs = {
-            "base": base_greedy(ref, [ids], N_NEW)[0],
-            "prefix": peft_greedy(ref, peft("prefix", 150), [ids], N_NEW)[0],
-            "prompt": peft_greedy(ref, peft("prompt", 160), [ids], N_NEW)[0],
-            "ptuning": peft_greedy(ref, peft("ptuning", 170), [ids], N_NEW)[0],
-            "text": base_greedy(ref, [sys_ids + ids], N_NEW)[0],
-            "chat+prompt": peft_greedy(ref, peft("prompt", 160), [list(chat_ids)], N_NEW)[0],
+            "base": greedy(ref, ids, N_NEW),
+            "prefix": greedy(ref, ids, N_NEW, [segments["prefix"]]),
+            "prompt": greedy(ref, ids, N_NEW, [segments["prompt"]]),
+            "ptuning": greedy(ref, ids, N_NEW, [segments["ptuning"]]),
+            "text": greedy(ref, ids, N_NEW, [text_segment(sys_ids)]),
+            "chat+prompt": greedy(ref, list(chat_ids), N_NEW, [segments["prompt"]]),
         }
         for label, result in refs.items():
             want = result.comparable()
@@ -518,11 +523,11 @@ def test_mixed_tenant_batch_equals_alone_and_peft(make_server, llm, ref, peft):
         f"{len(requests)} requests of {len(GROUPS)} tenants and {len(SPECS)} adapter set-ups "
         "queued while the engine loop was held (it takes them in one go), cold and warm cache, "
         "against each request alone",
-        "every output identical to the one alone; PEFT's for every adapter kind",
+        "every output identical to the one alone; the hand reference's for every adapter kind",
         {
             "requests": len(requests),
             "peak_running": peak,
             "outputs_compared": 3 * len(requests),
-            "peft_compared": compared,
+            "reference_compared": compared,
         },
     )
