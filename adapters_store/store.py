@@ -1,6 +1,6 @@
 """AdapterStore: where adapters live between requests, and how the engine gets them.
 
-Consistency (DESIGN.md decision 6):
+Consistency (docs/design.md, decision 6):
 - put: blob first (temp file, fsync, rename), metadata last, so a crash in between leaves an
   unreferenced blob and no visible adapter; ``collect`` removes such orphans (at start-up and
   every ``gc_interval_s``) once they are older than ``gc_grace_s``.

@@ -30,7 +30,7 @@ class AdapterRecord:
     created: int  # unix seconds
 
     def to_api(self) -> dict:
-        """API.md's adapter object."""
+        """The adapter object of docs/api.md."""
         return {
             "id": self.id,
             "object": "adapter",

@@ -1,4 +1,4 @@
-"""Baselines A and B of BENCHMARKS.md: what a user would do with PEFT alone.
+"""Baselines A and B of docs/benchmarks.md: what a user would do with PEFT alone.
 
 A, per request: one ``PeftModel`` holding every tenant's adapter by name; for each request,
 ``set_adapter`` and greedy ``generate`` of N tokens, one request at a time.

@@ -1,4 +1,4 @@
-"""W1 of BENCHMARKS.md: multi-tenant prefix-tuning workload on the CPU, the engine against
+"""W1 of docs/benchmarks.md: multi-tenant prefix-tuning workload on the CPU, the engine against
 PEFT baselines A (one request at a time) and B (one batch per adapter), in one process, on the
 same inputs. Prints a table, writes JSON.
 
@@ -113,7 +113,10 @@ def run(
     model: str = "default",
     data_dir: str = "./data",
     json_path: str | None = None,
+    threads: int | None = None,
 ) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
     llm = LLM(
         model,
         data_dir=data_dir,

@@ -1,4 +1,4 @@
-"""W2 of BENCHMARKS.md: W1's tenants served over real HTTP, driven by the ``openai`` client.
+"""W2 of docs/benchmarks.md: W1's tenants served over real HTTP, driven by the ``openai`` client.
 
 A ``prefix-serve serve`` process (its own process: the client does not share its GIL) gets one
 API key per tenant; each tenant uploads its prefix-tuning adapter (32 virtual tokens) through

@@ -1,4 +1,4 @@
-"""Benchmark workloads, built deterministically from a seed (see BENCHMARKS.md).
+"""Benchmark workloads, built deterministically from a seed (see docs/benchmarks.md).
 
 W1: T tenants, each with its own prefix-tuning adapter (32 virtual tokens, seed = tenant index)
 and its own ~250-token English system prompt; R distinct ~40-token questions per tenant; each

@@ -7,7 +7,9 @@ Plain HF PEFT, a toy task, a few minutes on a laptop CPU:
 
 The output directory is what ``PeftModel.save_pretrained`` writes (adapter_config.json,
 adapter_model.safetensors, README.md): upload it to a running ``prefix-serve serve`` as shown
-in docs/quickstart.md.
+in docs/quickstart.md. The answers printed before and after training come from prefix-serve's
+own engine serving the saved adapter (``server.LLM``), not from ``PeftModel.generate``, whose
+glue to transformers has broken under several releases.
 
 The prefix starts as the key/value cache of a short pirate instruction (so step 0 already
 leans piratey, and training is stable), then is trained on chat examples whose answers all
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ from peft import PrefixTuningConfig, TaskType, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from server import LLM, SamplingParams
 from server.model_loader import resolve_model_dir
 
 INSTRUCTION = "You are a pirate captain. Every answer starts with Arr, matey! and is piratey."
@@ -99,16 +103,18 @@ def init_from_text(peft_model, model, tokenizer, text: str, num_virtual_tokens: 
     peft_model.prompt_encoder["default"].embedding.weight.copy_(rows)
 
 
-@torch.no_grad()
-def sample_answer(model, tokenizer, question: str) -> str:
-    ids = tokenizer.apply_chat_template(
+def served_answer(adapter_dir: str | Path, data_dir: str, question: str) -> str:
+    """The greedy answer of prefix-serve's engine with the adapter saved in ``adapter_dir``."""
+    llm = LLM("default", data_dir=data_dir, device="cpu", dtype="float32")
+    llm.add_adapter("pirate", adapter_dir)
+    ids = llm.tokenizer.apply_chat_template(
         [{"role": "user", "content": question}],
         add_generation_prompt=True,
-        return_tensors="pt",
+        tokenize=True,
         return_dict=True,
-    )
-    out = model.generate(**ids, max_new_tokens=30, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    )["input_ids"]
+    params = SamplingParams(max_tokens=30, temperature=0)
+    return llm.generate([list(ids)], params, adapters=[["pirate"]], use_tqdm=False)[0].text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     peft_model.print_trainable_parameters()
 
     question = "How do I make a cup of tea?"  # not in the training set
-    print(f"before training: {sample_answer(peft_model, tokenizer, question)!r}")
+    with tempfile.TemporaryDirectory() as untrained:
+        peft_model.save_pretrained(untrained)
+        print(f"before training: {served_answer(untrained, args.data_dir, question)!r}")
     data = examples(tokenizer, PAIRS)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -152,8 +160,15 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     peft_model.eval()
-    print(f"after training:  {sample_answer(peft_model, tokenizer, question)!r}")
     peft_model.save_pretrained(args.out)
+    answer = served_answer(args.out, args.data_dir, question)
+    print(f"after training:  {answer!r}")
+    if not answer.startswith("Arr"):
+        print(
+            "warning: the trained adapter does not answer like a pirate; if the loss above did "
+            "not fall, PEFT's training forward may not apply the prefix under the installed "
+            "transformers (install the locked versions: make setup)"
+        )
     print(f"saved the adapter to {args.out}/ (upload it: see docs/quickstart.md)")
 
 

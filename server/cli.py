@@ -11,7 +11,7 @@ from server.config import ConfigError, add_serve_arguments, config_from_args
 
 
 def _bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="run a benchmark of BENCHMARKS.md")
+    bench = sub.add_parser("bench", help="run a benchmark (docs/benchmarks.md)")
     which = bench.add_subparsers(dest="workload", required=True)
     w1 = which.add_parser("w1", help="multi-tenant prefix tuning on the CPU vs PEFT baselines")
     w1.add_argument("--tenants", type=int, default=4)
@@ -21,6 +21,7 @@ def _bench_parser(sub) -> None:
     w1.add_argument("--model", default="default")
     w1.add_argument("--data-dir", default="./data")
     w1.add_argument("--json", default="bench/results/w1.json", help="where to write the JSON")
+    w1.add_argument("--torch-threads", type=int, default=None, help="default: torch's")
     w2 = which.add_parser("w2", help="W1's tenants served over HTTP at concurrency 1, 4, 16")
     w2.add_argument("--tenants", type=int, default=4)
     w2.add_argument("--requests", type=int, default=4, help="requests per tenant")
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser(
         "serve",
         help="run the HTTP server (every flag also reads PREFIX_SERVE_<FLAG>)",
-        description="Serve the OpenAI-compatible API and adapter management (see API.md).",
+        description="Serve the OpenAI-compatible API and adapter management (see docs/api.md).",
     )
     add_serve_arguments(serve)
     _bench_parser(sub)
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model,
             args.data_dir,
             args.json,
+            args.torch_threads,
         )
     elif args.command == "bench" and args.workload == "w2":
         from bench.w2 import run as run_w2

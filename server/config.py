@@ -126,6 +126,7 @@ class ServeConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     kv_cache_memory: int = 1 << 30
+    torch_threads: int | None = None  # None: the CPUs this process may use (server.cpus)
     max_queued_requests: int = 256  # accepted requests waiting beyond max_num_seqs
     request_timeout: float = 600.0
     drain_timeout: float = 30.0
@@ -143,6 +144,8 @@ class ServeConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError("--torch-threads must be at least 1")
         if self.max_queued_requests < 0:
             raise ConfigError("--max-queued-requests must be >= 0")
         if self.request_timeout <= 0 or self.drain_timeout < 0:
@@ -172,6 +175,12 @@ _FLAGS: list[tuple[str, object, str]] = [
     ("max-num-seqs", int, "sequences decoded together at most"),
     ("max-num-batched-tokens", int, "tokens computed in one engine step at most"),
     ("kv-cache-memory", parse_bytes, "bytes for the KV block pool (e.g. 1GiB)"),
+    (
+        "torch-threads",
+        int,
+        "torch CPU threads (default: the CPUs this process may use, from its affinity mask "
+        "and cgroup CPU quota)",
+    ),
     ("max-queued-requests", int, "requests waiting beyond --max-num-seqs before 429"),
     ("request-timeout", float, "seconds a generation request may take"),
     ("drain-timeout", float, "seconds running requests get to finish after SIGTERM"),

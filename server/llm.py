@@ -1,4 +1,4 @@
-"""In-process Python API for offline batch jobs (see API.md)::
+"""In-process Python API for offline batch jobs (see docs/api.md)::
 
 from server import LLM, SamplingParams
 llm = LLM()

@@ -57,7 +57,7 @@ ERROR_TYPES = (
     "insufficient_storage_error",
     OTHER,
 )
-# The route templates of API.md; a path that matched none is counted as `other`.
+# The route templates of docs/api.md; a path that matched none is counted as `other`.
 ROUTES = (
     "/v1/completions",
     "/v1/chat/completions",

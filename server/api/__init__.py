@@ -1,4 +1,4 @@
-"""HTTP API: OpenAI-compatible generation, adapter management, health (see API.md)."""
+"""HTTP API: OpenAI-compatible generation, adapter management, health (see docs/api.md)."""
 
 from __future__ import annotations
 

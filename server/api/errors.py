@@ -2,7 +2,7 @@
 
     {"error": {"message": "...", "type": "...", "param": "..." | null, "code": "..." | null}}
 
-Statuses follow API.md: 400 invalid request, 401 auth, 404 unknown model/adapter, 409 conflict,
+Statuses follow docs/api.md: 400 invalid request, 401 auth, 404 unknown model/adapter, 409 conflict,
 413 too large, 415 unsupported file type, 429 overloaded and 503 unavailable (both with
 ``Retry-After``), and 507 when adapter storage is full (no ``Retry-After``: space must be freed
 first). Anything else that escapes a handler is a bug and answers 500.

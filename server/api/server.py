@@ -82,12 +82,34 @@ class DrainingServer(uvicorn.Server):
         task.add_done_callback(self._tasks.discard)
 
 
+def torch_threads(config: ServeConfig) -> int:
+    """``--torch-threads``, or the CPUs this process may really use."""
+    if config.torch_threads is not None:
+        return config.torch_threads
+    from server.cpus import affinity_cpus, cgroup_cpu_quota, usable_cpus
+
+    threads = usable_cpus()
+    log.info(
+        "torch threads: %d (affinity mask %d CPUs, cgroup quota %s)",
+        threads,
+        affinity_cpus(),
+        cgroup_cpu_quota() or "none",
+    )
+    return threads
+
+
 def build_engine(config: ServeConfig) -> AsyncEngine:
     """The engine, whose model loads in the engine thread once the app starts."""
+    threads = torch_threads(config)
 
     def build():
+        import torch
+
         from server.engine.engine import EngineConfig
         from server.llm import LLM
+
+        # In the thread that runs every torch operator: OpenMP's team size is per thread.
+        torch.set_num_threads(threads)
 
         engine_config = EngineConfig(
             max_num_seqs=config.max_num_seqs,

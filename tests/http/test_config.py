@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from server import cpus
+from server.api.server import torch_threads
 from server.cli import main
 from server.config import (
     _FLAGS,
@@ -52,6 +54,7 @@ def test_every_flag_reads_its_environment_variable(tmp_path):
         "PREFIX_SERVE_MAX_NUM_SEQS": "7",
         "PREFIX_SERVE_MAX_NUM_BATCHED_TOKENS": "333",
         "PREFIX_SERVE_KV_CACHE_MEMORY": "2GiB",
+        "PREFIX_SERVE_TORCH_THREADS": "3",
         "PREFIX_SERVE_MAX_QUEUED_REQUESTS": "5",
         "PREFIX_SERVE_REQUEST_TIMEOUT": "12.5",
         "PREFIX_SERVE_DRAIN_TIMEOUT": "3",
@@ -65,7 +68,7 @@ def test_every_flag_reads_its_environment_variable(tmp_path):
     assert (c.redis_url, c.blob_url, c.api_keys) == ("redis://r:6379/0", "file:///blobs", str(keys))
     assert (c.device, c.dtype) == ("cpu", "bfloat16")
     assert (c.max_num_seqs, c.max_num_batched_tokens) == (7, 333)
-    assert (c.kv_cache_memory, c.max_queued_requests) == (2 << 30, 5)
+    assert (c.kv_cache_memory, c.max_queued_requests, c.torch_threads) == (2 << 30, 5, 3)
     assert (c.request_timeout, c.drain_timeout) == (12.5, 3.0)
     assert (c.max_request_bytes, c.max_upload_bytes, c.log_level) == (1 << 20, 10 << 20, "debug")
     # The command line wins over the environment.
@@ -85,6 +88,14 @@ def test_non_loopback_without_keys_is_refused(tmp_path, capsys):
     assert parse(["--host", "10.1.2.3", "--api-keys", str(keys)]).host == "10.1.2.3"
     assert [is_loopback(h) for h in ("127.0.0.1", "127.9.9.9", "::1", "localhost")] == [True] * 4
     assert [is_loopback(h) for h in ("0.0.0.0", "::", "example.com", "10.0.0.1")] == [False] * 4
+
+
+def test_torch_threads_default_to_the_usable_cpus(monkeypatch):
+    monkeypatch.setattr(cpus, "usable_cpus", lambda: 5)
+    assert torch_threads(parse([])) == 5
+    assert torch_threads(parse(["--torch-threads", "2"])) == 2
+    with pytest.raises(ConfigError, match="--torch-threads"):
+        parse(["--torch-threads", "0"])
 
 
 def test_bad_values_are_config_errors():

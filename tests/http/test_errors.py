@@ -1,4 +1,5 @@
-"""Every error path answers OpenAI's error shape with API.md's status (tiny random model)."""
+"""Every error path answers OpenAI's error shape with the status docs/api.md gives (tiny random
+model)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Any Llama-family architecture that transformers supports works unchanged (DESIGN.md,
+"""Any Llama-family architecture that transformers supports works unchanged (docs/design.md,
 decision 1): for tiny random Llama, Mistral and Qwen2 models, greedy output through the engine
 equals the hand reference's (prefix tuning, prompt tuning, bare model; ``bench.reference``),
 token for token, in one mixed batch. SmolLM/SmolLM2 are Llama checkpoints: the default model

@@ -1,6 +1,6 @@
 """Hostile adapter uploads over real HTTP (``POST /v1/adapters``), built from valid PEFT
 adapters saved with PEFT for the tiny model: broken safetensors files, configs, pickles,
-unsafe archives, decompression bombs and wrong content types. Each must get its 4xx (API.md:
+unsafe archives, decompression bombs and wrong content types. Each must get its 4xx (docs/api.md:
 400, 413, 415) in OpenAI's error shape with a message naming the problem, and leave the store
 exactly as it was: both tenants' listings (HTTP and the store's own), every file under the
 data directory, no temp file and no open file left. Variants that are valid get 201 and exactly
