@@ -37,6 +37,11 @@ PEFT_TYPE_TO_KIND = {
 # PEFT saves prompt_embeddings in the dtype the model was trained in; float64 training of a
 # served model is not a thing, and integer or bool values are not embeddings.
 ACCEPTED_DTYPES = ("float32", "float16", "bfloat16")
+# An adapter's values may be this many times larger than the largest the base model itself
+# produces (its keys/values, its token embeddings). Trained adapters stay within a few times
+# the model's own scale (a prefix trained from a text's KV: 0.95x); values far beyond it only
+# overflow attention or the activations, which would fail every request using the adapter.
+MAGNITUDE_MARGIN = 1000.0
 
 
 class AdapterError(ValueError):
@@ -65,6 +70,11 @@ class ModelShape:
     head_dim: int
     hidden_size: int
     vocab_size: int
+    # The largest magnitude the model itself produces (None: not measured, not checked):
+    # keys/values (prefix tuning's values are compared with these) and token embeddings
+    # (prompt and P-tuning's). Adapters may exceed them by MAGNITUDE_MARGIN.
+    model_kv_abs: float | None = None
+    model_embedding_abs: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
@@ -324,6 +334,25 @@ def check_weights(
         raise AdapterError(
             f"{WEIGHTS_KEY} has {bad.shape[0]} NaN or infinite value(s) (first at row {row}, "
             f"column {col}: {tensor[row, col].item()}); expected finite numbers",
+            param="weights",
+        )
+    _check_magnitude(tensor, kind, shape)
+
+
+def _check_magnitude(tensor: torch.Tensor, kind: str, shape: ModelShape) -> None:
+    if kind == "prefix_tuning":
+        scale, what = shape.model_kv_abs, "key/value"
+    else:
+        scale, what = shape.model_embedding_abs, "token embedding"
+    if scale is None or tensor.numel() == 0:
+        return
+    limit = MAGNITUDE_MARGIN * max(scale, 1.0)
+    peak = float(tensor.abs().max())
+    if peak > limit:
+        raise AdapterError(
+            f"{WEIGHTS_KEY} holds values up to {peak:.3g} in magnitude; this model accepts at "
+            f"most {limit:.3g} ({MAGNITUDE_MARGIN:g}x the largest {what} it produces itself, "
+            f"{scale:.3g}): values this large overflow the model's attention or activations",
             param="weights",
         )
 

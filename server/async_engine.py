@@ -8,6 +8,8 @@ step starts: a request aborted during step k holds its KV blocks at most until s
 
 Admission is bounded: at most ``capacity`` engine requests may be outstanding (submitted and
 not yet finished or aborted); past that ``submit`` raises ``Overloaded`` and changes nothing.
+With a tenant share, one tenant may hold at most ``tenant_limit`` of them, so a tenant that
+floods the server is answered 429 while the others are still admitted.
 """
 
 from __future__ import annotations
@@ -18,11 +20,18 @@ import itertools
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from server.engine.request import AdapterSegment, InvalidRequest, RequestOutput, SamplingParams
+from server.engine.request import (
+    AdapterSegment,
+    InvalidRequest,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,6 +41,13 @@ class Overloaded(Exception):
     """The bounded queue is full; retry after ``retry_after`` seconds."""
 
     retry_after = 1
+    code = "overloaded"
+
+
+class TenantOverloaded(Overloaded):
+    """This tenant holds its whole share of the queue; other tenants are still admitted."""
+
+    code = "tenant_share_exceeded"
 
 
 class EngineUnavailable(Exception):
@@ -41,7 +57,18 @@ class EngineUnavailable(Exception):
 
 
 class EngineFailure(Exception):
-    """A step raised: a bug. The requests in the batch are failed, the loop goes on."""
+    """A step raised outside the model's forward (a bug): the requests in the batch are
+    failed, the loop goes on."""
+
+
+class RequestFailed(Exception):
+    """The engine stopped this request alone (``error.kind``: ``non_finite`` or ``sampling``,
+    the request's own inputs at fault; ``engine``, a failure isolated to it); the rest of its
+    batch went on."""
+
+    def __init__(self, error: RequestError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -61,6 +88,7 @@ class Submission:
     as ``(index, RequestOutput)`` or ``(index, exception)``. Indices follow ``ids``."""
 
     ids: list[str]
+    tenant: str = "default"
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     done: set[str] = field(default_factory=set)
 
@@ -73,9 +101,16 @@ class AsyncEngine:
     ``llm.model_id``, ``llm.shape`` and ``llm.limits`` are read-only and safe from the loop.
     """
 
-    def __init__(self, build: Callable[[], Any], capacity: int) -> None:
+    def __init__(
+        self, build: Callable[[], Any], capacity: int, tenant_limit: int | None = None
+    ) -> None:
+        """``tenant_limit``: the most outstanding engine requests one tenant may hold (None:
+        no per-tenant limit, e.g. a single-tenant server)."""
         self._build = build
         self.capacity = capacity
+        self.tenant_limit = tenant_limit
+        self.admissions: Counter[str] = Counter()  # outcome -> submissions (loop thread)
+        self._by_tenant: Counter[str] = Counter()  # tenant -> outstanding (loop thread)
         self.llm: Any = None
         self.load_error: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -114,34 +149,52 @@ class AsyncEngine:
 
     # Requests (loop thread) ----------------------------------------------------------------
     def submit(self, inputs: Sequence[EngineInput]) -> Submission:
-        """Queue ``inputs`` as one submission. Raises ``Overloaded`` (nothing queued) when the
-        outstanding count would pass ``capacity``; errors of a single input (``InvalidRequest``)
-        arrive on the submission's queue and abort the rest of the submission."""
-        self.check_admission(len(inputs))
-        sub = Submission([f"req-{next(self._ids)}" for _ in inputs])
+        """Queue ``inputs`` (all of one tenant) as one submission. Raises ``Overloaded``
+        (nothing queued) when the outstanding count would pass ``capacity`` or the tenant's
+        limit; errors of a single input (``InvalidRequest``) arrive on the submission's queue
+        and abort the rest of the submission."""
+        tenant = inputs[0].tenant if inputs else "default"
+        self.check_admission(len(inputs), tenant, final=True)
+        sub = Submission([f"req-{next(self._ids)}" for _ in inputs], tenant)
         for rid in sub.ids:
             self._live[rid] = sub
+        self._by_tenant[tenant] += len(sub.ids)
         self._commands.put(("add", sub, list(inputs)))
         return sub
 
-    def check_admission(self, count: int) -> None:
-        """Raise ``EngineUnavailable`` or ``Overloaded`` if ``count`` more engine requests
-        would not be accepted now. Handlers call it early, before any costly work (adapter
-        look-ups, tokenization), so that a refusal under overload stays cheap."""
+    def check_admission(self, count: int, tenant: str | None = None, final: bool = False) -> None:
+        """Raise ``EngineUnavailable`` or ``Overloaded`` if ``count`` more engine requests of
+        ``tenant`` would not be accepted now. Handlers call it early, before any costly work
+        (adapter look-ups, tokenization), so that a refusal under overload stays cheap;
+        ``submit`` calls it again (``final``: the outcome is counted in ``admissions``)."""
+        refusal = self._refusal(count, tenant)
+        if final or refusal is not None:
+            self.admissions[refusal[0] if refusal else "admitted"] += 1
+        if refusal is not None:
+            raise refusal[1]
+
+    def _refusal(self, count: int, tenant: str | None) -> tuple[str, Exception] | None:
+        """(outcome, error) if ``count`` more requests of ``tenant`` cannot be taken now."""
         if not self.ready:
-            raise EngineUnavailable("the model is not loaded yet")
+            return "unavailable", EngineUnavailable("the model is not loaded yet")
+        held = self._by_tenant[tenant] if tenant is not None else 0
+        if self.tenant_limit is not None and held + count > self.tenant_limit:
+            return "tenant_share", TenantOverloaded(
+                f"this tenant has {held} requests in flight and its share of the server is "
+                f"{self.tenant_limit}; retry later"
+            )
         if len(self._live) + count > self.capacity:
-            raise Overloaded(
+            return "capacity", Overloaded(
                 f"{len(self._live)} requests are in flight (capacity {self.capacity}); retry later"
             )
+        return None
 
     def abort(self, sub: Submission) -> None:
         """Stop every unfinished request of ``sub``; their blocks are freed before the next
         step. Idempotent."""
         ids = [rid for rid in sub.ids if rid not in sub.done]
         for rid in ids:
-            sub.done.add(rid)
-            self._live.pop(rid, None)
+            self._retire(sub, rid)
         if ids:
             self._commands.put(("abort", ids))
 
@@ -181,9 +234,16 @@ class AsyncEngine:
             if rid in sub.done:
                 continue  # aborted meanwhile: the handler is gone
             if isinstance(item, BaseException) or item.finished:
-                sub.done.add(rid)
-                self._live.pop(rid, None)
+                self._retire(sub, rid)
             sub.queue.put_nowait((index, item))
+
+    def _retire(self, sub: Submission, rid: str) -> None:
+        """``rid`` no longer counts as outstanding (loop thread)."""
+        sub.done.add(rid)
+        if self._live.pop(rid, None) is not None:
+            self._by_tenant[sub.tenant] -= 1
+            if self._by_tenant[sub.tenant] <= 0:
+                del self._by_tenant[sub.tenant]
 
     # Engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -203,6 +263,9 @@ class AsyncEngine:
                     self._stop(routes)
                     return
                 self._apply(cmd, routes)
+            # Not kept while waiting for the next command: a call's closure may hold an
+            # upload's bytes, which would stay alive until then.
+            cmd = None
             if engine.has_unfinished():
                 self._step(routes)
 
@@ -264,14 +327,14 @@ class AsyncEngine:
             log.exception("engine step failed")
             self._fail_all(routes, EngineFailure(f"engine step failed: {exc}"))
             return
-        items = []
+        items: list[tuple[Submission, int, Any]] = []
         for out in outputs:
             route = routes.get(out.request_id)
             if route is None:
                 continue
             if out.finished:
                 del routes[out.request_id]
-            items.append((*route, out))
+            items.append((*route, out if out.error is None else RequestFailed(out.error)))
         self._send(items)
 
     def _fail_all(self, routes: dict[str, tuple[Submission, int]], exc: Exception) -> None:

@@ -66,6 +66,10 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self.by_digest)
 
+    @property
+    def tenants(self) -> frozenset[str]:
+        return frozenset(p.tenant for p in self.by_digest.values())
+
     def lookup(self, key: str) -> Principal | None:
         return self.by_digest.get(_digest(key))
 
@@ -128,10 +132,14 @@ class ServeConfig:
     kv_cache_memory: int = 1 << 30
     torch_threads: int | None = None  # None: the CPUs this process may use (server.cpus)
     max_queued_requests: int = 256  # accepted requests waiting beyond max_num_seqs
+    # Of max_num_seqs + max_queued_requests, the most one tenant may hold when the keys file
+    # names more than one tenant (1.0: no per-tenant limit).
+    max_tenant_share: float = 0.5
     request_timeout: float = 600.0
     drain_timeout: float = 30.0
     max_request_bytes: int = 8 << 20  # JSON bodies
     max_upload_bytes: int = 272 << 20  # adapter uploads (256 MiB weights + room for the form)
+    max_upload_memory: int = 272 << 20  # bytes of uploads parsed at once (others wait)
     log_level: str = "info"
 
     def check(self) -> None:
@@ -141,13 +149,20 @@ class ServeConfig:
                 f"--host {self.host} listens beyond loopback without API keys: give --api-keys "
                 "FILE, or --allow-unauthenticated to run open on purpose"
             )
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_memory"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "kv_cache_memory",
+            "max_upload_memory",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ConfigError("--torch-threads must be at least 1")
         if self.max_queued_requests < 0:
             raise ConfigError("--max-queued-requests must be >= 0")
+        if not 0 < self.max_tenant_share <= 1:
+            raise ConfigError("--max-tenant-share must be in (0, 1]")
         if self.request_timeout <= 0 or self.drain_timeout < 0:
             raise ConfigError("--request-timeout must be > 0 and --drain-timeout >= 0")
 
@@ -182,10 +197,21 @@ _FLAGS: list[tuple[str, object, str]] = [
         "and cgroup CPU quota)",
     ),
     ("max-queued-requests", int, "requests waiting beyond --max-num-seqs before 429"),
+    (
+        "max-tenant-share",
+        float,
+        "most of the running + queued requests one tenant may hold, as a fraction, when the "
+        "API keys name several tenants (1: no limit)",
+    ),
     ("request-timeout", float, "seconds a generation request may take"),
     ("drain-timeout", float, "seconds running requests get to finish after SIGTERM"),
     ("max-request-bytes", parse_bytes, "largest JSON request body"),
     ("max-upload-bytes", parse_bytes, "largest adapter upload body"),
+    (
+        "max-upload-memory",
+        parse_bytes,
+        "bytes of adapter uploads parsed at once; further uploads wait (then 429)",
+    ),
     ("log-level", str, "uvicorn log level"),
 ]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,7 +26,7 @@ from adapters_store.formats import (
 )
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.request import AdapterSegment, InvalidRequest, RequestOutput, SamplingParams
-from server.model_loader import load_base_model
+from server.model_loader import load_base_model, model_value_scales
 
 Prompt = str | Seq[int]
 
@@ -60,7 +61,12 @@ class LLM:
         base = load_base_model(model, data_dir, device, dtype)
         self.model_id = base.model_id
         self.tokenizer = base.tokenizer
-        self.shape = ModelShape.from_config(base.model.config)
+        kv_abs, embedding_abs = model_value_scales(base.model)  # before our attention is in
+        self.shape = replace(
+            ModelShape.from_config(base.model.config),
+            model_kv_abs=kv_abs,
+            model_embedding_abs=embedding_abs,
+        )
         self.limits = limits or AdapterLimits()
         self.engine = LLMEngine(base.model, base.tokenizer, engine_config or EngineConfig())
         self.adapters: dict[str, AdapterSegment] = {}

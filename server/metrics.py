@@ -41,7 +41,10 @@ if TYPE_CHECKING:
 # Bounded label values. ------------------------------------------------------------------------
 OTHER = "other"
 TIERS = ("device", "host")
-FINISH_REASONS = ("stop", "length", "abort", OTHER)
+FINISH_REASONS = ("stop", "length", "abort", "error", OTHER)
+# Admission outcomes (server/async_engine.py): taken, or refused for the server's capacity, the
+# tenant's share of it, or a model not loaded.
+ADMISSIONS = ("admitted", "capacity", "tenant_share", "unavailable")
 # The OpenAI error `type`s the API answers with (server/api/errors.py), plus `other`.
 ERROR_TYPES = (
     "invalid_request_error",
@@ -64,9 +67,13 @@ ROUTES = (
     "/v1/models",
     "/v1/adapters",
     "/v1/adapters/{name}",
+    "/v1/admin/tenants",
+    "/v1/admin/tenants/{tenant}/adapters",
+    "/v1/admin/tenants/{tenant}/adapters/{adapter}",
     "/health",
     "/ready",
     "/metrics",
+    "/openapi.json",
     OTHER,
 )
 
@@ -162,6 +169,10 @@ _SPECS = (
     MetricSpec("prefix_serve_requests_finished", "counter",
                "Requests that ended in the engine, by finish reason.", ("finish_reason",),
                "vllm:request_success_total{finished_reason}"),
+    MetricSpec("prefix_serve_admissions", "counter",
+               "Requests offered to the engine, by outcome: admitted, or refused (429) for the "
+               "server's capacity or the tenant's share of it, or (503) while the model loads.",
+               ("outcome",)),
     MetricSpec("prefix_serve_request_errors", "counter",
                "Requests answered with an error, by OpenAI error type.", ("error_type",)),
     MetricSpec("prefix_serve_http_requests", "counter",
@@ -257,11 +268,14 @@ class Metrics:
         self,
         engine: LLMEngine | Callable[[], LLMEngine | None] | None = None,
         store: Any = None,
+        admissions: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
+        """``admissions()``: counts by outcome (``ADMISSIONS``) since start."""
         self._engine: Callable[[], LLMEngine | None] = (
             engine if callable(engine) else (lambda: engine)
         )
         self._store = store
+        self._admissions = admissions
         self._lock = threading.Lock()
         self._requests = _Requests()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -326,6 +340,9 @@ class Metrics:
             "host": host.stats() if host is not None else _empty_tier("host"),
         }
 
+    def admission_counts(self) -> dict[str, int]:
+        return dict(self._admissions())
+
     def requests_snapshot(self) -> _Requests:
         with self._lock:
             return copy.deepcopy(self._requests)
@@ -342,6 +359,11 @@ class _Collector:
         yield from _engine_families(state)
         yield from _tier_families(self.metrics.tiers(state))
         yield from _request_families(self.metrics.requests_snapshot())
+        admissions = self.metrics.admission_counts()
+        family = _family(SPECS["prefix_serve_admissions"])
+        for outcome in ADMISSIONS:
+            family.add_metric([outcome], admissions.get(outcome, 0))
+        yield family
 
 
 def _engine_families(state: EngineState) -> Iterator[Metric]:

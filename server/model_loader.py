@@ -148,6 +148,44 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         ) from None
 
 
+CALIBRATION_TOKENS = 128
+
+
+@torch.no_grad()
+def model_value_scales(model: torch.nn.Module) -> tuple[float | None, float]:
+    """The largest magnitudes the model itself produces: (keys/values, token embeddings);
+    keys/values are None for a model without separate k/v projections (not measured, so
+    prefix-tuning values are not bounded).
+
+    Keys and values are read at every layer's k/v projections over a fixed sequence of
+    ``CALIBRATION_TOKENS`` seeded token ids (before RoPE, which rotates pairs of channels and
+    changes a magnitude by at most a factor of sqrt(2)); embeddings are the table's. Upload
+    validation accepts adapter values up to ``MAGNITUDE_MARGIN`` times these.
+    """
+    peak = [0.0]
+
+    def hook(_module, _inputs, output) -> None:
+        peak[0] = max(peak[0], float(output.abs().max()))
+
+    projections = [
+        getattr(layer.self_attn, name, None)
+        for layer in model.model.layers
+        for name in ("k_proj", "v_proj")
+    ]
+    table = model.get_input_embeddings().weight
+    if any(p is None for p in projections):
+        return None, float(table.abs().max())
+    handles = [p.register_forward_hook(hook) for p in projections]
+    try:
+        gen = torch.Generator().manual_seed(1234)
+        ids = torch.randint(0, model.config.vocab_size, (1, CALIBRATION_TOKENS), generator=gen)
+        model(input_ids=ids.to(table.device), use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peak[0], float(table.abs().max())
+
+
 def load_base_model(
     model: str = "default",
     data_dir: str | Path = "./data",

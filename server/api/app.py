@@ -10,11 +10,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.api import adapters, generation, ops
+from server.api import adapters, admin, generation, ops
 from server.api.context import AppContext
 from server.api.errors import install_error_handlers
 from server.api.openapi import build_openapi
 from server.api.resolver import AdapterResolver
+from server.api.upload_budget import UploadBudget
 from server.async_engine import AsyncEngine
 from server.config import ApiKeys, ServeConfig
 from server.metrics import Metrics
@@ -34,8 +35,13 @@ def create_app(
     if keys is None:
         keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys()
     resolver = AdapterResolver(store, lambda: engine.llm.tokenizer)
-    metrics = Metrics(lambda: engine.llm.engine if engine.llm is not None else None, store)
-    ctx = AppContext(engine, store, config, keys, resolver, metrics)
+    metrics = Metrics(
+        lambda: engine.llm.engine if engine.llm is not None else None,
+        store,
+        admissions=lambda: engine.admissions,
+    )
+    uploads = UploadBudget(config.max_upload_memory)
+    ctx = AppContext(engine, store, config, keys, resolver, metrics, uploads)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -45,6 +51,7 @@ def create_app(
             yield
         finally:
             engine.stop()
+            ctx.close()
 
     app = FastAPI(
         title="prefix-serve",
@@ -58,6 +65,7 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(generation.router)
     app.include_router(adapters.router)
+    app.include_router(admin.router)
     document = build_openapi(app, auth=keys.enabled)  # checks that every route is described
     app.openapi = lambda: document  # type: ignore[method-assign]
     app.add_middleware(ops.HTTPLayer, get_ctx=lambda: ctx)

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters_store.types import StoreError
 from adapters_store.validate import AdapterError, AdapterTooLargeError
 from server.api.archive import UnsupportedArchive
-from server.async_engine import EngineFailure, EngineUnavailable, Overloaded
+from server.async_engine import EngineFailure, EngineUnavailable, Overloaded, RequestFailed
 from server.engine.request import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,11 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, StoreError):
         return _store_error(exc)
     if isinstance(exc, Overloaded):
-        return APIError(429, str(exc), code="overloaded", retry_after=exc.retry_after)
+        return APIError(429, str(exc), code=exc.code, retry_after=exc.retry_after)
+    if isinstance(exc, RequestFailed):
+        # The request's own inputs drove it out of range (400), or a failure isolated to it.
+        status = 500 if exc.error.kind == "engine" else 400
+        return APIError(status, str(exc), code=f"{exc.error.kind}_error")
     if isinstance(exc, EngineUnavailable):
         return APIError(503, str(exc), code="engine_unavailable", retry_after=exc.retry_after)
     if isinstance(exc, RequestValidationError):

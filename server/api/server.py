@@ -98,7 +98,16 @@ def torch_threads(config: ServeConfig) -> int:
     return threads
 
 
-def build_engine(config: ServeConfig) -> AsyncEngine:
+def tenant_limit(config: ServeConfig, keys: ApiKeys) -> int | None:
+    """The most outstanding requests one tenant may hold: a ``--max-tenant-share`` of the
+    capacity once the keys name several tenants (a single tenant may use everything)."""
+    if len(keys.tenants) < 2 or config.max_tenant_share >= 1:
+        return None
+    capacity = config.max_num_seqs + config.max_queued_requests
+    return max(1, int(capacity * config.max_tenant_share))
+
+
+def build_engine(config: ServeConfig, keys: ApiKeys) -> AsyncEngine:
     """The engine, whose model loads in the engine thread once the app starts."""
     threads = torch_threads(config)
 
@@ -124,7 +133,8 @@ def build_engine(config: ServeConfig) -> AsyncEngine:
             engine_config=engine_config,
         )
 
-    return AsyncEngine(build, capacity=config.max_num_seqs + config.max_queued_requests)
+    capacity = config.max_num_seqs + config.max_queued_requests
+    return AsyncEngine(build, capacity=capacity, tenant_limit=tenant_limit(config, keys))
 
 
 def serve(config: ServeConfig) -> int:
@@ -134,7 +144,7 @@ def serve(config: ServeConfig) -> int:
     keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys()
     store = open_store(config.data_dir, redis_url=config.redis_url, blob_url=config.blob_url)
     try:
-        app = create_app(build_engine(config), store, config, keys)
+        app = create_app(build_engine(config, keys), store, config, keys)
         uv_config = uvicorn.Config(
             app,
             host=config.host,

@@ -111,6 +111,10 @@ class AttentionMetadata:
 
     Invariant: each flat-batch row is in exactly one of ``decode`` (complete) or ``seqs``
     (suffix); a ``seqs`` row is in at most one unit of ``shared``, whose segment lies before it.
+    The cache holds finite values only: a row whose new K or V is not finite is written as
+    zeros and flagged in ``nonfinite`` (a masked key's weight is exactly 0, but 0 x inf is NaN,
+    so one request's overflow would otherwise reach every query of its decode unit and every
+    unit padded with its slots).
     """
 
     kv_cache: torch.Tensor  # [L, 2, Hkv, num_slots, D]
@@ -118,6 +122,7 @@ class AttentionMetadata:
     decode: PaddedBatch | None
     seqs: list[SeqAttention]
     shared: PaddedBatch | None
+    nonfinite: torch.Tensor  # [T] bool, or-ed over layers: the row's K/V was not finite
 
 
 def padded_batch(
@@ -211,11 +216,19 @@ def paged_attention_forward(
     layer = module.layer_idx
     k_cache = meta.kv_cache[layer, 0]
     v_cache = meta.kv_cache[layer, 1]
-    k_cache.index_copy_(1, meta.slot_mapping, key[0])
-    v_cache.index_copy_(1, meta.slot_mapping, value[0])
+    new_k, new_v = key[0], value[0]  # [Hkv, T, D]
+    bad = ~(_finite_rows(new_k) & _finite_rows(new_v))
+    meta.nonfinite |= bad
+    k_cache.index_copy_(1, meta.slot_mapping, new_k.masked_fill(bad[None, :, None], 0.0))
+    v_cache.index_copy_(1, meta.slot_mapping, new_v.masked_fill(bad[None, :, None], 0.0))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = prefix_attention(query[0], k_cache, v_cache, meta, scale)
     return out.transpose(0, 1).unsqueeze(0), None
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[Hkv, T, D] -> [T] bool: every value of the row is finite."""
+    return torch.isfinite(x).all(dim=2).all(dim=0)
 
 
 def register() -> None:

@@ -22,6 +22,7 @@ class IncrementalText:
         self.text = ""
         self._start = 0  # window start (context already in ``text``)
         self._read = 0  # tokens whose text is in ``text``
+        self.rewrites = 0  # times ``text`` was replaced rather than extended
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
@@ -39,6 +40,7 @@ class IncrementalText:
             self.text += window[len(context) :]
         else:
             self.text = self._decode(ids)
+            self.rewrites += 1
         self._start, self._read = self._read, len(ids)
         return self.text
 
@@ -47,6 +49,9 @@ class IncrementalText:
         the end) is decoded as the whole decode would, with U+FFFD."""
         self.update(ids)
         if self._read < len(ids):
-            self.text = self._decode(ids)
+            full = self._decode(ids)
+            if not full.startswith(self.text):
+                self.rewrites += 1
+            self.text = full
             self._start = self._read = len(ids)
         return self.text

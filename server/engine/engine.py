@@ -6,26 +6,30 @@ plain data (``Sequence``); only ``ModelRunner`` touches tensors of the model.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from server.engine.detokenizer import IncrementalText
 from server.engine.kv_cache import BlockPool
-from server.engine.model_runner import ModelRunner, kv_bytes_per_token
+from server.engine.model_runner import Chunk, ModelRunner, NonFiniteAdapter, kv_bytes_per_token
 from server.engine.prefix_tree import PrefixTree
 from server.engine.request import (
     AdapterSegment,
     InvalidRequest,
+    RequestError,
     RequestOutput,
     SamplingParams,
     SeqStatus,
     Sequence,
 )
-from server.engine.sampler import make_generator, sample
+from server.engine.sampler import NON_FINITE, make_generator, sample
 from server.engine.scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class EngineStats:
     computed_tokens: int = 0  # positions run through the model or copied as prefix KV
     generated_tokens: int = 0
     steps: int = 0
+    failed_requests: int = 0  # stopped alone with an error while the rest of a step went on
+    split_forwards: int = 0  # forwards that raised and were re-run as two halves
 
 
 def sliding_window(config) -> int | None:
@@ -138,18 +144,73 @@ class LLMEngine:
 
     # The loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration; returns an output for each request that got a token or finished."""
+        """One iteration; returns an output for each request that got a token or finished.
+
+        Containment: a request whose computation is not finite, whose token cannot be drawn, or
+        whose part of the forward raises is stopped alone (``finish_reason`` "error"); the rest
+        of the step goes on and gets exactly the tokens it would have got without it."""
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
-        logits = self.runner.run(out.chunks)
-        sampling = [c.seq for c in out.chunks if c.sample]
-        tokens = sample(logits, sampling, self.eos_ids) if sampling else []
-        self.scheduler.update_from_output(out, tokens)
+        logits_of, failed = self._forward(out.chunks)
+        sampling = [c for c in out.chunks if c.sample and c not in failed]
+        tokens_of: dict[Chunk, int] = {}
+        if sampling:
+            logits = torch.stack([logits_of[c] for c in sampling])
+            drawn = sample(logits, [c.seq for c in sampling], self.eos_ids)
+            for chunk, tok in zip(sampling, drawn, strict=True):
+                if isinstance(tok, RequestError):
+                    failed[chunk] = tok
+                else:
+                    tokens_of[chunk] = tok
+        outputs = [self._fail(chunk.seq, error) for chunk, error in failed.items()]
+        kept = replace(out, chunks=[c for c in out.chunks if c not in failed])
+        sampled = [c for c in kept.chunks if c.sample]  # before the tokens extend the keys
+        self.scheduler.update_from_output(kept, [tokens_of[c] for c in sampled])
         self.stats.steps += 1
-        self.stats.computed_tokens += out.num_tokens
-        self.stats.generated_tokens += len(tokens)
-        return [self._after_token(seq) for seq in sampling]
+        self.stats.computed_tokens += kept.num_tokens
+        self.stats.generated_tokens += len(sampled)
+        return outputs + [self._after_token(c.seq) for c in sampled]
+
+    def _forward(
+        self, chunks: list[Chunk]
+    ) -> tuple[dict[Chunk, torch.Tensor], dict[Chunk, RequestError]]:
+        """Run ``chunks``: each sampling chunk's logits row, and the chunks that failed.
+
+        A forward that raises is run again in halves, down to single chunks, so the chunk that
+        raises is found and failed alone. Re-running is safe: a chunk writes only its own
+        sequence's blocks (cached blocks come before ``chunk.start``), with the same values."""
+        try:
+            result = self.runner.run(chunks)
+        except Exception as exc:
+            if len(chunks) == 1:
+                if isinstance(exc, NonFiniteAdapter):
+                    return {}, {chunks[0]: RequestError("non_finite", str(exc))}
+                log.exception("engine forward failed for request %s", chunks[0].seq.request_id)
+                error = RequestError("engine", f"the engine failed on this request: {exc}")
+                return {}, {chunks[0]: error}
+            self.stats.split_forwards += 1
+            mid = len(chunks) // 2
+            rows, failed = self._forward(chunks[:mid])
+            more_rows, more_failed = self._forward(chunks[mid:])
+            return {**rows, **more_rows}, {**failed, **more_failed}
+        rows = dict(zip([c for c in chunks if c.sample], result.logits, strict=True))
+        failed = {
+            c: RequestError("non_finite", NON_FINITE)
+            for c, ok in zip(chunks, result.finite, strict=True)
+            if not ok
+        }
+        return rows, failed
+
+    def _fail(self, seq: Sequence, error: RequestError) -> RequestOutput:
+        """Stop ``seq`` alone: its blocks are released and none of them enters the prefix
+        cache (what it computed is not trusted)."""
+        log.warning("request %s failed alone: %s", seq.request_id, error.message)
+        self.stats.failed_requests += 1
+        seq.error = error
+        self.scheduler.finish(seq, "error")
+        self.seqs.pop(seq.request_id, None)
+        return self.output(seq, seq.detok.text if seq.detok is not None else "")
 
     def _after_token(self, seq: Sequence) -> RequestOutput:
         """Decode the new token, stop if due (cutting at a stop string), report. A finishing
@@ -184,7 +245,11 @@ class LLMEngine:
 
     def _stop_string(self, seq: Sequence, text: str) -> int | None:
         """Index in ``text`` (the decoded output) where the first stop string starts, or None.
-        Only text after the first ``min_tokens`` tokens can stop a request."""
+        Only text after the first ``min_tokens`` tokens can stop a request.
+
+        Linear in the output: the text only grows, so each call searches only what is new plus
+        the longest stop string's length - 1 before it (a stop string may straddle the two);
+        the detokenizer's rare rewrite of the whole text sends the search back to the start."""
         p = seq.params
         if len(seq.output_ids) < p.min_tokens:
             return None  # nothing can stop it yet (_stop_reason would ignore a hit)
@@ -192,7 +257,12 @@ class LLMEngine:
             seq.stop_search_from = len(
                 self.tokenizer.decode(seq.output_ids[: p.min_tokens], skip_special_tokens=True)
             )
-        hits = [i for s in p.stop if (i := text.find(s, seq.stop_search_from)) >= 0]
+        start = seq.stop_search_from
+        if seq.detok.rewrites == seq.stop_rewrites:
+            longest = max(len(s) for s in p.stop)
+            start = max(start, seq.stop_scanned - longest + 1)
+        seq.stop_scanned, seq.stop_rewrites = len(text), seq.detok.rewrites
+        hits = [i for s in p.stop if (i := text.find(s, start)) >= 0]
         return min(hits) if hits else None
 
     def decode(self, seq: Sequence, final: bool = False) -> str:
@@ -214,4 +284,5 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt,
             num_cached_tokens=seq.num_cached_prompt,
             queue_s=None if seq.first_scheduled is None else seq.first_scheduled - seq.arrival,
+            error=seq.error,
         )

@@ -9,6 +9,7 @@ K/V is copied into the cache. Prompt/P-tuning virtual tokens enter as input embe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +31,20 @@ class Chunk:
     @property
     def sample(self) -> bool:
         return self.end == len(self.seq.key)
+
+
+class NonFiniteAdapter(ValueError):
+    """An adapter's tensor is not finite at the runner's dtype (e.g. float32 values beyond
+    bfloat16's range): it must never reach the KV cache, where other requests read beside it."""
+
+
+class StepResult(NamedTuple):
+    """What one forward gives back: float32 logits ``[n_sample, vocab]`` of the chunks whose
+    ``sample`` is set, in the order given, and per chunk whether every key and value it wrote
+    was finite (a chunk that was not is to be failed: its cache rows hold zeros)."""
+
+    logits: torch.Tensor
+    finite: list[bool]
 
 
 @dataclass
@@ -89,7 +104,13 @@ class ModelRunner:
         def load() -> torch.Tensor:
             src = seg.kv if seg.kind == "prefix_tuning" else seg.embeddings
             assert src is not None, f"adapter {seg.key} of kind {seg.kind} has no tensor"
-            return src.to(device=self.device, dtype=self.dtype)
+            tensor = src.to(device=self.device, dtype=self.dtype)
+            if not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteAdapter(
+                    f"adapter {seg.key[:16]} holds values that are not finite in {self.dtype} "
+                    "(inf or NaN, or beyond the range of the served dtype)"
+                )
+            return tensor
 
         return self.adapter_tier.get_or_load(seg.key, load)
 
@@ -104,9 +125,8 @@ class ModelRunner:
         return table[positions // bs] * bs + positions % bs
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Compute every chunk; return float32 logits ``[n_sample, vocab]`` for the chunks
-        whose ``sample`` is set, in the order given."""
+    def run(self, chunks: list[Chunk]) -> StepResult:
+        """Compute every chunk: logits of the sampling chunks, finiteness of each chunk."""
         token_ids: list[int] = []
         positions: list[int] = []
         emb_rows: list[tuple[int, torch.Tensor]] = []
@@ -115,8 +135,9 @@ class ModelRunner:
             first = len(positions)
             self._collect(chunk, token_ids, positions, emb_rows)
             seq_rows.append(_SeqRows(chunk, slice(first, len(positions)), positions[first:]))
+        vocab = self.model.config.vocab_size
         if not positions:
-            return torch.empty(0, self.model.config.vocab_size)
+            return StepResult(torch.empty(0, vocab), [True] * len(chunks))
         dev = self.device
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         embeds = self.embed(ids.clamp(min=0))
@@ -130,11 +151,13 @@ class ModelRunner:
             use_cache=False,
             ps_meta=meta,
         ).last_hidden_state[0]
+        bad = meta.nonfinite.cpu()
+        finite = [not bool(bad[sr.rows].any()) for sr in seq_rows]
         last = [sr.rows.stop - 1 for sr in seq_rows if sr.chunk.sample]
         if not last:
-            return torch.empty(0, self.model.config.vocab_size)
+            return StepResult(torch.empty(0, vocab), finite)
         logits = self.model.lm_head(hidden[torch.tensor(last, device=dev)])
-        return logits.float()
+        return StepResult(logits.float(), finite)
 
     def _collect(
         self,
@@ -205,6 +228,7 @@ class ModelRunner:
         units = [self._decode_unit(members, segments.get(g)) for g, members in decode.items()]
         return AttentionMetadata(
             kv_cache=self.kv_cache,
+            nonfinite=torch.zeros(seq_rows[-1].rows.stop, dtype=torch.bool, device=dev),
             slot_mapping=torch.cat(slot_parts).to(dev),
             decode=padded_batch(units, dev) if units else None,
             seqs=seqs,

@@ -109,10 +109,13 @@ class Sequence:
     num_preemptions: int = 0
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
+    error: RequestError | None = None  # set with finish_reason "error"
     generator: torch.Generator | None = None
     detok: Any = field(default=None, repr=False)  # the engine's IncrementalText of the output
     prompt_token_ids: list[int] = field(default_factory=list, repr=False)  # the key's ints
     stop_search_from: int | None = None  # where text after the first min_tokens tokens starts
+    stop_scanned: int = 0  # output text length already searched for stop strings
+    stop_rewrites: int = 0  # the detokenizer's rewrite count at that search
 
     def __post_init__(self) -> None:
         self.num_prompt = len(self.key)
@@ -126,6 +129,19 @@ class Sequence:
         return len(self.key)
 
 
+@dataclass(frozen=True)
+class RequestError:
+    """Why the engine stopped one request alone (the rest of its batch went on).
+
+    ``kind`` is ``"non_finite"`` when the request's own computation produced infinities or
+    NaNs (its adapters or prompt drive the model out of range: the request's fault, HTTP 400),
+    ``"sampling"`` when its token could not be drawn, ``"engine"`` when running it raised (a
+    bug, isolated to this request by re-running its step in parts: HTTP 500)."""
+
+    kind: str
+    message: str
+
+
 @dataclass
 class RequestOutput:
     """What a request has produced so far; ``finished`` once it stops."""
@@ -135,7 +151,8 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" (then ``error``)
     num_prompt_tokens: int  # positions before generation, virtual tokens included
     num_cached_tokens: int
     queue_s: float | None = None  # arrival to first admission; None while still waiting
+    error: RequestError | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.request import Sequence
+from server.engine.request import RequestError, Sequence
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -41,30 +41,49 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[int]:
-    """One token per row of ``logits`` ([N, vocab]), for ``seqs[i]``. Runs on the CPU, where
-    the per-request generators live (N x vocab floats: small next to a forward)."""
+NON_FINITE = (
+    "the model's output for this request is not finite (inf or NaN): its adapters or prompt "
+    "drive the model's values out of range, so no token can be chosen"
+)
+
+
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]
+) -> list[int | RequestError]:
+    """One token per row of ``logits`` ([N, vocab]), for ``seqs[i]``; a row that cannot give
+    one (non-finite logits, a sampling error) gives a ``RequestError`` for that request only.
+    Runs on the CPU, where the per-request generators live (N x vocab floats: small next to a
+    forward)."""
     logits = logits.float().cpu().clone()  # ours to edit (the runner's are inference tensors)
-    greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0]
-    tokens = [0] * len(seqs)
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    tokens: list[int | RequestError] = [
+        0 if ok else RequestError("non_finite", NON_FINITE) for ok in finite
+    ]
     for i, seq in enumerate(seqs):
         banned = _banned_ids(seq, eos_ids)
         if banned:
             logits[i, banned] = float("-inf")
+    greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0 and finite[i]]
     if greedy:
         picks = logits[greedy].argmax(dim=-1).tolist()
         for i, tok in zip(greedy, picks, strict=True):
             tokens[i] = tok
     for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.temperature == 0:
+        if seq.params.temperature == 0 or not finite[i]:
             continue
-        # Shifted so that the best logit is 0: a tiny temperature then sends the others to
-        # -inf rather than the best to +inf (a NaN softmax); and never divided by float32's 0.
-        row = (logits[i] - logits[i].max()) / max(p.temperature, _TINY)
-        row = filter_logits(row, p.top_k, p.top_p)
-        probs = torch.softmax(row, dim=-1)
-        if seq.generator is None:
-            seq.generator = make_generator(p.seed)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
+        try:
+            tokens[i] = _draw(logits[i], seq)
+        except RuntimeError as exc:  # e.g. torch.multinomial refusing a distribution
+            tokens[i] = RequestError("sampling", f"sampling failed for this request: {exc}")
     return tokens
+
+
+def _draw(row: torch.Tensor, seq: Sequence) -> int:
+    p = seq.params
+    # Shifted so that the best logit is 0: a tiny temperature then sends the others to -inf
+    # rather than the best to +inf (a NaN softmax); and never divided by float32's 0.
+    row = (row - row.max()) / max(p.temperature, _TINY)
+    probs = torch.softmax(filter_logits(row, p.top_k, p.top_p), dim=-1)
+    if seq.generator is None:
+        seq.generator = make_generator(p.seed)
+    return int(torch.multinomial(probs, 1, generator=seq.generator))

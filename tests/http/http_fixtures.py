@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from adapters_store.store import DEFAULT_HOST_CACHE_BYTES, open_store
 from adapters_store.types import Quota, TenantQuotas
 from server.api import create_app
+from server.api.server import tenant_limit
 from server.async_engine import AsyncEngine
 from server.config import ApiKeys, ServeConfig
 from server.llm import LLM
@@ -93,8 +94,9 @@ def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
             config.data_dir, quotas=quotas, gc_interval_s=None, host_cache_bytes=host_cache_bytes
         )
         capacity = llm.engine.config.max_num_seqs + config.max_queued_requests
-        engine = AsyncEngine(build or (lambda: llm), capacity=capacity)
         api_keys = ApiKeys.from_entries([(k, t, False) for t, k in (keys or {}).items()])
+        limit = tenant_limit(replace(config, max_num_seqs=llm.engine.config.max_num_seqs), api_keys)
+        engine = AsyncEngine(build or (lambda: llm), capacity=capacity, tenant_limit=limit)
         server = LiveServer(create_app(engine, store, config, api_keys))
         started.append((server, store))
         return server.start(wait_ready)

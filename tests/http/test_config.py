@@ -56,6 +56,8 @@ def test_every_flag_reads_its_environment_variable(tmp_path):
         "PREFIX_SERVE_KV_CACHE_MEMORY": "2GiB",
         "PREFIX_SERVE_TORCH_THREADS": "3",
         "PREFIX_SERVE_MAX_QUEUED_REQUESTS": "5",
+        "PREFIX_SERVE_MAX_TENANT_SHARE": "0.25",
+        "PREFIX_SERVE_MAX_UPLOAD_MEMORY": "64MiB",
         "PREFIX_SERVE_REQUEST_TIMEOUT": "12.5",
         "PREFIX_SERVE_DRAIN_TIMEOUT": "3",
         "PREFIX_SERVE_MAX_REQUEST_BYTES": "1M",
@@ -69,6 +71,7 @@ def test_every_flag_reads_its_environment_variable(tmp_path):
     assert (c.device, c.dtype) == ("cpu", "bfloat16")
     assert (c.max_num_seqs, c.max_num_batched_tokens) == (7, 333)
     assert (c.kv_cache_memory, c.max_queued_requests, c.torch_threads) == (2 << 30, 5, 3)
+    assert (c.max_tenant_share, c.max_upload_memory) == (0.25, 64 << 20)
     assert (c.request_timeout, c.drain_timeout) == (12.5, 3.0)
     assert (c.max_request_bytes, c.max_upload_bytes, c.log_level) == (1 << 20, 10 << 20, "debug")
     # The command line wins over the environment.

@@ -34,7 +34,9 @@ def one_seat_llm(tiny_model_dir):
 
 
 def test_full_queue_is_429_and_accepted_requests_finish(make_server, one_seat_llm):
-    server = make_server(one_seat_llm, max_queued_requests=1)  # 1 running + 1 waiting
+    # 1 running + 1 waiting, one tenant may hold both (the per-tenant share is tested in
+    # tests/reliability/test_hostile_engine.py).
+    server = make_server(one_seat_llm, max_queued_requests=1, max_tenant_share=1.0)
     results: list = [None, None]
 
     def run(i: int) -> None:
@@ -72,11 +74,10 @@ def test_streaming_disconnect_aborts_and_frees_blocks(make_server, tiny_llm):
         before = server.engine_state()["generated"]
         with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
             assert r.status_code == 200
+            lines = r.iter_lines()  # kept: closing the iterator would close the stream
             events = 0
-            for line in r.iter_lines():
-                events += line.startswith("data: ")
-                if events == 3:
-                    break
+            while events < 3:
+                events += next(lines).startswith("data: ")
             assert server.engine_state()["seqs"] == 1
         # Leaving the block closed the connection mid-stream.
         state = server.wait_idle(timeout=3)

@@ -21,6 +21,7 @@ from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.request import SamplingParams
 from server.llm import to_segment
 from server.metrics import (
+    ADMISSIONS,
     ERROR_TYPES,
     FINISH_REASONS,
     ITL_BUCKETS_S,
@@ -64,6 +65,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "prefix_serve_requests_finished": ("counter", ("finish_reason",)),
     "prefix_serve_request_errors": ("counter", ("error_type",)),
     "prefix_serve_http_requests": ("counter", ("route", "status")),
+    "prefix_serve_admissions": ("counter", ("outcome",)),
 }
 
 # Label name -> the values it may take. `le` takes histogram bounds (a fixed set per family).
@@ -78,6 +80,7 @@ ALLOWED_LABELS = {
     "error_type": set(ERROR_TYPES),
     "route": set(ROUTES),
     "status": {str(code) for code in range(100, 600)} | {"other"},
+    "outcome": set(ADMISSIONS),
 }
 
 VOCAB, BLOCK, NUM_BLOCKS = 64, 4, 32
@@ -297,6 +300,7 @@ def test_request_observations_land_in_exact_buckets() -> None:
         "stop": 1,
         "length": 1,
         "abort": 1,
+        "error": 0,
         "other": 0,
     }
     errors = {e: value(v, "prefix_serve_request_errors_total", error_type=e) for e in ERROR_TYPES}

@@ -12,3 +12,4 @@ from http_fixtures import (  # noqa: E402, F401 (fixtures)
     tiny_model_dir,
     tiny_ref,
 )
+from sharp_model import llm, model_dir, peft, ref  # noqa: E402, F401 (fixtures)

@@ -121,6 +121,7 @@ def test_grouped_paged_batch_equals_plain_attention():
         decode=padded_batch(units, "cpu"),
         seqs=multi,
         shared=padded_batch([(shared_rows[i], segment[i], None) for i in (0, 1)], "cpu"),
+        nonfinite=torch.zeros(0, dtype=torch.bool),
     )
     assert meta.decode.slots.shape == (3, 8 + 6 + 2)  # group 0: segment + two suffixes
     out = prefix_attention(q, cache[0, 0], cache[0, 1], meta, scale)
