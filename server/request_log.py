@@ -45,9 +45,14 @@ def new_request_id() -> str:
 @dataclass(frozen=True)
 class RequestLog:
     """What one log line says about a request. Times in seconds (None when not reached, e.g.
-    no first token); ``status`` is the HTTP status; ``error_type`` the OpenAI error type when
-    ``status`` is not 2xx; ``adapter_ids`` are the server-made ids of the adapters used, in
-    order (names are the tenant's words, ids are ours)."""
+    no first token); ``status`` is the HTTP status (499: the client left before an answer);
+    ``error_type`` the OpenAI error type of the error answered (a 4xx or 5xx, or the error
+    event that ended a 200 stream); ``route`` the template of the route the request was sent
+    to, answered there or before routing (a body over its limit), ``unmatched`` for none;
+    token counts and ``finish_reason`` cover every engine request of the HTTP request, those
+    aborted included (``abort``, with the tokens they had); ``adapter_ids`` are the
+    server-made ids of the adapters used, in order (names are the tenant's words, ids are
+    ours)."""
 
     request_id: str
     tenant: str

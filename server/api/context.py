@@ -5,23 +5,32 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
 from server.api.errors import APIError
+from server.api.prompt_limits import PromptLimits
 from server.api.resolver import AdapterResolver
+from server.api.upload_budget import UploadBudget
 from server.async_engine import AsyncEngine, EngineUnavailable
 from server.config import ApiKeys, Principal, ServeConfig
 
 OPEN_MODE = Principal("default", admin=True)
+CPU_WORKERS = 2  # threads of the pool that tokenizes and templates prompts
 T = TypeVar("T")
+
+
+def _cpu_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(CPU_WORKERS, thread_name_prefix="prefix-serve-cpu")
 
 
 @dataclass
 class AppContext:
-    """The app's collaborators. ``draining`` flips once, on SIGTERM."""
+    """The app's collaborators. ``draining`` flips once, on SIGTERM. ``close()`` when the app
+    stops."""
 
     engine: AsyncEngine
     store: Any  # adapters_store.store.AdapterStore
@@ -29,13 +38,30 @@ class AppContext:
     keys: ApiKeys
     resolver: AdapterResolver
     metrics: Any  # server.metrics.Metrics
+    uploads: UploadBudget  # bytes of uploads processed at once (--max-upload-memory)
     started: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     inflight: int = 0  # HTTP requests being handled (ops routes excluded)
+    cpu: ThreadPoolExecutor = field(default_factory=_cpu_pool)
+    prompt_limits: PromptLimits | None = None  # set at the first generation request
 
     async def run_store(self, fn: Callable[..., T], *args: Any) -> T:
         """Store calls block (SQLite, Redis, blob I/O): run them in a worker thread."""
         return await asyncio.to_thread(fn, *args)
+
+    async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """CPU work of a handler (tokenizing, chat templates) in the app's small pool, so that
+        the event loop keeps answering every other request meanwhile; at most ``CPU_WORKERS``
+        such jobs run at once, the rest wait their turn.
+
+        Never torch work: a thread that runs a torch operator starts an OpenMP team of its own,
+        and the engine's steps slow down for as long as it lives (``AsyncEngine.call``). The
+        tokenizers' Rust code and jinja are not torch, and return plain lists here."""
+        return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
+
+    def close(self) -> None:
+        """Stop the pool; jobs not started are dropped (their requests are gone)."""
+        self.cpu.shutdown(wait=False, cancel_futures=True)
 
     def llm(self) -> Any:
         """The loaded model bundle (``server.llm.LLM``), or 503 while it is loading."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any, TypeVar
@@ -16,6 +15,8 @@ from server.api import streaming
 from server.api.context import AppContext, Caller, context
 from server.api.errors import APIError
 from server.api.jobs import ClientGone, Job, usage
+from server.api.json_body import load_json
+from server.api.prompt_limits import PromptLimits, check_text_bytes, prompt_limits
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, _Generation
 from server.async_engine import EngineInput
 from server.config import Principal
@@ -23,6 +24,8 @@ from server.engine.request import AdapterSegment, RequestOutput, SamplingParams
 
 router = APIRouter()
 MAX_CHOICES = 64  # prompts x n of one request
+MAX_MESSAGES = 1024  # ChatCompletionRequest.messages' own limit
+MAX_CONTENT_PARTS = 4096  # chat content parts of one request, all messages together
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 G = TypeVar("G", bound=_Generation)
 
@@ -49,39 +52,42 @@ def _model(model_id: str, created: int, owner: str, parent: str | None) -> dict:
 
 @router.post("/v1/completions")
 async def completions(request: Request, who: Caller) -> Response:
-    body, ctx, llm, segments = await _prepare(request, who, CompletionRequest)
-    prompts = _completion_prompts(body.prompt, llm.tokenizer)
+    body, ctx, llm, limits, segments = await _prepare(request, who, CompletionRequest)
+    prompts = await _completion_prompts(ctx, body.prompt, llm.tokenizer, limits)
     limit = body.max_tokens or DEFAULT_COMPLETION_TOKENS
     return await _generate(ctx, request, body, who, segments, prompts, limit, chat=False)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, who: Caller) -> Response:
-    body, ctx, llm, segments = await _prepare(request, who, ChatCompletionRequest)
-    prompt = _chat_prompt(body, llm.tokenizer)
+    body, ctx, llm, limits, segments = await _prepare(request, who, ChatCompletionRequest)
+    prompt = await _chat_prompt(ctx, body, llm.tokenizer, limits)
     limit = body.token_limit
     if limit is None:  # as much as the context leaves
         used = sum(s.length for s in segments) + len(prompt)
-        limit = max(1, llm.engine.max_model_len - used)
+        limit = max(1, limits.context - used)
     return await _generate(ctx, request, body, who, segments, [prompt], limit, chat=True)
 
 
 async def _prepare(
     request: Request, who: Principal, model: type[G]
-) -> tuple[G, AppContext, Any, list[AdapterSegment]]:
-    """The parts both generation routes start with, in order: the body (after auth), the
-    loaded model (or 503), a cheap 429 before any costly work, the caller's adapters."""
-    body = await _body(request, model)
+) -> tuple[G, AppContext, Any, PromptLimits, list[AdapterSegment]]:
+    """The parts both generation routes start with, in order: the body parsed (after auth),
+    the loaded model (or 503), the body validated against the model's limits, a cheap 429
+    before any costly work, the caller's adapters."""
+    data = load_json(await _raw_body(request))
     ctx = context(request)
     llm = ctx.llm()
-    ctx.engine.check_admission(body.n)
+    limits = await _prompt_limits(ctx, llm)
+    body = _validate(model, data, limits)
+    ctx.engine.check_admission(body.n, who.tenant)
     segments = await ctx.resolver.segments(who.tenant, body.model, llm.model_id, body.adapters)
-    return body, ctx, llm, segments
+    return body, ctx, llm, limits, segments
 
 
-async def _body(request: Request, model: type[G]) -> G:
-    """The JSON body, read once the caller is authenticated (as a FastAPI body parameter it
-    was parsed first: a malformed body without a key answered 400, not 401)."""
+async def _raw_body(request: Request) -> bytes:
+    """The body's bytes, read once the caller is authenticated (as a FastAPI body parameter
+    it was parsed first: a malformed body without a key answered 400, not 401)."""
     media = request.headers.get("content-type") or "application/json"
     media = media.split(";")[0].strip().lower()
     if not (
@@ -90,15 +96,68 @@ async def _body(request: Request, model: type[G]) -> G:
         raise APIError(
             400, f"the body must be application/json, not {media!r}", code="invalid_request"
         )
-    raw = await request.body()
-    try:
-        data = json.loads(raw) if raw else None
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    return await request.body()
+
+
+def _validate(model: type[G], data: Any, limits: PromptLimits) -> G:
+    """``data`` as ``model``, after refusing the lists whose validation alone would hold the
+    event loop for a second (pydantic spends microseconds on each item of a token-id list or
+    each content part, and 8 MiB holds millions): none of them could be served anyway."""
+    if isinstance(data, dict):
+        if model is CompletionRequest:
+            _check_prompt_lists(data.get("prompt"), limits)
+        elif model is ChatCompletionRequest:
+            _check_content_parts(data.get("messages"))
     try:
         return model.model_validate(data)
     except ValidationError as exc:  # answered like FastAPI's own validation errors
         raise RequestValidationError(exc.errors()) from None
+
+
+def _check_prompt_lists(prompt: Any, limits: PromptLimits) -> None:
+    if not isinstance(prompt, list) or not prompt:
+        return
+    if isinstance(prompt[0], int):
+        if len(prompt) > limits.context:
+            raise APIError(
+                400,
+                f"the prompt is {len(prompt)} token ids; at most {limits.context} fit the context",
+                code="invalid_request",
+                param="prompt",
+            )
+        return
+    if len(prompt) > MAX_CHOICES:
+        raise APIError(
+            400,
+            f"the request has {len(prompt)} prompts; at most {MAX_CHOICES}",
+            code="invalid_request",
+            param="prompt",
+        )
+    for i, ids in enumerate(prompt):
+        if isinstance(ids, list) and len(ids) > limits.context:
+            raise APIError(
+                400,
+                f"prompt {i} is {len(ids)} token ids; at most {limits.context} fit the context",
+                code="invalid_request",
+                param="prompt",
+            )
+
+
+def _check_content_parts(messages: Any) -> None:
+    if not isinstance(messages, list):
+        return
+    parts = sum(
+        len(m["content"])
+        for m in messages[:MAX_MESSAGES]
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+    )
+    if parts > MAX_CONTENT_PARTS:
+        raise APIError(
+            400,
+            f"the messages have {parts} content parts; at most {MAX_CONTENT_PARTS}",
+            code="invalid_request",
+            param="messages",
+        )
 
 
 async def _generate(
@@ -166,22 +225,52 @@ def _params(body: _Generation, max_tokens: int, choice: int) -> SamplingParams:
     )
 
 
-def _completion_prompts(prompt: Any, tokenizer: Any) -> list[list[int]]:
+# Prompt limits ------------------------------------------------------------------------------
+async def _prompt_limits(ctx: AppContext, llm: Any) -> PromptLimits:
+    """The loaded model's limits, computed once, in the worker pool, at its first request."""
+    if ctx.prompt_limits is None:
+        ctx.prompt_limits = await ctx.run_cpu(prompt_limits, llm)
+    return ctx.prompt_limits
+
+
+# Tokens ---------------------------------------------------------------------------------------
+async def _completion_prompts(
+    ctx: AppContext, prompt: Any, tokenizer: Any, limits: PromptLimits
+) -> list[list[int]]:
+    """Token ids of each prompt; text is tokenized in the worker pool, and only once its
+    size shows it may fit the context."""
     if isinstance(prompt, str) or isinstance(prompt[0], int):
         prompt = [prompt]
+    texts = [p for p in prompt if isinstance(p, str)]
+    check_text_bytes(texts, limits, "prompt")
+    encoded = iter(await ctx.run_cpu(_encode, tokenizer, texts) if texts else ())
     out = []
     for p in prompt:
-        ids = tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+        ids = next(encoded) if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "the prompt is empty", code="invalid_request", param="prompt")
         out.append(ids)
     return out
 
 
-def _chat_prompt(body: ChatCompletionRequest, tokenizer: Any) -> list[int]:
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Runs in the worker pool: plain lists of ints (no tensors: no torch in this thread)."""
+    return [tokenizer.encode(text, add_special_tokens=True) for text in texts]
+
+
+async def _chat_prompt(
+    ctx: AppContext, body: ChatCompletionRequest, tokenizer: Any, limits: PromptLimits
+) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    check_text_bytes([m["content"] for m in messages], limits, "messages")
+    return await ctx.run_cpu(_apply_template, tokenizer, messages)
+
+
+def _apply_template(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Runs in the worker pool: jinja, then the tokenizer; ``return_dict`` without
+    ``return_tensors`` gives lists, never tensors."""
     try:
         ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True

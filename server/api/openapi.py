@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from server.api import schemas
+from server.api import admin, schemas
 
 REF = "#/components/schemas/{model}"
 BEARER = "bearer"
@@ -31,11 +31,13 @@ BEARER = "bearer"
 ERRORS = {
     400: "Invalid request: a bad field, a prompt longer than the context, a bad adapter.",
     401: "Missing or unknown API key.",
+    403: "The API key is not an admin key.",
     404: "Unknown model or adapter (another tenant's adapter included).",
     409: "Conflicting write.",
     413: "Request body, upload or adapter too large, or over the tenant's quota.",
     415: "Unsupported content type or archive type.",
-    429: "Overloaded: the request queue is full; retry after Retry-After seconds.",
+    429: "Overloaded: the request queue, or the upload memory budget, is full; retry after "
+    "Retry-After seconds.",
     503: "Not ready, draining, timed out, or the registry is unavailable; retry later.",
     507: "Adapter storage is full.",
 }
@@ -185,7 +187,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ),
     ("POST", "/v1/adapters"): Route(
         {201: Answer("The new adapter version.", _json(schemas.Adapter))},
-        (400, 401, 409, 413, 415, 503, 507),
+        (400, 401, 409, 413, 415, 429, 503, 507),
         body=UPLOAD_BODY,
     ),
     ("GET", "/v1/adapters"): Route(
@@ -198,6 +200,20 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("DELETE", "/v1/adapters/{name}"): Route(
         {200: Answer("Every version of the adapter was hidden.", _json(schemas.AdapterDeleted))},
         (401, 404, 409, 503),
+    ),
+    # Admin keys only. 400: a malformed tenant; 404 on the listing: a tenant with a "/" (the
+    # path no longer matches the route).
+    ("GET", "/v1/admin/tenants"): Route(
+        {200: Answer("Every tenant's usage and quota.", _json(admin.TenantList))},
+        (401, 403, 503),
+    ),
+    ("GET", "/v1/admin/tenants/{tenant}/adapters"): Route(
+        {200: Answer("The tenant's live adapters.", _json(schemas.AdapterList))},
+        (400, 401, 403, 404, 503),
+    ),
+    ("DELETE", "/v1/admin/tenants/{tenant}/adapters/{adapter}"): Route(
+        {200: Answer("Every version of the adapter was hidden.", _json(schemas.AdapterDeleted))},
+        (400, 401, 403, 404, 503),
     ),
 }
 
@@ -240,7 +256,7 @@ def build_openapi(app: FastAPI, auth: bool) -> dict[str, Any]:
 def _model_schemas() -> dict[str, Any]:
     """Pydantic's own schemas of the bodies (FastAPI's pass through its OpenAPI model, which
     turns integer bounds into floats: 2**64 - 1 would read 2**64). Made once: ~40 ms."""
-    models = [*schemas.REQUEST_MODELS, *schemas.RESPONSE_MODELS]
+    models = [*schemas.REQUEST_MODELS, *schemas.RESPONSE_MODELS, *admin.RESPONSE_MODELS]
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
     return defs["$defs"]
 

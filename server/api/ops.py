@@ -10,10 +10,11 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.context import context
-from server.api.errors import APIError
+from server.api.errors import ERROR_TYPES, APIError
 from server.request_log import RequestLog, log_request, request_id_from
 
 router = APIRouter()
@@ -65,7 +66,11 @@ async def metrics(request: Request) -> Response:
 class HTTPLayer:
     """Outermost middleware: the body-size limit (413 from ``Content-Length`` before anything
     is read, or as soon as a chunked body passes it), the in-flight count used by the drain,
-    and the request counter."""
+    the request counter and the log line.
+
+    When the exchange is over, the request's engine work is closed (``Job.close``: what is
+    unfinished is aborted and counted) before the line is written, however the answer ended:
+    a stream whose client left may not have been finalized yet."""
 
     def __init__(self, app: ASGIApp, get_ctx: Callable[[], object]) -> None:
         self.app = app
@@ -91,26 +96,50 @@ class HTTPLayer:
 
         ops = scope["path"] in OPS_PATHS
         ctx.inflight += 0 if ops else 1
+        early = None
         try:
             early = _declared_too_large(scope, limit)
             if early is not None:
+                ctx.metrics.count_error(early.body()["error"]["type"])
                 await early.response()(scope, receive, counted_send)
             else:
                 await self.app(scope, _limited(receive, limit), counted_send)
         finally:
             ctx.inflight -= 0 if ops else 1
-            template = getattr(scope.get("route"), "path", "unmatched")
+            job = scope.get("state", {}).get("job")
+            if job is not None:
+                job.close()
+            # An answer given before routing is filed under the route it was sent to.
+            template = _route_template(scope, routed=early is None)
             code = status[0] or 500
             ctx.metrics.count_http_request(template, code)
             if not ops:
                 log_request(_log_record(scope, rid, template, code, time.monotonic() - started))
 
 
+def _route_template(scope: Scope, routed: bool) -> str:
+    """The template of the route that handled the request; for one answered before routing,
+    the template of the app's documented route (its OpenAPI paths: every route is described)
+    that the path matches, whatever the method. "unmatched" when none: templates only, never
+    a raw path, so the labels stay bounded."""
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path", "unmatched")
+    app = scope.get("app")
+    if not routed and app is not None:
+        for template in app.openapi().get("paths", {}):
+            if compile_path(template)[0].match(scope["path"]):
+                return template
+    return "unmatched"
+
+
 def _log_record(scope: Scope, rid: str, route: str, status: int, e2e: float) -> RequestLog:
     """The request's log line: tenant and generation details from what the handlers left in
-    the request state (content-hash ids of the adapters, never their names)."""
+    the request state (content-hash ids of the adapters, never their names). Every engine
+    request of the job is in ``job.finished`` by now, aborted ones with the tokens they had."""
     state = scope.get("state", {})
-    finished = getattr(state.get("job"), "finished", [])
+    job = state.get("job")
+    finished = getattr(job, "finished", [])
     outs = [out for out, _ in finished]
     ttfts = [ttft for _, ttft in finished if ttft is not None]
     queues = [out.queue_s for out in outs if out.queue_s is not None]
@@ -125,11 +154,23 @@ def _log_record(scope: Scope, rid: str, route: str, status: int, e2e: float) -> 
         cached_tokens=sum(o.num_cached_tokens for o in outs),
         generation_tokens=sum(len(o.token_ids) for o in outs),
         finish_reason=outs[-1].finish_reason if outs else None,
+        error_type=_error_type(status, getattr(job, "error_type", None)),
         stream=bool(state.get("stream", False)),
         queue_s=max(queues) if queues else None,
         ttft_s=min(ttfts) if ttfts else None,
         e2e_s=e2e,
     )
+
+
+def _error_type(status: int, stream_error: str | None) -> str | None:
+    """The OpenAI error ``type`` the answer carried: every error body is made by
+    ``APIError.body``, whose type follows the status; a stream's error event (status 200)
+    is reported by its job. None for a 499: the client left, nothing was answered."""
+    if stream_error is not None:
+        return stream_error
+    if status < 400 or status == 499:
+        return None
+    return ERROR_TYPES.get(status, "invalid_request_error")
 
 
 def _declared_too_large(scope: Scope, limit: int) -> APIError | None:

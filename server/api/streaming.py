@@ -65,8 +65,9 @@ async def events(
         return
     except Exception as exc:  # headers are sent: the error goes in the stream
         err = to_api_error(exc)
+        job.error_type = err.body()["error"]["type"]  # for the request's log line
         if job.metrics is not None:
-            job.metrics.count_error(err.body()["error"]["type"])
+            job.metrics.count_error(job.error_type)
         yield sse(err.body())
         yield sse("[DONE]")
     finally:

@@ -163,6 +163,22 @@ def test_too_large_adapters_are_413(make_server, tiny_llm, peft_dirs):
         assert http.get("/v1/adapters").json()["data"] == []
 
 
+def test_text_uploads_are_json_requests_bounded_by_the_request_limit(make_server, tiny_llm):
+    server = make_server(tiny_llm, max_request_bytes=4096)
+    with server.http() as http:
+        body = json.dumps({"name": "t", "text": "x" * 5000}).encode()  # 5,025 bytes
+        r = http.post("/v1/adapters", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert error_of(r)["code"] == "body_too_large"
+        assert "is 5025 bytes; the limit is 4096" in error_of(r)["message"]
+        chunked = iter([b'{"name": "t", "text": "', b"x" * 5000, b'"}'])  # no Content-Length
+        r = http.post("/v1/adapters", content=chunked, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "over 4096 bytes" in error_of(r)["message"], r.text
+        r = http.post("/v1/adapters", json={"name": "t", "text": "x" * 4000})
+        assert (r.status_code, r.json()["version"]) == (201, 1), r.text
+        assert [a["name"] for a in http.get("/v1/adapters").json()["data"]] == ["t"]
+
+
 def test_tenant_isolation(server, peft_dirs):
     acme, globex = server.http("acme"), server.http("globex")
     assert upload(acme, "persona", **files_of(peft_dirs["prefix"])).status_code == 201

@@ -4,9 +4,18 @@ response shapes, streaming, n, stop, seed, usage and cached tokens, token limits
 from __future__ import annotations
 
 import json
+import random
+import statistics
+import time
+from types import SimpleNamespace
 
 import pytest
 from http_helpers import TINY_ID, make_llm
+
+from server.api.generation import _apply_template, _encode
+from server.api.jobs import TextDeltas
+from server.api.prompt_limits import longest_token_bytes
+from server.engine.request import RequestOutput
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 
@@ -184,3 +193,121 @@ def test_chat_without_max_tokens_fills_the_context(make_server, tiny_model_dir):
     )
     assert out.choices[0].finish_reason == "length"
     assert out.usage.prompt_tokens + out.usage.completion_tokens == 256
+
+
+# TextDeltas (server/api/jobs.py): what a stream sends of a growing text. -------------------------
+class _HoldBackReference:
+    """The plain rule TextDeltas implements: while unfinished, hold back trailing U+FFFD and
+    the longest suffix that is a prefix of a stop string (whole stop strings included)."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.sent = stops, 0
+
+    def update(self, text: str, finished: bool) -> str:
+        end = len(text)
+        if not finished:
+            while end and text[end - 1] == "\ufffd":
+                end -= 1
+            held = [
+                k for s in self.stops for k in range(1, len(s) + 1) if text[:end].endswith(s[:k])
+            ]
+            end -= max(held, default=0)
+        if end <= self.sent:
+            return ""
+        delta, self.sent = text[self.sent : end], end
+        return delta
+
+
+def _output(text: str, finished: bool = False) -> RequestOutput:
+    reason = "stop" if finished else None
+    return RequestOutput("r", [], [], text, finished, reason, 0, 0)
+
+
+def test_text_deltas_hold_back_exactly_as_the_rule_says():
+    """Random texts over a small alphabet (so that stop prefixes keep appearing), grown a few
+    characters a step, a trailing U+FFFD sometimes completed into another character (what the
+    detokenizer does) and sometimes a rewrite of text not sent yet."""
+    rng = random.Random(7)
+    steps = 0
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(3)]
+        stops = stops[: rng.randint(0, 3)]
+        deltas, reference = TextDeltas(stops), _HoldBackReference(stops)
+        text, sent = "", ""
+        for _ in range(rng.randint(1, 15)):
+            if text.endswith("\ufffd") and rng.random() < 0.5:
+                text = text.rstrip("\ufffd")  # the incomplete character completes...
+            if rng.random() < 0.1:  # ...or a rewrite of what was not sent
+                text = sent + "".join(rng.choice("ab") for _ in range(len(text) - len(sent)))
+            text += "".join(rng.choice("ab\ufffd") for _ in range(rng.randint(0, 4)))
+            got = deltas.update(_output(text))
+            assert got == reference.update(text, False), (stops, text, sent)
+            sent += got
+            steps += 1
+        final = text.rstrip("\ufffd") + "a"
+        assert deltas.update(_output(final, True)) == reference.update(final, True)
+    assert steps > 20_000
+
+
+def test_text_deltas_work_per_step_does_not_grow_with_the_output():
+    """A 60,000-character output, 4 characters a step, against a 20,000-character stop string
+    that never matches: the held-back check used to slice and compare every prefix of the stop
+    string at every step (0.1 s a step once the text is as long) and to copy the text sent."""
+    stop = "b" * 20_000
+    deltas = TextDeltas([stop, "zz"])
+    text, spent, sent = "", [], 0
+    for _ in range(15_000):
+        text += "wxyz"
+        out = _output(text)
+        start = time.perf_counter()
+        sent += len(deltas.update(out))
+        spent.append(time.perf_counter() - start)
+        assert sum(spent) < 10, f"quadratic: {len(text)} characters, {sum(spent):.1f} s"
+    assert sent == len(text) - 1  # the last "z" could start "zz"
+    # Steps with the text past the stop string's length (the check's window is full) against
+    # the last ones, three times as long: the same cost (medians: the machine is shared).
+    window, last = statistics.median(spent[5_000:6_000]), statistics.median(spent[-1_000:])
+    assert last < 2 * window + 20e-6, (window, last)
+
+
+# Prompt limits (server/api/generation.py): the byte cap's token size. ---------------------------
+def test_longest_token_bytes_only_where_no_input_is_dropped_or_shrunk(tiny_llm):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    tokenizer = tiny_llm.tokenizer
+    ids = range(len(tokenizer))
+    longest = max(len(tokenizer.decode([i], skip_special_tokens=False).encode()) for i in ids)
+    assert longest == 81  # a run of spaces, in this byte-level BPE vocabulary
+    assert longest_token_bytes(tokenizer) == longest
+
+    def variant(**parts) -> SimpleNamespace:
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        for name, value in parts.items():
+            setattr(backend, name, value)
+        return SimpleNamespace(backend_tokenizer=backend)
+
+    lengthening = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    assert longest_token_bytes(variant(normalizer=lengthening)) == longest
+    assert longest_token_bytes(variant(normalizer=normalizers.NFC())) == 3 * longest
+    assert longest_token_bytes(variant(normalizer=normalizers.Lowercase())) is None
+    assert longest_token_bytes(variant(normalizer=normalizers.Replace("ab", "c"))) is None
+    dropping = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(), pre_tokenizers.Whitespace()])
+    assert longest_token_bytes(variant(pre_tokenizer=dropping)) is None
+    words = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    assert longest_token_bytes(SimpleNamespace(backend_tokenizer=words)) is None  # whole words
+    vocab = {"a": 0, "b": 1, "[UNK]": 2}
+    # Fused, any run of unknown characters is one token; else "[UNK]", measured as the second
+    # of two copies, which a tokenizer without a decoder joins with a space: 6 bytes.
+    for fuse, expected in ((True, None), (False, 6)):
+        bpe = Tokenizer(models.BPE(vocab, [], unk_token="[UNK]", fuse_unk=fuse))
+        assert longest_token_bytes(SimpleNamespace(backend_tokenizer=bpe)) == expected
+    assert longest_token_bytes(object()) is None  # not a `tokenizers` tokenizer
+
+
+def test_prompt_work_in_the_pool_returns_plain_lists(tiny_llm):
+    """What runs in the worker pool builds no tensor (no torch in those threads)."""
+    ids = _encode(tiny_llm.tokenizer, ["Hello there", "x"])
+    chat = _apply_template(tiny_llm.tokenizer, [{"role": "user", "content": "Hello"}])
+    assert ids == [tiny_llm.tokenizer.encode(t) for t in ("Hello there", "x")]
+    for got in (*ids, chat):
+        assert type(got) is list and {type(t) for t in got} == {int}
