@@ -5,9 +5,14 @@ Keys, under a prefix (default ``prefix-serve:``); records are JSON ``AdapterReco
     live:<tenant>              hash  name -> live record (what get/list read: one round trip)
     ver:<tenant>:<name>        hash  version -> record, every retained version
     last:<tenant>              hash  name -> last version number given (never reused)
-    usage:<tenant>             hash  count, bytes of live versions (quota checks)
-    hidden                     zset  [tenant, name, version] by the time it was hidden
+    usage:<tenant>             hash  count and bytes of live versions, hidden: bytes of hidden
+                                     versions not yet purged (the quota counts bytes + hidden)
+    hidden                     zset  [tenant, name, version, size_bytes] by the time it was
+                                     hidden; the size says its bytes are in usage's ``hidden``
     refs                       hash  sha256 -> retained versions naming it (blob collection)
+
+A hidden-set member without a size (written before hidden versions were counted) is purged
+without touching ``hidden``: it was never added there.
 
 Every write is one Lua script, so version numbers, quota checks and the announcement on the
 channel ``prefix-serve:adapters`` are atomic with the change. Each call fails within
@@ -38,7 +43,13 @@ from adapters_store.registry import (
     check_quota,
     new_id,
 )
-from adapters_store.types import AdapterNotFound, AdapterRecord, Quota, RegistryUnavailable
+from adapters_store.types import (
+    AdapterNotFound,
+    AdapterRecord,
+    Quota,
+    RegistryUnavailable,
+    TenantUsage,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,16 +66,18 @@ local live, usage = p .. 'live:' .. tenant, p .. 'usage:' .. tenant
 local prev = redis.call('HGET', live, name)
 local count = tonumber(redis.call('HGET', usage, 'count') or '0')
 local bytes = tonumber(redis.call('HGET', usage, 'bytes') or '0')
+local hidden = tonumber(redis.call('HGET', usage, 'hidden') or '0')
 local prev_rec = nil
 if prev then
   prev_rec = cjson.decode(prev)
   bytes = bytes - prev_rec.size_bytes
+  hidden = hidden + prev_rec.size_bytes
 else
   count = count + 1
 end
 bytes = bytes + rec.size_bytes
-if count > tonumber(ARGV[6]) or bytes > tonumber(ARGV[7]) then
-  return {'quota', string.format('%d', count), string.format('%d', bytes)}
+if count > tonumber(ARGV[6]) or bytes + hidden > tonumber(ARGV[7]) then
+  return {'quota', string.format('%d', count), string.format('%d', bytes + hidden)}
 end
 local version = redis.call('HINCRBY', p .. 'last:' .. tenant, name, 1)
 rec.version = version
@@ -72,10 +85,12 @@ local enc = cjson.encode(rec)
 redis.call('HSET', live, name, enc)
 redis.call('HSET', p .. 'ver:' .. tenant .. ':' .. name, string.format('%d', version), enc)
 if prev_rec then
-  redis.call('ZADD', p .. 'hidden', ARGV[5], cjson.encode({tenant, name, prev_rec.version}))
+  redis.call('ZADD', p .. 'hidden', ARGV[5],
+    cjson.encode({tenant, name, prev_rec.version, prev_rec.size_bytes}))
 end
 redis.call('HINCRBY', p .. 'refs', rec.sha256, 1)
-redis.call('HSET', usage, 'count', string.format('%d', count), 'bytes', string.format('%d', bytes))
+redis.call('HSET', usage, 'count', string.format('%d', count), 'bytes', string.format('%d', bytes),
+  'hidden', string.format('%d', hidden))
 local replaced = prev_rec and prev_rec.sha256 or ''
 redis.call('PUBLISH', p .. 'adapters', cjson.encode({event = 'put', tenant = tenant, name = name,
   version = version, replaced = replaced, origin = ARGV[10]}))
@@ -90,9 +105,11 @@ local prev = redis.call('HGET', live, name)
 if not prev then return false end
 local rec = cjson.decode(prev)
 redis.call('HDEL', live, name)
-redis.call('ZADD', p .. 'hidden', ARGV[4], cjson.encode({tenant, name, rec.version}))
+redis.call('ZADD', p .. 'hidden', ARGV[4],
+  cjson.encode({tenant, name, rec.version, rec.size_bytes}))
 redis.call('HINCRBY', usage, 'count', -1)
-redis.call('HINCRBY', usage, 'bytes', -rec.size_bytes)
+redis.call('HINCRBY', usage, 'bytes', string.format('%d', -rec.size_bytes))
+redis.call('HINCRBY', usage, 'hidden', string.format('%d', rec.size_bytes))
 redis.call('PUBLISH', p .. 'adapters', cjson.encode({event = 'delete', tenant = tenant,
   name = name, version = rec.version, replaced = rec.sha256, origin = ARGV[5]}))
 return prev
@@ -114,6 +131,9 @@ for _, m in ipairs(members) do
     if redis.call('HINCRBY', p .. 'refs', sha, -1) <= 0 then
       redis.call('HDEL', p .. 'refs', sha)
     end
+  end
+  if k[4] then
+    redis.call('HINCRBY', p .. 'usage:' .. k[1], 'hidden', string.format('%d', -k[4]))
   end
   redis.call('ZREM', p .. 'hidden', m)
 end
@@ -208,8 +228,27 @@ class RedisRegistry(Registry):
         return _record(enc)
 
     def usage(self, tenant: str) -> tuple[int, int]:
-        got = self._call(lambda: self._client.hmget(self._key("usage", tenant), "count", "bytes"))
-        return int(got[0] or 0), int(got[1] or 0)
+        key = self._key("usage", tenant)
+        got = self._call(lambda: self._client.hmget(key, "count", "bytes", "hidden"))
+        return int(got[0] or 0), int(got[1] or 0) + int(got[2] or 0)
+
+    def tenants(self) -> list[TenantUsage]:
+        """A SCAN of the usage keys (admin listings only: O(keys in the database))."""
+        start = len(self.prefix) + len("usage:")
+
+        def read() -> list[tuple[str, list]]:
+            keys = list(self._client.scan_iter(match=_glob(self.prefix) + "usage:*", count=1000))
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(key, "count", "bytes", "hidden")
+            return list(zip(keys, pipe.execute(), strict=True))
+
+        found = []
+        for key, (count, live, hidden) in self._call(read):
+            adapters, stored = int(count or 0), int(live or 0) + int(hidden or 0)
+            if adapters or stored:
+                found.append(TenantUsage(key[start:], adapters, stored))
+        return sorted(found, key=lambda u: u.tenant)
 
     def purge_hidden(self, older_than: float) -> int:
         total, batch = 0, 500
@@ -340,3 +379,8 @@ def _deliver(handler: EventHandler, change: Change) -> None:
 
 def _record(enc: str) -> AdapterRecord:
     return AdapterRecord(**json.loads(enc))
+
+
+def _glob(text: str) -> str:
+    """``text`` matched literally in a Redis glob pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -7,7 +7,11 @@ Model, the same for both backends:
 - at most one version of a name is *live* (the newest, unless the name was deleted); ``get``
   and ``list`` see live versions only. Committing a version hides the previous live one;
   ``hide`` hides the live one. Hidden versions stay (``versions``) until ``purge_hidden``;
-- a blob is *referenced* while any retained version, live or hidden, names its sha256.
+- a blob is *referenced* while any retained version, live or hidden, names its sha256;
+- a tenant's *usage* is its live adapter count and the stored bytes of every retained version,
+  live or hidden (each version its own ``size_bytes``): what the quota checks. A hidden
+  version's bytes are freed when ``purge_hidden`` forgets it, not when it is hidden, so
+  re-uploading or deleting cannot store more than the quota before collection.
 Torch-free.
 """
 
@@ -29,6 +33,7 @@ from adapters_store.types import (
     Quota,
     QuotaExceeded,
     RegistryUnavailable,
+    TenantUsage,
 )
 
 
@@ -70,10 +75,11 @@ class Registry(ABC):
     def commit(
         self, new: NewVersion, quota: Quota, now: float, token: float
     ) -> tuple[AdapterRecord, str | None]:
-        """Atomically: check ``quota`` for the tenant as it will be after this version (count
-        and bytes of live versions), assign the next version number, hide the previous live
-        version, store the new one. Returns it and the hidden version's sha256 (None if the
-        name had no live version). QuotaExceeded leaves everything unchanged."""
+        """Atomically: check ``quota`` for the tenant as it will be after this version (live
+        count, and stored bytes of every retained version: the previous live one, now hidden,
+        still counts), assign the next version number, hide the previous live version, store
+        the new one. Returns it and the hidden version's sha256 (None if the name had no live
+        version). QuotaExceeded leaves everything unchanged."""
 
     @abstractmethod
     def get(self, tenant: str, name: str) -> AdapterRecord:
@@ -89,15 +95,22 @@ class Registry(ABC):
 
     @abstractmethod
     def hide(self, tenant: str, name: str, now: float) -> AdapterRecord:
-        """Hide the live version (returned); AdapterNotFound if none."""
+        """Hide the live version (returned); AdapterNotFound if none. Its bytes stay counted
+        in the tenant's usage until it is purged."""
 
     @abstractmethod
     def usage(self, tenant: str) -> tuple[int, int]:
-        """(live adapter count, their total size in bytes)."""
+        """(live adapter count, stored bytes of every retained version, live and hidden)."""
+
+    @abstractmethod
+    def tenants(self) -> list[TenantUsage]:
+        """The usage of every tenant holding a live adapter or a retained version, sorted by
+        tenant."""
 
     @abstractmethod
     def purge_hidden(self, older_than: float) -> int:
-        """Forget versions hidden before ``older_than`` (unix seconds); returns how many."""
+        """Forget versions hidden before ``older_than`` (unix seconds), freeing their bytes in
+        their tenants' usage; returns how many."""
 
     @abstractmethod
     def referenced(self) -> set[str]:
@@ -134,7 +147,8 @@ def new_id() -> str:
 
 
 def check_quota(quota: Quota, tenant: str, count: int, total_bytes: int) -> None:
-    """Raise QuotaExceeded if (count, total_bytes) of live adapters would pass ``quota``."""
+    """Raise QuotaExceeded if ``count`` live adapters or ``total_bytes`` stored (every retained
+    version) would pass ``quota``."""
     if count > quota.max_adapters:
         raise QuotaExceeded(
             f"tenant {tenant!r} would have {count} adapters; the limit is {quota.max_adapters} "
@@ -143,7 +157,8 @@ def check_quota(quota: Quota, tenant: str, count: int, total_bytes: int) -> None
     if total_bytes > quota.max_total_bytes:
         raise QuotaExceeded(
             f"tenant {tenant!r} would store {total_bytes} bytes of adapters; the limit is "
-            f"{quota.max_total_bytes} bytes (delete one first)"
+            f"{quota.max_total_bytes} bytes (a replaced or deleted version counts until it is "
+            "collected, a grace period after: delete adapters, then retry once they are)"
         )
 
 
@@ -172,6 +187,8 @@ CREATE TABLE IF NOT EXISTS usage (
     tenant TEXT PRIMARY KEY, count INTEGER NOT NULL, bytes INTEGER NOT NULL
 );
 """
+# PRAGMA user_version: 0, usage.bytes counted live versions only; 1, every retained version.
+_USER_VERSION = 1
 _COLUMNS = "id, tenant, name, kind, num_virtual_tokens, version, sha256, size_bytes, created"
 
 
@@ -189,19 +206,19 @@ class SQLiteRegistry(Registry):
         self._conns_lock = threading.Lock()
         with self._errors():
             self._db().executescript(_SCHEMA)
+        self._upgrade()
 
     def commit(
         self, new: NewVersion, quota: Quota, now: float, token: float
     ) -> tuple[AdapterRecord, str | None]:
         with self._write() as db:
             prev = db.execute(
-                "SELECT size_bytes, sha256 FROM adapters WHERE tenant = ? AND name = ? "
-                "AND hidden_at IS NULL",
+                "SELECT sha256 FROM adapters WHERE tenant = ? AND name = ? AND hidden_at IS NULL",
                 (new.tenant, new.name),
             ).fetchone()
             count, total = self._usage(db, new.tenant)
             count += 0 if prev else 1
-            total += new.size_bytes - (prev[0] if prev else 0)
+            total += new.size_bytes  # the previous version, hidden, still counts
             check_quota(quota, new.tenant, count, total)
             (version,) = db.execute(
                 "INSERT INTO names VALUES (?, ?, 1) ON CONFLICT (tenant, name) "
@@ -229,7 +246,7 @@ class SQLiteRegistry(Registry):
                 astuple(record),
             )
             self._set_usage(db, new.tenant, count, total)
-            return record, prev[1] if prev else None
+            return record, prev[0] if prev else None
 
     def get(self, tenant: str, name: str) -> AdapterRecord:
         row = self._one(
@@ -266,19 +283,36 @@ class SQLiteRegistry(Registry):
             record = AdapterRecord(*row)
             db.execute("UPDATE adapters SET hidden_at = ? WHERE id = ?", (now, record.id))
             count, total = self._usage(db, tenant)
-            self._set_usage(db, tenant, count - 1, total - record.size_bytes)
+            self._set_usage(db, tenant, count - 1, total)  # bytes freed when purged
             return record
 
     def usage(self, tenant: str) -> tuple[int, int]:
         with self._errors():
             return self._usage(self._db(), tenant)
 
+    def tenants(self) -> list[TenantUsage]:
+        rows = self._all(
+            "SELECT tenant, count, bytes FROM usage WHERE count > 0 OR bytes > 0 ORDER BY tenant",
+            (),
+        )
+        return [TenantUsage(*row) for row in rows]
+
     def purge_hidden(self, older_than: float) -> int:
         with self._write() as db:
-            return db.execute(
+            freed = db.execute(
+                "SELECT tenant, SUM(size_bytes) FROM adapters WHERE hidden_at IS NOT NULL "
+                "AND hidden_at < ? GROUP BY tenant",
+                (older_than,),
+            ).fetchall()
+            purged = db.execute(
                 "DELETE FROM adapters WHERE hidden_at IS NOT NULL AND hidden_at < ?",
                 (older_than,),
             ).rowcount
+            db.executemany(
+                "UPDATE usage SET bytes = bytes - ? WHERE tenant = ?",
+                [(total, tenant) for tenant, total in freed],
+            )
+            return purged
 
     def referenced(self) -> set[str]:
         return {sha for (sha,) in self._all("SELECT DISTINCT sha256 FROM adapters", ())}
@@ -294,6 +328,25 @@ class SQLiteRegistry(Registry):
         self._local = threading.local()
 
     # -- internals
+
+    def _upgrade(self) -> None:
+        """Bring a registry file written before ``_USER_VERSION`` up to date: its usage rows
+        counted live versions only, so they are recomputed from the versions it retains. Once
+        per file; the check is repeated inside the write lock, so concurrent openers agree."""
+        with self._errors():
+            (found,) = self._db().execute("PRAGMA user_version").fetchone()
+        if found >= _USER_VERSION:
+            return
+        with self._write() as db:
+            (found,) = db.execute("PRAGMA user_version").fetchone()
+            if found >= _USER_VERSION:
+                return
+            db.execute("DELETE FROM usage")
+            db.execute(
+                "INSERT INTO usage (tenant, count, bytes) SELECT tenant, "
+                "SUM(hidden_at IS NULL), SUM(size_bytes) FROM adapters GROUP BY tenant"
+            )
+            db.execute(f"PRAGMA user_version = {_USER_VERSION}")
 
     def _db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

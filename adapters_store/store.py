@@ -8,6 +8,9 @@ Consistency (docs/design.md, decision 6):
   holding the old ``AdapterRecord`` can still ``load`` it (host tier, or its blob, kept for
   ``gc_grace_s`` after it was hidden); the next ``get`` returns the new version.
 - delete hides every version at once; blobs are collected later.
+- Quota: a tenant's stored bytes are those of every version not yet collected, live or hidden
+  (a replaced or deleted version frees its bytes when ``collect`` forgets it, ``gc_grace_s``
+  after it was hidden), so re-uploading a name cannot store more than the quota meanwhile.
 Tiers: this store keeps decoded adapters in host memory (``host_tier``, an LRU by bytes, keyed
 by content sha256 so a cached copy is never another version's); the blob store is below it; the
 engine keeps the device tier. A registered adapter that nobody loads costs only its metadata.
@@ -35,6 +38,7 @@ from adapters_store.types import (
     QuotaExceeded,
     RegistryUnavailable,
     TenantQuotas,
+    TenantUsage,
     check_name,
     check_tenant,
 )
@@ -179,6 +183,16 @@ class AdapterStore:
         """Every retained version (live and hidden, not yet collected), oldest first."""
         return self.registry.versions(tenant, name)
 
+    def usage(self, tenant: str) -> TenantUsage:
+        """What the tenant's quota counts now: live adapters, bytes of uncollected versions."""
+        adapters, stored = self.registry.usage(tenant)
+        return TenantUsage(tenant, adapters, stored)
+
+    def tenants(self) -> list[TenantUsage]:
+        """The usage of every tenant that holds a live adapter or an uncollected version,
+        sorted by tenant (for admins; with Redis, a scan of the registry's keys)."""
+        return self.registry.tenants()
+
     def delete(self, tenant: str, name: str) -> AdapterRecord:
         """Hide every version of ``name`` (returns the one that was live); AdapterNotFound if
         none. Its blobs are collected after ``gc_grace_s``."""
@@ -207,8 +221,9 @@ class AdapterStore:
 
     def collect(self) -> int:
         """Remove blobs no retained version names, once older than ``gc_grace_s``; forget
-        versions hidden longer than that; clean temp and trash leftovers. Returns the number
-        of blobs removed. Safe to run on several replicas at once."""
+        versions hidden longer than that (their bytes leave their tenants' usage); clean temp
+        and trash leftovers. Returns the number of blobs removed. Safe to run on several
+        replicas at once."""
         cutoff = self._clock() - self.gc_grace_s
         self.registry.purge_hidden(cutoff)
         referenced = self.registry.referenced()

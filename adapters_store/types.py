@@ -102,13 +102,25 @@ class BlobError(StoreError):
 
 @dataclass(frozen=True)
 class Quota:
-    """One tenant's limits. Counts and bytes are over live adapters (newest version of each
-    name); ``max_upload_bytes`` bounds one stored adapter (its blob: weights + config)."""
+    """One tenant's limits. ``max_adapters`` counts live adapters (newest version of each
+    name); ``max_total_bytes`` counts the stored size of every version not yet collected: live
+    ones, and those replaced or deleted within the collection grace period, each version its
+    own size. ``max_upload_bytes`` bounds one stored adapter (its blob: weights + config)."""
 
     max_adapters: int = 1000
     max_total_bytes: int = 8 * 2**30
     max_virtual_tokens: int = 512
     max_upload_bytes: int = 256 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class TenantUsage:
+    """What one tenant holds, as its quota counts it: ``adapters`` live adapters, and
+    ``stored_bytes`` of every version not yet collected (live, replaced or deleted)."""
+
+    tenant: str
+    adapters: int
+    stored_bytes: int
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from adapters_store.types import (
     Quota,
     QuotaExceeded,
     TenantQuotas,
+    TenantUsage,
 )
 
 KINDS = ["prefix_tuning", "prompt_tuning", "p_tuning", "text"]
@@ -122,13 +123,15 @@ def test_invalid_names_are_refused_before_anything_is_written(
 def test_quotas_refuse_and_leave_the_store_as_it_was(make_store: StoreFactory) -> None:
     size = len(encode(prefix_adapter(seed=0)))  # every 3-token test prefix adapter is this big
     quotas = TenantQuotas(
-        default=Quota(max_adapters=2, max_total_bytes=2 * size + 100, max_virtual_tokens=4),
+        default=Quota(max_adapters=2, max_total_bytes=3 * size + 100, max_virtual_tokens=4),
         per_tenant={"big": Quota(max_adapters=10, max_upload_bytes=size - 1)},
     )
-    store = make_store(quotas=quotas)
+    clock = Clock()
+    store = make_store(quotas=quotas, clock=clock, gc_grace_s=10)
     store.put("acme", "a", prefix_adapter(seed=1))
     store.put("acme", "b", prefix_adapter(seed=2))
-    store.put("acme", "b", prefix_adapter(seed=3))  # a new version does not add to the count
+    store.put("acme", "b", prefix_adapter(seed=3))  # not one more adapter, but more bytes
+    assert store.registry.usage("acme") == (2, 3 * size)
     before, blobs_before = store.list("acme"), blob_shas(store)
 
     with pytest.raises(QuotaExceeded, match="would have 3 adapters; the limit is 2") as err:
@@ -141,15 +144,70 @@ def test_quotas_refuse_and_leave_the_store_as_it_was(make_store: StoreFactory) -
     assert store.list("acme") == before and store.list("big") == []
     assert blob_shas(store) == blobs_before  # a refused upload's blob is removed at once
 
-    store.delete("acme", "b")
-    bigger = prefix_adapter(seed=7, num_virtual_tokens=4)
-    with pytest.raises(QuotaExceeded, match=f"the limit is {2 * size + 100} bytes"):
-        store.put("acme", "c", bigger)  # 2 adapters, but size + size(bigger) bytes
+    store.delete("acme", "b")  # one adapter left, but b's two versions are still stored
+    assert store.registry.usage("acme") == (1, 3 * size)
+    with pytest.raises(QuotaExceeded, match=f"would store {4 * size} bytes of adapters; the limit"):
+        store.put("acme", "c", prefix_adapter(seed=8))
+    clock.now += 11
+    assert store.collect() == 2  # b's versions are collected: their bytes are free again
     assert store.registry.usage("acme") == (1, size)
     store.put("acme", "c", prefix_adapter(seed=8))
     assert store.registry.usage("acme") == (2, 2 * size)
+    bigger = prefix_adapter(seed=7, num_virtual_tokens=4)
+    big = len(encode(bigger))
+    with pytest.raises(QuotaExceeded, match=f"would store {2 * size + big} bytes.*the limit is "):
+        store.put("acme", "c", bigger)  # 2 adapters, and c's first version still counts
+    assert store.registry.usage("acme") == (2, 2 * size)
     limits = store.adapter_limits("big")
     assert (limits.max_virtual_tokens, limits.max_file_bytes) == (512, size - 1)
+
+
+def test_stored_bytes_count_every_version_until_it_is_collected(make_store: StoreFactory) -> None:
+    clock = Clock()
+    store = make_store(clock=clock, gc_grace_s=10)
+    x = [store.put("acme", "x", prompt_adapter(seed=i)) for i in range(3)]  # 2 now hidden
+    y = store.put("globex", "y", prefix_adapter(seed=9))
+    x_bytes = sum(r.size_bytes for r in x)
+    assert store.usage("acme") == TenantUsage("acme", 1, x_bytes)
+    assert store.tenants() == [
+        TenantUsage("acme", 1, x_bytes),
+        TenantUsage("globex", 1, y.size_bytes),
+    ]
+    clock.now += 5
+    store.delete("acme", "x")  # the live version is hidden 5 s after the other two
+    assert store.usage("acme") == TenantUsage("acme", 0, x_bytes)
+    clock.now += 6
+    assert store.collect() == 2  # versions 1 and 2, past the grace; version 3 not yet
+    assert store.usage("acme") == TenantUsage("acme", 0, x[2].size_bytes)
+    clock.now += 5
+    assert store.collect() == 1
+    assert store.usage("acme") == TenantUsage("acme", 0, 0)
+    assert store.tenants() == [TenantUsage("globex", 1, y.size_bytes)]
+    assert store.usage("nobody") == TenantUsage("nobody", 0, 0)
+
+
+def test_reuploads_cannot_store_more_than_the_byte_quota_before_collection(
+    make_store: StoreFactory,
+) -> None:
+    adapters = [prompt_adapter(seed=i) for i in range(4)]
+    size = len(encode(adapters[0]))  # every 3-token prompt adapter is this big
+    clock = Clock()
+    store = make_store(
+        quotas=TenantQuotas(default=Quota(max_total_bytes=2 * size)), clock=clock, gc_grace_s=10
+    )
+    store.put("acme", "x", adapters[0])
+    store.put("acme", "x", adapters[1])
+    with pytest.raises(QuotaExceeded, match=f"would store {3 * size} bytes") as err:
+        store.put("acme", "x", adapters[2])
+    assert err.value.status == 413
+    assert [r.version for r in store.versions("acme", "x")] == [1, 2]
+    assert blob_shas(store) == {adapters[0].sha256, adapters[1].sha256}
+    clock.now += 11
+    assert store.collect() == 1  # version 1
+    assert store.put("acme", "x", adapters[2]).version == 3  # no number used by the refusal
+    assert store.usage("acme") == TenantUsage("acme", 1, 2 * size)
+    with pytest.raises(QuotaExceeded, match=f"would store {3 * size} bytes"):
+        store.put("acme", "y", adapters[3])
 
 
 def test_delete_hides_at_once_and_collects_the_blob_after_the_grace(
@@ -245,7 +303,7 @@ def test_concurrent_same_name_uploads_get_consecutive_versions(store: AdapterSto
     assert stored == {v: adapters[seed].sha256 for v, seed in got.items()}
     live = store.get("acme", "x")
     assert live.version == 24 and live.sha256 == adapters[got[24]].sha256
-    assert store.registry.usage("acme") == (1, live.size_bytes)
+    assert store.registry.usage("acme") == (1, 24 * live.size_bytes)  # all the same size
 
 
 def test_subscribers_hear_local_changes(store: AdapterStore) -> None:
