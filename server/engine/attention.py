@@ -1,28 +1,34 @@
-"""Shared-prefix attention over the paged KV cache (PyTorch reference).
+"""Shared-prefix attention over the paged KV cache (PyTorch reference backend).
 
 A step's tokens form one flat, unpadded batch. Every sequence reads its KV from the cache:
 an optional *shared* segment (blocks it has in common with the other members of its group) and
 its *own* suffix. Following Hydragen, the group's queries read the shared segment once, in one
 matrix product per group, not once per sequence:
 
-- multi-token chunks (prefill) attend causally to their suffix, and all of a group's queries
-  attend to its segment (non-causal: every query sits after it); the two partial results are
+- multi-row chunks (prefill) attend causally to their suffix, and all of a group's rows
+  attend to its segment (non-causal: every row sits after it); the two partial results are
   merged by their log-sum-exp;
-- one-token chunks (decode) of a group form one unit whose keys are the segment, read once,
+- one-row chunks (decode) of a group form one unit whose keys are the segment, read once,
   followed by every member's suffix, each query masked to the segment and its own suffix: a
   single softmax, complete, no merge needed.
 
-Both equal plain causal attention over the concatenation; ``tests/unit/test_attention.py``
-checks it. Cache layout: ``kv_cache[layer, 0 | 1]`` is ``[kv_heads, num_slots, head_dim]``,
-slot = ``block_id * block_size + offset``. Query heads are grouped GQA-style: query head ``h``
-reads kv head ``h // (q_heads // kv_heads)``, as transformers' ``repeat_kv`` does.
+The metadata comes from the step's flat arrays (``server.engine.flat``, what a fused kernel
+would take) in one numpy pass per step; each layer then runs three padded batches at most,
+whatever the number of sequences. Everything equals plain causal attention over each
+sequence's keys; ``tests/unit/test_attention.py`` checks it. Cache layout:
+``kv_cache[layer, 0 | 1]`` is ``[kv_heads, num_slots, head_dim]``, slot = ``block_id *
+block_size + offset``. Query heads are grouped GQA-style: query head ``h`` reads kv head
+``h // (q_heads // kv_heads)``, as transformers' ``repeat_kv`` does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from server.engine.flat import FlatBatch, concat_ranges, ranks
 
 ATTENTION_NAME = "prefix_serve"
 
@@ -74,27 +80,13 @@ def merge(
 
 
 @dataclass
-class SeqAttention:
-    """One multi-query sequence of the batch: its rows attend causally to ``slots``."""
-
-    rows: slice  # its rows of the flat batch (contiguous)
-    slots: torch.Tensor  # [m] cache slots of its own suffix, in position order
-    hidden: torch.Tensor  # [n, m] bool: True where row i must not see suffix key j
-
-
-@dataclass
 class PaddedBatch:
     """Units of queries padded into one batch, each unit reading its own list of cache slots.
 
-    Two uses. *Decode units*: a group of one-token sequences that share a cached segment (or
-    one such sequence alone) reads the segment once plus every member's own suffix, ``hidden``
-    keeping each query to its own suffix; the result is complete. *Shared segments*: the
-    multi-token members of a group read the segment once, unmasked; the result is merged by
-    log-sum-exp with their suffix attention.
-
     ``q_index[u * q_len + j]`` is the flat-batch row of unit u's j-th query (padding points at
     row 0); ``valid`` lists the padded positions that are real queries and ``rows`` the
-    flat-batch row of each, in the same order.
+    flat-batch row of each, in the same order. ``hidden[u, j, k]`` is True where query j of
+    unit u must not see key k (its second dimension is 1 when all queries see the same keys).
     """
 
     q_len: int
@@ -102,15 +94,15 @@ class PaddedBatch:
     valid: torch.Tensor  # [R]
     rows: torch.Tensor  # [R]
     slots: torch.Tensor  # [U, S] padded with slot 0
-    hidden: torch.Tensor  # [U, q_len | 1, S] True where a query must not see a key
+    hidden: torch.Tensor  # [U, q_len | 1, S]
 
 
 @dataclass
 class AttentionMetadata:
     """Everything attention needs for one forward; built once per step, read by every layer.
 
-    Invariant: each flat-batch row is in exactly one of ``decode`` (complete) or ``seqs``
-    (suffix); a ``seqs`` row is in at most one unit of ``shared``, whose segment lies before it.
+    Invariant: each flat-batch row is in exactly one of ``decode`` (complete) or ``suffix``;
+    a ``suffix`` row is in at most one unit of ``shared``, whose segment lies before it.
     The cache holds finite values only: a row whose new K or V is not finite is written as
     zeros and flagged in ``nonfinite`` (a masked key's weight is exactly 0, but 0 x inf is NaN,
     so one request's overflow would otherwise reach every query of its decode unit and every
@@ -119,41 +111,136 @@ class AttentionMetadata:
 
     kv_cache: torch.Tensor  # [L, 2, Hkv, num_slots, D]
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
-    decode: PaddedBatch | None
-    seqs: list[SeqAttention]
-    shared: PaddedBatch | None
+    decode: PaddedBatch | None  # one-row chunks: a unit per group (segment + suffixes), or alone
+    suffix: PaddedBatch | None  # multi-row chunks: causal attention to their own suffix
+    shared: PaddedBatch | None  # grouped multi-row chunks: their group's segment, merged by LSE
     nonfinite: torch.Tensor  # [T] bool, or-ed over layers: the row's K/V was not finite
 
 
-def padded_batch(
-    units: list[tuple[list[int], torch.Tensor, torch.Tensor | None]], device
-) -> PaddedBatch:
-    """Pack units given as (flat-batch rows, cache slots, hidden ``[len(rows), len(slots)]``
-    or None when every query sees every slot)."""
-    q_len = max(len(rows) for rows, _, _ in units)
-    width = max(len(slots) for _, slots, _ in units)
-    per_query = any(h is not None for _, _, h in units)
-    slots = torch.zeros(len(units), width, dtype=torch.long)
-    hidden = torch.ones(len(units), q_len if per_query else 1, width, dtype=torch.bool)
-    q_index = torch.zeros(len(units) * q_len, dtype=torch.long)
-    valid, all_rows = [], []
-    for u, (rows, unit_slots, unit_hidden) in enumerate(units):
-        n, m = len(rows), len(unit_slots)
-        slots[u, :m] = unit_slots
-        hidden[u, :, :m] = False
-        if unit_hidden is not None:
-            hidden[u, :n, :m] = unit_hidden
-        q_index[u * q_len : u * q_len + n] = torch.tensor(rows)
-        valid.extend(range(u * q_len, u * q_len + n))
-        all_rows.extend(rows)
+def build_metadata(flat: FlatBatch, kv_cache: torch.Tensor, device) -> AttentionMetadata:
+    """The reference backend's view of a step: at most three padded batches, derived from the
+    flat metadata with numpy in one pass per step (no loop over sequences, none per layer)."""
+    rows = flat.rows_per_chunk
+    one, many = np.flatnonzero(rows == 1), np.flatnonzero(rows > 1)
+    grouped = many[flat.group_of[many] >= 0]
+    return AttentionMetadata(
+        kv_cache=kv_cache,
+        slot_mapping=torch.from_numpy(flat.slot_mapping).to(device),
+        decode=_to_torch(_decode_units(flat, one), device) if len(one) else None,
+        suffix=_to_torch(_suffix_batch(flat, many), device) if len(many) else None,
+        shared=_to_torch(_segment_batch(flat, grouped), device) if len(grouped) else None,
+        nonfinite=torch.zeros(len(flat.positions), dtype=torch.bool, device=device),
+    )
+
+
+# (q_len, q_index [U, q_len], valid [R], rows [R], slots [U, S], hidden [U, q_len | 1, S])
+_Padded = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _to_torch(parts: _Padded, device) -> PaddedBatch:
+    q_len, q_index, valid, rows, slots, hidden = parts
     return PaddedBatch(
         q_len=q_len,
-        q_index=q_index.to(device),
-        valid=torch.tensor(valid, device=device),
-        rows=torch.tensor(all_rows, device=device),
-        slots=slots.to(device),
-        hidden=hidden.to(device),
+        q_index=torch.from_numpy(q_index.ravel()).to(device),
+        valid=torch.from_numpy(valid).to(device),
+        rows=torch.from_numpy(rows).to(device),
+        slots=torch.from_numpy(slots).to(device),
+        hidden=torch.from_numpy(hidden).to(device),
     )
+
+
+def _slots_of(flat: FlatBatch, chunk: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Cache slots of positions ``pos`` of chunks ``chunk`` (broadcast together); positions
+    past a chunk's blocks read its last column (callers mask them)."""
+    bs = flat.block_size
+    col = np.minimum(pos // bs, flat.block_tables.shape[1] - 1)
+    return flat.block_tables[chunk, col] * bs + pos % bs
+
+
+def _query_grid(
+    rows: np.ndarray, unit_of: np.ndarray
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Query rows ``rows`` placed in their units ``unit_of`` (non-decreasing), in order:
+    ``(q_len, q_index [U, q_len], valid, rows)``."""
+    per_unit = np.bincount(unit_of)
+    q_len = int(per_unit.max())
+    q_index = np.zeros((len(per_unit), q_len), dtype=np.int64)
+    q_index[unit_of, ranks(per_unit)] = rows
+    valid = unit_of * q_len + ranks(per_unit)
+    return q_len, q_index, valid, rows
+
+
+def _decode_units(flat: FlatBatch, chunks: np.ndarray) -> _Padded:
+    """One unit per group (its one-row members), one per ungrouped one-row chunk."""
+    group = flat.group_of[chunks]
+    key = np.where(group >= 0, group, len(flat.group_blocks) + np.arange(len(chunks)))
+    order = np.argsort(key, kind="stable")
+    chunks, group, key = chunks[order], group[order], key[order]
+    _, first, members = np.unique(key, return_index=True, return_counts=True)
+    n_units = len(first)
+    unit_of = np.repeat(np.arange(n_units), members)
+    seg_len = np.zeros(n_units, dtype=np.int64)
+    grouped = group[first] >= 0
+    seg_len[grouped] = flat.group_blocks[group[first][grouped]] * flat.block_size
+    sfx_start = flat.suffix_starts[chunks]
+    sfx_len = flat.context_lens[chunks] - sfx_start
+    before = np.cumsum(sfx_len) - sfx_len  # suffix keys of the chunks before, all units
+    offset = seg_len[unit_of] + before - before[first][unit_of]  # where its suffix sits
+    width = seg_len + np.bincount(unit_of, weights=sfx_len, minlength=n_units).astype(np.int64)
+    slots = np.zeros((n_units, int(width.max())), dtype=np.int64)
+    seg_unit, seg_pos = np.repeat(np.arange(n_units), seg_len), ranks(seg_len)
+    slots[seg_unit, seg_pos] = _slots_of(flat, chunks[first][seg_unit], seg_pos)
+    slots[np.repeat(unit_of, sfx_len), concat_ranges(offset, sfx_len)] = _slots_of(
+        flat, np.repeat(chunks, sfx_len), concat_ranges(sfx_start, sfx_len)
+    )
+    q_len, q_index, valid, rows = _query_grid(flat.row_starts[chunks], unit_of)
+    # Member j sees the segment and its own suffix; a padding query sees every key of its
+    # unit (its result is dropped; a query that sees no key would be NaN).
+    lo = np.zeros((n_units, q_len), dtype=np.int64)
+    hi = np.repeat(width[:, None], q_len, axis=1)
+    rank = ranks(members)
+    lo[unit_of, rank], hi[unit_of, rank] = offset, offset + sfx_len
+    k = np.arange(slots.shape[1])[None, None, :]
+    sees = ((k >= lo[:, :, None]) & (k < hi[:, :, None])) | (k < seg_len[:, None, None])
+    return q_len, q_index, valid, rows, slots, ~sees
+
+
+def _suffix_batch(flat: FlatBatch, chunks: np.ndarray) -> _Padded:
+    """Each multi-row chunk's rows, causally, over its suffix's keys."""
+    counts = flat.rows_per_chunk[chunks]
+    unit_of = np.repeat(np.arange(len(chunks)), counts)
+    q_len, q_index, valid, rows = _query_grid(
+        concat_ranges(flat.row_starts[chunks], counts), unit_of
+    )
+    start = flat.suffix_starts[chunks]
+    end = flat.context_lens[chunks]
+    kpos = start[:, None] + np.arange(int((end - start).max()))[None, :]
+    is_key = kpos < end[:, None]
+    slots = np.where(is_key, _slots_of(flat, chunks[:, None], kpos), 0)
+    qpos = flat.positions[q_index]  # padding queries read row 0's position: dropped anyway
+    hidden = ~is_key[:, None, :] | (kpos[:, None, :] > qpos[:, :, None])
+    hidden[:, :, 0] = False  # every query sees its suffix's first key (padding: no NaN)
+    return q_len, q_index, valid, rows, slots, hidden
+
+
+def _segment_batch(flat: FlatBatch, chunks: np.ndarray) -> _Padded:
+    """All rows of a group's multi-row members over the group's segment (non-causal)."""
+    group = flat.group_of[chunks]
+    order = np.argsort(group, kind="stable")
+    chunks, group = chunks[order], group[order]
+    groups, unit_of_chunk = np.unique(group, return_inverse=True)
+    counts = flat.rows_per_chunk[chunks]
+    q_len, q_index, valid, rows = _query_grid(
+        concat_ranges(flat.row_starts[chunks], counts), np.repeat(unit_of_chunk, counts)
+    )
+    seg_len = flat.group_blocks[groups] * flat.block_size
+    kpos = np.broadcast_to(
+        np.arange(int(seg_len.max()))[None, :], (len(groups), int(seg_len.max()))
+    )
+    is_key = kpos < seg_len[:, None]
+    owner = flat.group_first[groups][:, None]
+    slots = np.where(is_key, _slots_of(flat, owner, kpos), 0)
+    return q_len, q_index, valid, rows, slots, ~is_key[:, None, :]
 
 
 def _attend_padded(
@@ -183,18 +270,18 @@ def prefix_attention(
     if meta.decode is not None:
         o, _ = _attend_padded(q, k_cache, v_cache, meta.decode, scale)
         out.index_copy_(1, meta.decode.rows, o)
-    if not meta.seqs:
+    if meta.suffix is None:
         return out
-    lse = torch.empty(q.shape[:2], dtype=q.dtype, device=q.device)
-    for s in meta.seqs:
-        ks = k_cache.index_select(1, s.slots)
-        vs = v_cache.index_select(1, s.slots)
-        out[:, s.rows], lse[:, s.rows] = attend(q[:, s.rows], ks, vs, scale, s.hidden)
-    if meta.shared is not None:
-        rows = meta.shared.rows
-        og, lg = _attend_padded(q, k_cache, v_cache, meta.shared, scale)
-        merged, _ = merge(out.index_select(1, rows), lse.index_select(1, rows), og, lg)
-        out.index_copy_(1, rows, merged)
+    o, lse = _attend_padded(q, k_cache, v_cache, meta.suffix, scale)
+    out.index_copy_(1, meta.suffix.rows, o)
+    if meta.shared is None:
+        return out
+    full_lse = torch.empty(q.shape[:2], dtype=lse.dtype, device=q.device)
+    full_lse.index_copy_(1, meta.suffix.rows, lse)
+    rows = meta.shared.rows
+    og, lg = _attend_padded(q, k_cache, v_cache, meta.shared, scale)
+    merged, _ = merge(out.index_select(1, rows), full_lse.index_select(1, rows), og, lg)
+    out.index_copy_(1, rows, merged)
     return out
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from server.engine.batch import BatchPlan, Chunk
 from server.engine.detokenizer import IncrementalText
 from server.engine.kv_cache import BlockPool
-from server.engine.model_runner import Chunk, ModelRunner, NonFiniteAdapter, kv_bytes_per_token
+from server.engine.model_runner import ModelRunner, NonFiniteAdapter, kv_bytes_per_token
 from server.engine.prefix_tree import PrefixTree
 from server.engine.request import (
     AdapterSegment,
@@ -152,7 +153,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
-        logits_of, failed = self._forward(out.chunks)
+        logits_of, failed = self._forward(out.plan)
         sampling = [c for c in out.chunks if c.sample and c not in failed]
         tokens_of: dict[Chunk, int] = {}
         if sampling:
@@ -173,15 +174,16 @@ class LLMEngine:
         return outputs + [self._after_token(c.seq) for c in sampled]
 
     def _forward(
-        self, chunks: list[Chunk]
+        self, plan: BatchPlan
     ) -> tuple[dict[Chunk, torch.Tensor], dict[Chunk, RequestError]]:
-        """Run ``chunks``: each sampling chunk's logits row, and the chunks that failed.
+        """Run ``plan``: each sampling chunk's logits row, and the chunks that failed.
 
         A forward that raises is run again in halves, down to single chunks, so the chunk that
         raises is found and failed alone. Re-running is safe: a chunk writes only its own
         sequence's blocks (cached blocks come before ``chunk.start``), with the same values."""
+        chunks = plan.chunks
         try:
-            result = self.runner.run(chunks)
+            result = self.runner.run(plan)
         except Exception as exc:
             if len(chunks) == 1:
                 if isinstance(exc, NonFiniteAdapter):
@@ -191,8 +193,8 @@ class LLMEngine:
                 return {}, {chunks[0]: error}
             self.stats.split_forwards += 1
             mid = len(chunks) // 2
-            rows, failed = self._forward(chunks[:mid])
-            more_rows, more_failed = self._forward(chunks[mid:])
+            rows, failed = self._forward(plan.subset(range(mid)))
+            more_rows, more_failed = self._forward(plan.subset(range(mid, len(chunks))))
             return {**rows, **more_rows}, {**failed, **more_failed}
         rows = dict(zip([c for c in chunks if c.sample], result.logits, strict=True))
         failed = {

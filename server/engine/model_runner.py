@@ -1,4 +1,4 @@
-"""The only module that runs the model: a flat batch of scheduled chunks in, logits out.
+"""The only module that runs the model: a step's ``BatchPlan`` in, logits out.
 
 The base model's layers come from transformers; attention is routed to
 ``server.engine.attention`` (transformers' attention interface), which reads and writes the
@@ -8,29 +8,17 @@ K/V is copied into the cache. Prompt/P-tuning virtual tokens enter as input embe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from adapters_store.tiers import LRUTier
 from server.engine import attention
-from server.engine.attention import AttentionMetadata, SeqAttention, padded_batch
-from server.engine.request import AdapterSegment, Sequence
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Positions ``[start, end)`` of ``seq.key`` to compute this step; ``sample`` when the
-    chunk reaches the end of the key, so the last row's logits pick the next token."""
-
-    seq: Sequence
-    start: int
-    end: int
-
-    @property
-    def sample(self) -> bool:
-        return self.end == len(self.seq.key)
+from server.engine.attention import build_metadata
+from server.engine.batch import BatchPlan
+from server.engine.flat import FlatBatch, flatten
+from server.engine.request import AdapterSegment
 
 
 class NonFiniteAdapter(ValueError):
@@ -45,13 +33,6 @@ class StepResult(NamedTuple):
 
     logits: torch.Tensor
     finite: list[bool]
-
-
-@dataclass
-class _SeqRows:
-    chunk: Chunk
-    rows: slice  # forward rows of this chunk in the flat batch
-    positions: list[int]  # absolute position of each forward row
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -118,166 +99,45 @@ class ModelRunner:
         self.adapter_tier.evict(key)
 
     # One step -----------------------------------------------------------------------------
-    def slots(self, seq: Sequence, positions: torch.Tensor) -> torch.Tensor:
-        """Cache slots of ``positions`` of ``seq`` (on the CPU; callers move what they use)."""
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        bs = self.block_size
-        return table[positions // bs] * bs + positions % bs
-
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk]) -> StepResult:
-        """Compute every chunk: logits of the sampling chunks, finiteness of each chunk."""
-        token_ids: list[int] = []
-        positions: list[int] = []
-        emb_rows: list[tuple[int, torch.Tensor]] = []
-        seq_rows: list[_SeqRows] = []
-        for chunk in chunks:
-            first = len(positions)
-            self._collect(chunk, token_ids, positions, emb_rows)
-            seq_rows.append(_SeqRows(chunk, slice(first, len(positions)), positions[first:]))
+    def run(self, plan: BatchPlan) -> StepResult:
+        """Compute every chunk of ``plan``: logits of the sampling chunks, and whether each
+        chunk's keys and values were all finite."""
+        flat = flatten(plan)
+        self._copy_prefixes(plan, flat)
         vocab = self.model.config.vocab_size
-        if not positions:
-            return StepResult(torch.empty(0, vocab), [True] * len(chunks))
+        if plan.num_rows == 0:
+            return StepResult(torch.empty(0, vocab), [True] * len(plan.chunks))
         dev = self.device
-        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
-        embeds = self.embed(ids.clamp(min=0))
-        for row, vec in emb_rows:
-            embeds[row] = vec
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        meta = self._metadata(seq_rows)
+        embeds = self.embed(torch.tensor(plan.token_ids, dtype=torch.long, device=dev))
+        for span in plan.embedding_spans:
+            table = self.adapter_tensor(span.segment)
+            embeds[span.row : span.row + span.length] = table[
+                span.offset : span.offset + span.length
+            ]
+        meta = build_metadata(flat, self.kv_cache, dev)
         hidden = self.model.model(
             inputs_embeds=embeds.unsqueeze(0),
-            position_ids=pos.unsqueeze(0),
+            position_ids=torch.from_numpy(flat.positions).to(dev).unsqueeze(0),
             use_cache=False,
             ps_meta=meta,
         ).last_hidden_state[0]
-        bad = meta.nonfinite.cpu()
-        finite = [not bool(bad[sr.rows].any()) for sr in seq_rows]
-        last = [sr.rows.stop - 1 for sr in seq_rows if sr.chunk.sample]
-        if not last:
+        finite = _finite_chunks(meta.nonfinite.cpu().numpy(), flat)
+        if not len(flat.sample_rows):
             return StepResult(torch.empty(0, vocab), finite)
-        logits = self.model.lm_head(hidden[torch.tensor(last, device=dev)])
+        logits = self.model.lm_head(hidden[torch.from_numpy(flat.sample_rows).to(dev)])
         return StepResult(logits.float(), finite)
 
-    def _collect(
-        self,
-        chunk: Chunk,
-        token_ids: list[int],
-        positions: list[int],
-        emb_rows: list[tuple[int, torch.Tensor]],
-    ) -> None:
-        """Append the chunk's forward rows; copy prefix-tuning K/V straight into the cache."""
-        seq, start, end = chunk.seq, chunk.start, chunk.end
-        cursor = start
-        for vs, ve, seg in seq.virtual:
-            lo, hi = max(start, vs), min(end, ve)
-            if lo >= hi:
-                continue
-            self._real_rows(seq, cursor, lo, token_ids, positions)
-            tensor = self.adapter_tensor(seg)
-            if seg.kind == "prefix_tuning":
-                slots = self.slots(seq, torch.arange(lo, hi)).to(self.device)
-                src = tensor[:, :, :, lo - vs : hi - vs]  # [L, 2, Hkv, n, D]
-                self.kv_cache.index_copy_(3, slots, src)
-            else:
-                for p in range(lo, hi):
-                    emb_rows.append((len(positions), tensor[p - vs]))
-                    token_ids.append(-1)
-                    positions.append(p)
-            cursor = hi
-        self._real_rows(seq, cursor, end, token_ids, positions)
+    def _copy_prefixes(self, plan: BatchPlan, flat: FlatBatch) -> None:
+        """Prefix-tuning virtual tokens: their K/V goes straight into the cache."""
+        for copy in plan.prefix_copies:
+            kv = self.adapter_tensor(copy.segment)  # [L, 2, Hkv, P, D]
+            slots = torch.from_numpy(flat.slots(copy.chunk, copy.start, copy.length))
+            src = kv[:, :, :, copy.offset : copy.offset + copy.length]
+            self.kv_cache.index_copy_(3, slots.to(self.device), src)
 
-    @staticmethod
-    def _real_rows(
-        seq: Sequence, lo: int, hi: int, token_ids: list[int], positions: list[int]
-    ) -> None:
-        if lo < hi:
-            token_ids.extend(seq.key[lo:hi])  # type: ignore[arg-type]
-            positions.extend(range(lo, hi))
 
-    def _metadata(self, seq_rows: list[_SeqRows]) -> AttentionMetadata:
-        """Sort the step's rows into decode units (one-token chunks, by group: complete
-        attention over the shared segment once plus each member's suffix) and multi-token
-        chunks (causal suffix attention, plus their group's shared segment merged by LSE)."""
-        shared = self._shared_prefixes(seq_rows)
-        bs, dev = self.block_size, self.device
-        slot_parts: list[torch.Tensor] = []
-        seqs: list[SeqAttention] = []
-        decode: dict[object, list[tuple[int, torch.Tensor]]] = {}
-        multi: dict[int, list[int]] = {}
-        segments: dict[int, torch.Tensor] = {}
-        for i, (sr, sh) in enumerate(zip(seq_rows, shared, strict=True)):
-            n = sr.rows.stop - sr.rows.start
-            if n == 0:
-                continue
-            # Every slot of the sequence up to the chunk's end, once; the parts are views.
-            full = self.slots(sr.chunk.seq, torch.arange(sr.chunk.end))
-            slot_parts.append(full[torch.tensor(sr.positions)])
-            lo = sh[0] * bs if sh else 0
-            if sh and sh[1] not in segments:
-                segments[sh[1]] = full[:lo]
-            suffix = full[lo:]
-            if n == 1 and sr.chunk.end - sr.chunk.start == 1:
-                decode.setdefault(sh[1] if sh else ("alone", i), []).append((sr.rows.start, suffix))
-                continue
-            qpos = torch.tensor(sr.positions, device=dev).unsqueeze(1)
-            kpos = torch.arange(lo, sr.chunk.end, device=dev).unsqueeze(0)
-            seqs.append(SeqAttention(sr.rows, suffix.to(dev), kpos > qpos))
-            if sh:
-                multi.setdefault(sh[1], []).extend(range(sr.rows.start, sr.rows.stop))
-        units = [self._decode_unit(members, segments.get(g)) for g, members in decode.items()]
-        return AttentionMetadata(
-            kv_cache=self.kv_cache,
-            nonfinite=torch.zeros(seq_rows[-1].rows.stop, dtype=torch.bool, device=dev),
-            slot_mapping=torch.cat(slot_parts).to(dev),
-            decode=padded_batch(units, dev) if units else None,
-            seqs=seqs,
-            shared=(
-                padded_batch([(rows, segments[g], None) for g, rows in multi.items()], dev)
-                if multi
-                else None
-            ),
-        )
-
-    @staticmethod
-    def _decode_unit(
-        members: list[tuple[int, torch.Tensor]], segment: torch.Tensor | None
-    ) -> tuple[list[int], torch.Tensor, torch.Tensor | None]:
-        """One decode unit: the shared segment (read once) then each member's suffix; member
-        j's query sees the segment and its own suffix only."""
-        if segment is None and len(members) == 1:
-            row, suffix = members[0]
-            return [row], suffix, None
-        parts = ([segment] if segment is not None else []) + [s for _, s in members]
-        slots = torch.cat(parts)
-        hidden = torch.ones(len(members), len(slots), dtype=torch.bool)
-        start = len(segment) if segment is not None else 0
-        hidden[:, :start] = False
-        for j, (_, suffix) in enumerate(members):
-            hidden[j, start : start + len(suffix)] = False
-            start += len(suffix)
-        return [row for row, _ in members], slots, hidden
-
-    def _shared_prefixes(self, seq_rows: list[_SeqRows]) -> list[tuple[int, int] | None]:
-        """For each chunk, ``(n_blocks, group_id)`` of the cached segment it shares with other
-        chunks of the batch, or None. Members of a group share their first ``n_blocks`` block
-        ids, and every member's chunk starts at or after that segment."""
-        by_first: dict[int, list[int]] = {}
-        for i, sr in enumerate(seq_rows):
-            c = sr.chunk
-            if c.start >= self.block_size and sr.rows.stop > sr.rows.start:
-                by_first.setdefault(c.seq.block_table[0], []).append(i)
-        result: list[tuple[int, int] | None] = [None] * len(seq_rows)
-        for first, idx in by_first.items():
-            if len(idx) < 2:
-                continue
-            tables = [seq_rows[i].chunk.seq.block_table for i in idx]
-            limit = min(seq_rows[i].chunk.start // self.block_size for i in idx)
-            n = 0
-            while n < limit and all(t[n] == tables[0][n] for t in tables):
-                n += 1
-            if n == 0:
-                continue
-            for i in idx:
-                result[i] = (n, first)
-        return result
+def _finite_chunks(nonfinite_rows: np.ndarray, flat: FlatBatch) -> list[bool]:
+    """Per chunk: no row of it wrote a non-finite key or value (a chunk without rows: True)."""
+    bad = np.bincount(flat.chunk_of_row, weights=nonfinite_rows, minlength=flat.num_chunks)
+    return (bad == 0).tolist()

@@ -7,6 +7,10 @@ only; a partial block at the end of a key is never cached.
 Every key lives under a namespace (any hashable, e.g. ``(tenant, adapter_id, content_hash)``).
 Each namespace has its own root, so two namespaces never share nodes and a lookup in one can
 never return KV computed under another.
+
+The tree is the one owner of shared prefixes: it holds the blocks that are cached, and the
+claims on blocks being computed (``claim``), so that a sequence needing a block another
+running sequence is computing waits for it instead of computing it twice.
 """
 
 from __future__ import annotations
@@ -77,6 +81,11 @@ class PrefixTree:
         self._clock = 0
         self._uids = itertools.count()
         self._num_cached_blocks = 0
+        # Blocks being computed: chained hash of (namespace, key blocks) -> its claimant, and
+        # each claimant's hashes. Equal hashes mean equal prefixes up to hash collisions,
+        # which only ever make a sequence wait one more step.
+        self._claims: dict[int, str] = {}
+        self._claimed_by: dict[str, list[int]] = {}
 
     @property
     def num_cached_blocks(self) -> int:
@@ -192,6 +201,38 @@ class PrefixTree:
             self._num_cached_blocks -= len(node.blocks)
             freed += self.pool.decref(node.blocks)
         return freed
+
+    # Prefixes being computed ------------------------------------------------------------
+    def claim(self, namespace: Hashable, key: Sequence[Hashable], first: int, owner: str) -> None:
+        """``owner`` (a running sequence) computes the whole blocks of ``key`` from block
+        ``first`` on; blocks another owner already claimed stay that owner's. Released with
+        ``release(owner)``, when the owner has computed its key or stops."""
+        mine = [h for h in self._chain(namespace, key)[first:] if h not in self._claims]
+        for h in mine:
+            self._claims[h] = owner
+        self._claimed_by.setdefault(owner, []).extend(mine)
+
+    def claimant(self, namespace: Hashable, key: Sequence[Hashable], block: int) -> str | None:
+        """Who is computing block ``block`` of ``key``, if anyone."""
+        chain = self._chain(namespace, key, block + 1)
+        return self._claims.get(chain[block]) if block < len(chain) else None
+
+    def release(self, owner: str) -> None:
+        for h in self._claimed_by.pop(owner, ()):
+            if self._claims.get(h) == owner:
+                del self._claims[h]
+
+    def _chain(
+        self, namespace: Hashable, key: Sequence[Hashable], limit: int | None = None
+    ) -> list[int]:
+        """Chained hashes of the key's whole blocks (the first ``limit`` of them)."""
+        bs = self.block_size
+        n = len(key) // bs if limit is None else min(limit, len(key) // bs)
+        out, h = [], hash(namespace)
+        for i in range(n):
+            h = hash((h, tuple(key[i * bs : (i + 1) * bs])))
+            out.append(h)
+        return out
 
     def _walk(
         self, root: _Node, key: Sequence[Hashable], num_blocks: int

@@ -6,9 +6,10 @@ import enum
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # plain data: the scheduler and its tests run without torch
+    import torch
 
 
 class InvalidRequest(ValueError):

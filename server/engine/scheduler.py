@@ -8,7 +8,7 @@ decode phase: a sequence only has ``num_computed`` positions of ``key``.
 - Prefix caching: at admission the longest cached prefix of the key (in whole blocks, under
   the tenant's namespace) is taken from the tree; completed blocks are inserted as they fill.
 - Shared prefixes are computed once: a waiting sequence whose next block is being computed by
-  a running one waits for it, then finds it in the tree.
+  a running one (a claim in the tree) waits for it, then finds it in the tree.
 - Fair share: admission picks the tenant with the fewest running sequences first.
 - Preemption by recompute: when blocks run out, unreferenced cached blocks are evicted first,
   then the most recently admitted sequences go back to the front of their queue (their KV is
@@ -21,10 +21,15 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from server.engine.batch import BatchPlan, Chunk, build_plan
 from server.engine.kv_cache import BlockPool
-from server.engine.model_runner import Chunk
 from server.engine.prefix_tree import PrefixTree
 from server.engine.request import SeqStatus, Sequence
+
+# Waiting sequences of one tenant looked at per admission: past the first that can start, a
+# sequence waiting for another's shared block must not hold the others back, but scanning
+# thousands each step would cost more than a step.
+WAITING_SCAN = 64
 
 
 @dataclass(frozen=True)
@@ -36,22 +41,16 @@ class SchedulerConfig:
 
 @dataclass
 class SchedulerOutput:
+    """One step's decision: the chunks to compute (``plan``: the same, laid out for the
+    forward, with their shared-prefix groups) and the sequences preempted to make room."""
+
     chunks: list[Chunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    plan: BatchPlan | None = None
 
     @property
     def num_tokens(self) -> int:
         return sum(c.end - c.start for c in self.chunks)
-
-
-def block_hashes(namespace: tuple, key: list, block_size: int) -> list[int]:
-    """Chained hashes of the key's whole blocks: equal hashes mean equal prefixes (up to
-    hash collisions, which only ever delay a sequence by a step)."""
-    out, h = [], hash(namespace)
-    for i in range(len(key) // block_size):
-        h = hash((h, tuple(key[i * block_size : (i + 1) * block_size])))
-        out.append(h)
-    return out
 
 
 class Scheduler:
@@ -61,8 +60,6 @@ class Scheduler:
         self.tree = tree
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: list[Sequence] = []
-        self._inflight: dict[int, Sequence] = {}  # block hash -> sequence computing it
-        self._owned: dict[str, list[int]] = {}  # request id -> its inflight hashes
         self.num_preemptions = 0
         self.prompt_tokens = 0  # positions of first-admitted prompts, virtual tokens included
         self.cached_prompt_tokens = 0  # of those, taken from the prefix cache
@@ -106,6 +103,8 @@ class Scheduler:
             budget -= n
         if not out.preempted:
             self._admit(out, budget)
+        if out.chunks:
+            out.plan = build_plan(out.chunks, self.config.block_size)
         return out
 
     def update_from_output(self, out: SchedulerOutput, sampled: list[int]) -> None:
@@ -120,7 +119,7 @@ class Scheduler:
             if full > chunk.start // bs:
                 self.tree.insert(seq.namespace, seq.key[: full * bs], seq.block_table[:full])
             if seq.num_computed >= seq.num_tokens:
-                self._clear_inflight(seq)
+                self.tree.release(seq.request_id)
             if chunk.sample:
                 tok = next(tokens)
                 seq.key.append(tok)
@@ -163,12 +162,7 @@ class Scheduler:
         if seq.block_table:
             self.pool.decref(seq.block_table)
             seq.block_table = []
-        self._clear_inflight(seq)
-
-    def _clear_inflight(self, seq: Sequence) -> None:
-        for h in self._owned.pop(seq.request_id, ()):
-            if self._inflight.get(h) is seq:
-                del self._inflight[h]
+        self.tree.release(seq.request_id)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         skipped: set[str] = set()
@@ -176,7 +170,7 @@ class Scheduler:
             picked = self._pick_waiting(skipped)
             if picked is None:
                 return
-            seq, hashes, cached = picked
+            seq, cached = picked
             n = min(seq.num_tokens - len(cached) * self.config.block_size, budget)
             start = len(cached) * self.config.block_size
             self.pool.incref(cached)  # ours before anything can evict them
@@ -196,36 +190,33 @@ class Scheduler:
             seq.num_computed = start
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            mine = [h for h in hashes[len(cached) :] if h not in self._inflight]
-            for h in mine:
-                self._inflight[h] = seq
-            self._owned[seq.request_id] = mine
+            self.tree.claim(seq.namespace, seq.key, len(cached), seq.request_id)
             out.chunks.append(Chunk(seq, start, start + n))
             budget -= n
 
-    def _pick_waiting(self, skipped: set[str]) -> tuple[Sequence, list[int], list[int]] | None:
+    def _pick_waiting(self, skipped: set[str]) -> tuple[Sequence, list[int]] | None:
         """The next sequence to admit: tenants with the fewest running sequences first (then
-        the oldest head); within a tenant the oldest that is not waiting for a shared block
-        another sequence is computing. Returns it with its block hashes and cached blocks."""
+        the oldest head); within a tenant the oldest (of the first ``WAITING_SCAN``) that is
+        not waiting for a shared block another sequence is computing. Returns it with its
+        cached blocks."""
         running = Counter(s.tenant for s in self.running)
         while True:
             tenants = [t for t, q in self.waiting.items() if q and t not in skipped]
             if not tenants:
                 return None
             tenant = min(tenants, key=lambda t: (running[t], self.waiting[t][0].arrival))
-            for seq in list(self.waiting[tenant])[:64]:
-                picked = self._match(seq)
-                if picked is not None:
-                    return seq, *picked
+            for seq in list(self.waiting[tenant])[:WAITING_SCAN]:
+                cached = self._match(seq)
+                if cached is not None:
+                    return seq, cached
             skipped.add(tenant)
 
-    def _match(self, seq: Sequence) -> tuple[list[int], list[int]] | None:
+    def _match(self, seq: Sequence) -> list[int] | None:
+        """The cached blocks ``seq`` can start from, or None while another sequence is
+        computing its next block (it will find it cached then)."""
         bs = self.config.block_size
-        hashes = block_hashes(seq.namespace, seq.key, bs)
         blocks = self.tree.match(seq.namespace, seq.key).blocks
         # Keep at least the last position to compute: its logits choose the next token.
         blocks = blocks[: (seq.num_tokens - 1) // bs]
-        nxt = len(blocks)
-        if nxt < len(hashes) and self._inflight.get(hashes[nxt], seq) is not seq:
-            return None
-        return hashes, blocks
+        owner = self.tree.claimant(seq.namespace, seq.key, len(blocks))
+        return None if owner not in (None, seq.request_id) else blocks

@@ -6,15 +6,10 @@ import math
 
 import torch
 
-from server.engine.attention import (
-    AttentionMetadata,
-    SeqAttention,
-    attend,
-    merge,
-    padded_batch,
-    prefix_attention,
-)
-from server.engine.model_runner import ModelRunner
+from server.engine.attention import attend, build_metadata, merge, prefix_attention
+from server.engine.batch import Chunk, SharedGroup, build_plan
+from server.engine.flat import flatten
+from server.engine.request import SamplingParams, Sequence
 
 HQ, HKV, D = 6, 2, 8
 
@@ -66,67 +61,42 @@ def test_merge_of_two_halves_is_whole():
 
 
 def test_grouped_paged_batch_equals_plain_attention():
-    """Two groups and a loner, one-token (decode) and multi-token chunks mixed. Group 0: three
-    sequences sharing blocks 0, 1 (8 tokens); group 1: two sharing block 3 (4 tokens).
-    One-token chunks form decode units (segment once + every member's suffix, masked);
-    multi-token chunks attend to their suffix and to their group's segment, merged by LSE.
-    Blocks are scattered through the pool to exercise the slot arithmetic."""
+    """Two groups and a loner, one-row (decode) and multi-row chunks mixed, laid out by the
+    scheduler's own plan builder. Group 0: three sequences sharing blocks 0, 1 (8 tokens);
+    group 1: two sharing block 3 (4 tokens). One-row chunks form decode units (segment once +
+    every member's suffix, masked); multi-row chunks attend to their suffix and to their
+    group's segment, merged by LSE. Blocks are scattered through the pool to exercise the slot
+    arithmetic."""
     g = torch.Generator().manual_seed(2)
     bs, num_blocks = 4, 16
     cache = torch.randn(1, 2, HKV, num_blocks * bs, D, generator=g)
     scale = 1 / math.sqrt(D)
-    # (block table, length after this step, query positions this step, shared tokens, group)
-    seqs = [
-        ([0, 1, 5, 9], 14, [13], 8, 0),
-        ([0, 1, 7], 12, [9, 10, 11], 8, 0),
-        ([0, 1, 2], 10, [9], 8, 0),
-        ([3, 4, 6], 11, [10], 4, 1),
-        ([3, 11, 8, 10], 15, [12, 13, 14], 4, 1),
-        ([12, 13], 6, [5], 0, None),
+    # (block table, length after this step, query positions this step)
+    cases = [
+        ([0, 1, 5, 9], 14, [13]),
+        ([0, 1, 7], 12, [9, 10, 11]),
+        ([0, 1, 2], 10, [9]),
+        ([3, 4, 6], 11, [10]),
+        ([3, 11, 8, 10], 15, [12, 13, 14]),
+        ([12, 13], 6, [5]),
     ]
-
-    def slots(table, positions):
-        t = torch.tensor(table)
-        p = torch.tensor(list(positions))
-        return t[p // bs] * bs + p % bs
-
-    segment = {0: slots([0, 1], range(8)), 1: slots([3], range(4))}
-    n_rows = sum(len(x[2]) for x in seqs)
-    q = torch.randn(HQ, n_rows, D, generator=g)
-    decode: dict[object, list[tuple[int, torch.Tensor]]] = {}
-    multi: list[SeqAttention] = []
-    shared_rows: dict[int, list[int]] = {0: [], 1: []}
-    row = 0
-    rows_of = []
-    for i, (table, total, qpos, n_shared, group) in enumerate(seqs):
-        rows = list(range(row, row + len(qpos)))
-        rows_of.append(rows)
-        row += len(qpos)
-        suffix = slots(table, range(n_shared, total))
-        if len(qpos) == 1:
-            decode.setdefault(group if group is not None else f"alone-{i}", []).append(
-                (rows[0], suffix)
-            )
-            continue
-        kpos = torch.arange(n_shared, total)
-        hidden = kpos[None, :] > torch.tensor(qpos)[:, None]
-        multi.append(SeqAttention(slice(rows[0], rows[-1] + 1), suffix, hidden))
-        shared_rows[group].extend(rows)
-    units = []
-    for key, members in decode.items():  # the runner's own unit builder
-        units.append(ModelRunner._decode_unit(members, segment.get(key)))
-    meta = AttentionMetadata(
-        kv_cache=cache,
-        slot_mapping=torch.empty(0, dtype=torch.long),
-        decode=padded_batch(units, "cpu"),
-        seqs=multi,
-        shared=padded_batch([(shared_rows[i], segment[i], None) for i in (0, 1)], "cpu"),
-        nonfinite=torch.zeros(0, dtype=torch.bool),
-    )
+    chunks = []
+    for i, (table, total, qpos) in enumerate(cases):
+        seq = Sequence(f"s{i}", "t", list(range(total)), [], SamplingParams(), 0.0)
+        seq.block_table = list(table)
+        chunks.append(Chunk(seq, qpos[0], total))
+    plan = build_plan(chunks, bs)
+    assert plan.groups == (SharedGroup(2, (0, 1, 2)), SharedGroup(1, (3, 4)))
+    assert plan.group_of == (0, 0, 0, 1, 1, -1)
+    meta = build_metadata(flatten(plan), cache, "cpu")
     assert meta.decode.slots.shape == (3, 8 + 6 + 2)  # group 0: segment + two suffixes
+    q = torch.randn(HQ, plan.num_rows, D, generator=g)
     out = prefix_attention(q, cache[0, 0], cache[0, 1], meta, scale)
-    for (table, total, qpos, _, _), rows in zip(seqs, rows_of, strict=True):
-        s = slots(table, range(total))
+    for i, (table, total, qpos) in enumerate(cases):
+        rows = list(range(plan.row_starts[i], plan.row_starts[i + 1]))
+        t = torch.tensor(table)
+        p = torch.arange(total)
+        s = t[p // bs] * bs + p % bs
         expect = plain_attention(q[:, rows], cache[0, 0][:, s], cache[0, 1][:, s], qpos, scale)
         err = (out[:, rows] - expect).abs().max()
         assert err < 1e-5, (table, err)
