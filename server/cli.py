@@ -1,17 +1,37 @@
-"""``prefix-serve`` command line: ``serve`` and ``bench``."""
+"""``prefix-serve`` command line: ``serve`` and ``bench``.
+
+``bench`` runs the ``prefix-serve-bench`` package (bench/ of a source checkout; ``make setup``
+installs it), imported only when a benchmark runs: ``serve`` never imports it, nor PEFT.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 
 from server.config import ConfigError, add_serve_arguments, config_from_args
 
+BENCH_MISSING = (
+    "prefix-serve bench: the benchmarks are not installed with the server; they are the\n"
+    "prefix-serve-bench package, in the bench/ directory of a source checkout of prefix-serve.\n"
+    "From the checkout, `make setup` installs it (with every dependency from requirements.lock),\n"
+    "or, into this environment:\n"
+    "    python -m pip install --no-deps --no-build-isolation -e ./bench"
+)
+
 
 def _bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="run a benchmark (docs/benchmarks.md)")
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark (docs/benchmarks.md; needs the prefix-serve-bench package)",
+        description="Run a benchmark (docs/benchmarks.md).\n\n"
+        "The benchmarks are not installed with the server: they are the prefix-serve-bench\n"
+        "package, bench/ of a source checkout, which `make setup` installs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     which = bench.add_subparsers(dest="workload", required=True)
     w1 = which.add_parser("w1", help="multi-tenant prefix tuning on the CPU vs PEFT baselines")
     w1.add_argument("--tenants", type=int, default=4)
@@ -22,6 +42,19 @@ def _bench_parser(sub) -> None:
     w1.add_argument("--data-dir", default="./data")
     w1.add_argument("--json", default="bench/results/w1.json", help="where to write the JSON")
     w1.add_argument("--torch-threads", type=int, default=None, help="default: torch's")
+    w1.add_argument(
+        "--dtypes", default="float32,bfloat16", help="the engine's dtypes, comma-separated"
+    )
+    w1.add_argument("--no-peers", action="store_true", help="skip the text-only peers")
+    w1.add_argument("--llama-gguf", default=None, help="GGUF file for llama-server, if installed")
+    profile = which.add_parser("profile", help="where a W1 engine step's time goes, by part")
+    profile.add_argument("--tenants", type=int, default=4)
+    profile.add_argument("--requests", type=int, default=4, help="requests per tenant")
+    profile.add_argument("--new-tokens", type=int, default=32)
+    profile.add_argument("--dtype", default="float32")
+    profile.add_argument("--model", default="default")
+    profile.add_argument("--data-dir", default="./data")
+    profile.add_argument("--json", default=None, help="where to write the JSON")
     w2 = which.add_parser("w2", help="W1's tenants served over HTTP at concurrency 1, 4, 16")
     w2.add_argument("--tenants", type=int, default=4)
     w2.add_argument("--requests", type=int, default=4, help="requests per tenant")
@@ -48,9 +81,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    if args.command == "bench" and args.workload == "w1":
-        from bench.w1 import run
+    return _bench(args)
 
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        if args.workload == "w1":
+            from bench.w1 import run
+        elif args.workload == "profile":
+            from bench.profile import format_profile, profile_w1
+        else:
+            from bench.w2 import run as run_w2
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "bench":
+            # bench is there, one of its dependencies (installed from the lock) is not.
+            print(
+                f"prefix-serve bench: {exc}; the prefix-serve-bench package needs it "
+                "(`make setup` installs every dependency from requirements.lock)",
+                file=sys.stderr,
+            )
+        else:
+            print(BENCH_MISSING, file=sys.stderr)
+        return 2
+    if args.workload == "w1":
         run(
             args.tenants,
             args.requests,
@@ -60,10 +113,20 @@ def main(argv: list[str] | None = None) -> int:
             args.data_dir,
             args.json,
             args.torch_threads,
+            tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
+            not args.no_peers,
+            args.llama_gguf,
         )
-    elif args.command == "bench" and args.workload == "w2":
-        from bench.w2 import run as run_w2
+    elif args.workload == "profile":
+        result = profile_w1(
+            args.tenants, args.requests, args.new_tokens, args.dtype, args.model, args.data_dir
+        )
+        print(format_profile(result))
+        if args.json:
+            from pathlib import Path
 
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    else:
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
         run_w2(
             args.tenants,

@@ -41,10 +41,10 @@ from reliability_helpers import BackgroundLoad, LoadResult, ServeProcess, Target
 from report import record, scale
 
 from adapters_store.formats import parse_adapter
-from adapters_store.local_redis import LocalRedis, find_redis_server
 from adapters_store.registry import SQLiteRegistry
 from adapters_store.store import open_store
 from adapters_store.validate import ModelShape
+from bench.local_redis import LocalRedis, find_redis_server
 from bench.peft_adapters import make_prefix_tuning
 
 BOUND_S = 15.0  # any answer slower than this counts as a hang (2 CPU cores shared by others)

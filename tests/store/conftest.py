@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from store_helpers import StoreFactory
 
-from adapters_store.local_redis import LocalRedis, find_redis_server
 from adapters_store.store import AdapterStore, open_store
+from bench.local_redis import LocalRedis, find_redis_server
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from store_helpers import prefix_adapter, same_content, wait_for
 
-from adapters_store.local_redis import LocalRedis
 from adapters_store.store import AdapterStore, open_store
 from adapters_store.types import RegistryUnavailable
+from bench.local_redis import LocalRedis
 
 
 def fails_fast(call: Callable[[], object]) -> float:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from store_helpers import prefix_adapter, same_content, wait_for
 
-from adapters_store.local_redis import LocalRedis
 from adapters_store.store import AdapterStore, open_store
 from adapters_store.types import AdapterNotFound
+from bench.local_redis import LocalRedis
 
 
 def raises_not_found(fn: Callable[[], object]) -> bool:

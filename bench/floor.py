@@ -1,0 +1,119 @@
+"""The CPU floor of a workload: the least time any engine could take on this machine.
+
+A step cannot be faster than the bytes it must read over the memory bandwidth, nor than its
+FLOPs over the matrix-product rate, both measured here at the run's dtype. Prefill is counted
+as FLOPs (every distinct prompt position once: a tenant's shared system prompt once), decode
+step by step as the larger of the two: each step reads every weight once (the LM head
+included) and each sequence's KV once, a shared prefix once per tenant (prefix-tuning virtual
+tokens cost no compute, only their KV reads). What the floor leaves out (Python, attention's
+gathers, elementwise layers, the sampler) is what an engine adds on top.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bench.workloads import VIRTUAL_TOKENS, Workload
+
+
+@dataclass(frozen=True)
+class MachineRates:
+    """Measured on this machine at one dtype: the matrix-product rate (FLOP/s) at a
+    compute-bound shape, and the memory read bandwidth (bytes/s)."""
+
+    dtype: str
+    matmul_flops_per_s: float  # [512 x hidden] @ [hidden x 3 hidden]
+    read_bytes_per_s: float
+
+
+@dataclass(frozen=True)
+class Floor:
+    prefill_flops: float
+    decode_steps: int
+    decode_flops: float
+    decode_bytes: float
+    seconds: float
+    memory_bound_steps: int  # decode steps where reading takes longer than computing
+
+
+def _rate(fn, work: float, seconds: float) -> float:
+    fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += 1
+    return n * work / (time.perf_counter() - start)
+
+
+def measure_rates(hidden: int, dtype: torch.dtype, seconds: float = 1.0) -> MachineRates:
+    """Matmul rates at the model's width and the read bandwidth of a 512 MiB tensor (a sum:
+    one pass, little arithmetic), with the threads torch is set to use."""
+    big = torch.randn(512, hidden).to(dtype)
+    w = torch.randn(hidden, 3 * hidden).to(dtype)
+    buffer = torch.ones(512 << 20 >> 2, dtype=torch.float32)
+    return MachineRates(
+        dtype=str(dtype).removeprefix("torch."),
+        matmul_flops_per_s=_rate(lambda: big @ w, 2 * 512 * hidden * 3 * hidden, seconds),
+        read_bytes_per_s=_rate(buffer.sum, buffer.numel() * 4, seconds),
+    )
+
+
+def model_sizes(config, dtype: torch.dtype) -> tuple[float, float, float, float]:
+    """(dense FLOPs per position, attention FLOPs per context position, LM-head FLOPs,
+    weight bytes read per decode step) of a Llama-family config."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q_width = config.num_attention_heads * head_dim
+    kv_width = config.num_key_value_heads * head_dim
+    per_layer = hidden * (2 * q_width + 2 * kv_width) + 3 * hidden * config.intermediate_size
+    head = hidden * config.vocab_size
+    elem = torch.empty((), dtype=dtype).element_size()
+    return (
+        2 * layers * per_layer,
+        2 * 2 * layers * q_width,
+        2 * head,
+        (layers * per_layer + head) * elem,
+    )
+
+
+def kv_bytes_per_position(config, dtype: torch.dtype) -> float:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    elem = torch.empty((), dtype=dtype).element_size()
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * elem
+
+
+def w1_floor(config, workload: Workload, dtype: torch.dtype, rates: MachineRates) -> Floor:
+    dense, attn, head, weight_bytes = model_sizes(config, dtype)
+    kv = kv_bytes_per_position(config, dtype)
+    p = VIRTUAL_TOKENS
+    prefill = 0.0
+    for tenant, requests in enumerate(workload.by_tenant()):
+        shared = workload.shared_prefix_len(tenant)
+        for i, req in enumerate(requests):
+            for pos in range(0 if i == 0 else shared, len(req.prompt_ids)):
+                prefill += dense + attn * (p + pos + 1)
+            prefill += head  # the first token's logits
+    steps = workload.new_tokens - 1
+    seconds = prefill / rates.matmul_flops_per_s
+    total_flops = total_bytes = 0.0
+    memory_bound = 0
+    for step in range(1, steps + 1):
+        flops = step_bytes = 0.0
+        step_bytes = weight_bytes
+        for tenant, requests in enumerate(workload.by_tenant()):
+            shared = p + workload.shared_prefix_len(tenant)
+            step_bytes += shared * kv
+            for req in requests:
+                context = p + len(req.prompt_ids) + step
+                flops += dense + attn * context + head
+                step_bytes += (context - shared) * kv
+        compute_s = flops / rates.matmul_flops_per_s
+        read_s = step_bytes / rates.read_bytes_per_s
+        memory_bound += read_s > compute_s
+        seconds += max(compute_s, read_s)
+        total_flops += flops
+        total_bytes += step_bytes
+    return Floor(prefill, steps, total_flops, total_bytes, seconds, memory_bound)
