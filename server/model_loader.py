@@ -135,9 +135,27 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX, or AVX512-BF16): there a bf16
+    engine reads half the bytes per step and its matrix products run at least as fast as
+    float32's (measured in docs/benchmarks.md); elsewhere bf16 is emulated and slower."""
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is not None:
+        found = caps()
+        return bool(found.get("amx_bf16") or found.get("avx512_bf16"))
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA and on CPUs with hardware bf16 (``cpu_has_fast_bf16``),
+    float32 elsewhere."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        fast = device.type == "cuda" or cpu_has_fast_bf16()
+        return torch.bfloat16 if fast else torch.float32
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
             dtype

@@ -168,10 +168,16 @@ def test_missing_default_package_says_how_to_install_it(monkeypatch):
 # --device / --dtype ----------------------------------------------------------------------
 
 
-def test_pick_dtype():
+def test_pick_dtype(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert pick_dtype("auto", cpu) == torch.float32
     assert pick_dtype("auto", cuda) == torch.bfloat16
+    for caps, want in (
+        ({"avx512_bf16": True, "amx_bf16": False}, torch.bfloat16),
+        ({"avx512_bf16": False, "amx_bf16": True}, torch.bfloat16),
+        ({"avx512_bf16": False, "amx_bf16": False, "avx2": True}, torch.float32),
+    ):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert pick_dtype("auto", cpu) == want, caps
     assert pick_dtype("float32", cuda) == torch.float32
     assert pick_dtype("bfloat16", cpu) == torch.bfloat16
     assert pick_dtype("float16", cpu) == torch.float16
