@@ -1,10 +1,16 @@
 """The synchronous engine driven from asyncio: one dedicated thread owns every engine call.
 
-The event loop never touches the engine. It sends commands (add, abort, call) through a
-thread-safe queue; the engine thread applies them between steps, runs ``step()`` while anything
-is unfinished, and hands each output back to the submitting handler's ``asyncio.Queue`` with
-``loop.call_soon_threadsafe`` (one hop per step). An abort is therefore applied before the next
-step starts: a request aborted during step k holds its KV blocks at most until step k ends.
+The event loop never touches the engine. It sends commands (``Add``, ``Abort``, ``Fail``,
+``Call``, ``Stop``: typed values, dispatched by type) through a thread-safe queue; the engine
+thread applies them between steps, runs ``step()`` while anything is unfinished, and hands each
+output back to the submitting handler's ``asyncio.Queue`` with ``loop.call_soon_threadsafe``
+(one hop per step). An abort is therefore applied before the next step starts: a request
+aborted during step k holds its KV blocks at most until step k ends.
+
+What flows back besides outputs is published, never read across threads: the model's
+``ModelFacts`` once, when it loads (``served.facts``), and an ``EngineSnapshot`` of the
+engine's counters after every step (and after commands when no step follows), swapped in whole
+so any thread reads one consistent moment (``snapshot()``).
 
 Admission is bounded: at most ``capacity`` engine requests may be outstanding (submitted and
 not yet finished or aborted); past that ``submit`` raises ``Overloaded`` and changes nothing.
@@ -22,87 +28,49 @@ import queue
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, assert_never
 
 from server.engine.request import (
-    AdapterSegment,
     InvalidRequest,
-    RequestError,
     RequestOutput,
-    SamplingParams,
 )
+from server.engine.snapshot import EngineSnapshot, SnapshotBuilder
+from server.engine_client import (
+    Abort,
+    Add,
+    Call,
+    Command,
+    Delivery,
+    EngineFailure,
+    EngineInput,
+    EngineUnavailable,
+    Fail,
+    Item,
+    Overloaded,
+    RequestFailed,
+    Stop,
+    Submission,
+    TenantOverloaded,
+)
+from server.served_model import ServedModel
+
+if TYPE_CHECKING:
+    pass
 
 log = logging.getLogger(__name__)
+Routes = dict[str, tuple[Submission, int]]  # request id -> its submission and index
 T = TypeVar("T")
-
-
-class Overloaded(Exception):
-    """The bounded queue is full; retry after ``retry_after`` seconds."""
-
-    retry_after = 1
-    code = "overloaded"
-
-
-class TenantOverloaded(Overloaded):
-    """This tenant holds its whole share of the queue; other tenants are still admitted."""
-
-    code = "tenant_share_exceeded"
-
-
-class EngineUnavailable(Exception):
-    """The engine is not loaded yet, failed to load, or has stopped."""
-
-    retry_after = 5
-
-
-class EngineFailure(Exception):
-    """A step raised outside the model's forward (a bug): the requests in the batch are
-    failed, the loop goes on."""
-
-
-class RequestFailed(Exception):
-    """The engine stopped this request alone (``error.kind``: ``non_finite`` or ``sampling``,
-    the request's own inputs at fault; ``engine``, a failure isolated to it); the rest of its
-    batch went on."""
-
-    def __init__(self, error: RequestError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
-@dataclass(frozen=True)
-class EngineInput:
-    """One engine request: prompt token ids after the adapters' segments, in ``tenant``'s
-    prefix-cache namespace."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    segments: Sequence[AdapterSegment] = ()
-    tenant: str = "default"
-
-
-@dataclass(eq=False)
-class Submission:
-    """The engine requests of one HTTP request (``n`` choices x prompts), read from ``queue``
-    as ``(index, RequestOutput)`` or ``(index, exception)``. Indices follow ``ids``."""
-
-    ids: list[str]
-    tenant: str = "default"
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    done: set[str] = field(default_factory=set)
 
 
 class AsyncEngine:
     """Builds the model with ``build()`` in its own thread, then serves submissions.
 
-    ``build`` returns an ``server.llm.LLM`` (model, tokenizer, adapters shape, engine).
-    Thread ownership: ``llm.engine`` is touched only by the engine thread; ``llm.tokenizer``,
-    ``llm.model_id``, ``llm.shape`` and ``llm.limits`` are read-only and safe from the loop.
-    """
+    ``build`` returns a ``ServedModel`` (``server.served_model.load_served_model``). Thread
+    ownership: ``served.engine`` is touched only by the engine thread; ``served.facts`` and
+    ``served.tokenizer`` are read-only and safe from the loop. Implements ``EngineClient``."""
 
     def __init__(
-        self, build: Callable[[], Any], capacity: int, tenant_limit: int | None = None
+        self, build: Callable[[], ServedModel], capacity: int, tenant_limit: int | None = None
     ) -> None:
         """``tenant_limit``: the most outstanding engine requests one tenant may hold (None:
         no per-tenant limit, e.g. a single-tenant server)."""
@@ -111,9 +79,11 @@ class AsyncEngine:
         self.tenant_limit = tenant_limit
         self.admissions: Counter[str] = Counter()  # outcome -> submissions (loop thread)
         self._by_tenant: Counter[str] = Counter()  # tenant -> outstanding (loop thread)
-        self.llm: Any = None
+        self.served: ServedModel | None = None
         self.load_error: BaseException | None = None
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        # Written by the engine thread only, always a whole new snapshot (never mutated).
+        self._snapshot = EngineSnapshot()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._loaded = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,7 +98,7 @@ class AsyncEngine:
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is not None and self._thread.is_alive():
-            self._commands.put(("stop",))
+            self._commands.put(Stop())
             self._thread.join(timeout)
 
     @property
@@ -137,7 +107,7 @@ class AsyncEngine:
 
     @property
     def ready(self) -> bool:
-        return self._loaded.is_set() and self.llm is not None and self.alive
+        return self._loaded.is_set() and self.served is not None and self.alive
 
     async def wait_loaded(self, timeout: float | None = None) -> bool:
         return await asyncio.to_thread(self._loaded.wait, timeout)
@@ -146,6 +116,16 @@ class AsyncEngine:
     def outstanding(self) -> int:
         """Engine requests submitted and not yet finished or aborted."""
         return len(self._live)
+
+    # Published state (any thread) ----------------------------------------------------------
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's counters after its latest step (or command, when no step followed);
+        all zero until the model has loaded."""
+        return self._snapshot
+
+    def admission_counts(self) -> dict[str, int]:
+        """Submissions by admission outcome since start (a copy)."""
+        return dict(self.admissions)
 
     # Requests (loop thread) ----------------------------------------------------------------
     def submit(self, inputs: Sequence[EngineInput]) -> Submission:
@@ -159,7 +139,7 @@ class AsyncEngine:
         for rid in sub.ids:
             self._live[rid] = sub
         self._by_tenant[tenant] += len(sub.ids)
-        self._commands.put(("add", sub, list(inputs)))
+        self._commands.put(Add(sub, tuple(inputs)))
         return sub
 
     def check_admission(self, count: int, tenant: str | None = None, final: bool = False) -> None:
@@ -192,19 +172,19 @@ class AsyncEngine:
     def abort(self, sub: Submission) -> None:
         """Stop every unfinished request of ``sub``; their blocks are freed before the next
         step. Idempotent."""
-        ids = [rid for rid in sub.ids if rid not in sub.done]
+        ids = tuple(rid for rid in sub.ids if rid not in sub.done)
         for rid in ids:
             self._retire(sub, rid)
         if ids:
-            self._commands.put(("abort", ids))
+            self._commands.put(Abort(ids))
 
     def fail_all(self, exc: Exception) -> None:
         """End every request in flight with ``exc`` (e.g. at the end of a drain); their
         handlers answer it and the engine frees their blocks before its next step."""
-        self._commands.put(("fail", exc))
+        self._commands.put(Fail(exc))
 
-    async def call(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(llm)`` in the engine thread between two steps and return its result.
+    async def call(self, fn: Callable[[ServedModel], T]) -> T:
+        """Run ``fn(served)`` in the engine thread between two steps and return its result.
 
         Torch work of the server's handlers goes through here (an upload's validation and
         conversion; decoding a stored blob starts no parallel region): with OpenMP, each
@@ -215,21 +195,21 @@ class AsyncEngine:
         assert self._loop is not None
         if not self.alive:
             raise EngineUnavailable("the engine has stopped")
-        fut: asyncio.Future = self._loop.create_future()
-        self._commands.put(("call", fn, fut))
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._commands.put(Call(fn, fut))
         return await fut
 
-    def call_blocking(self, fn: Callable[[Any], T], timeout: float = 60.0) -> T:
+    def call_blocking(self, fn: Callable[[ServedModel], T], timeout: float = 60.0) -> T:
         """``call`` for other threads (never the loop's): worker threads, tests."""
         if not self.alive:
             raise EngineUnavailable("the engine has stopped")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("call", fn, fut))
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._commands.put(Call(fn, fut))
         return fut.result(timeout)
 
-    def _dispatch(self, items: list[tuple[Submission, int, Any]]) -> None:
+    def _dispatch(self, deliveries: list[Delivery]) -> None:
         """Loop side of a delivery: queue items, retire finished requests."""
-        for sub, index, item in items:
+        for sub, index, item in deliveries:
             rid = sub.ids[index]
             if rid in sub.done:
                 continue  # aborted meanwhile: the handler is gone
@@ -248,108 +228,170 @@ class AsyncEngine:
     # Engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.llm = self._build()
+            served = self._build()
         except BaseException as exc:  # reported by /ready and every request
             log.exception("loading the model failed")
             self.load_error = exc
             self._loaded.set()
             return
+        driver = _EngineLoop(self, served)
+        driver.publish()  # the engine as loaded, before anything is admitted
+        self.served = served
         self._loaded.set()
-        engine = self.llm.engine
-        routes: dict[str, tuple[Submission, int]] = {}
+        driver.run()
+
+
+class _EngineLoop:
+    """The engine thread's side of an ``AsyncEngine``: takes commands from its queue and
+    applies them between steps, steps while anything is unfinished, hands outputs to its event
+    loop, and publishes a snapshot in its ``_snapshot`` slot once per iteration. Used only by
+    the engine thread.
+
+    Every request enters and leaves the engine here (or inside a ``Call``, after which the
+    census is recounted), so the snapshot builder's adapter census follows by events."""
+
+    def __init__(self, owner: AsyncEngine, served: ServedModel) -> None:
+        assert owner._loop is not None, "started without an event loop"
+        self.owner = owner
+        self.commands = owner._commands
+        self.loop = owner._loop
+        self.served = served
+        self.engine = served.engine
+        self.stats = SnapshotBuilder(served.engine)
+        self.routes: Routes = {}
+
+    def run(self) -> None:
+        engine = self.engine
         while True:
-            for cmd in self._take(block=not engine.has_unfinished()):
-                if cmd[0] == "stop":
-                    self._stop(routes)
+            for command in self.take(block=not engine.has_unfinished()):
+                if isinstance(command, Stop):
+                    self.stop()
+                    self.publish()
                     return
-                self._apply(cmd, routes)
+                self.apply(command)
             # Not kept while waiting for the next command: a call's closure may hold an
             # upload's bytes, which would stay alive until then.
-            cmd = None
+            command = None
+            # An iteration applied commands, ran a step, or both; after commands with a step
+            # to follow, the step's snapshot covers both (one build per iteration).
             if engine.has_unfinished():
-                self._step(routes)
+                self.step()
+            self.publish()
 
-    def _stop(self, routes: dict[str, tuple[Submission, int]]) -> None:
+    def publish(self) -> None:
+        """Swap in a new snapshot (one reference assignment: atomic for every reader)."""
+        try:
+            self.owner._snapshot = self.stats.build()
+        except Exception:  # a bug in the stats must not stop serving: keep the last one
+            log.exception("building the engine snapshot failed")
+
+    def stop(self) -> None:
         """Fail what is in flight and every call still queued (nobody will run them)."""
         gone = EngineUnavailable("the server is shutting down")
-        self._fail_all(routes, gone)
-        for cmd in self._take(block=False):
-            if cmd[0] == "call":
-                self._settle_call(cmd[2], None, gone)
+        self.fail_all(gone)
+        for command in self.take(block=False):
+            if isinstance(command, Call):
+                self.settle_call(command.future, None, gone)
 
-    def _take(self, block: bool) -> list[tuple]:
-        cmds = [self._commands.get()] if block else []
+    def take(self, block: bool) -> list[Command]:
+        commands = [self.commands.get()] if block else []
         while True:
             try:
-                cmds.append(self._commands.get_nowait())
+                commands.append(self.commands.get_nowait())
             except queue.Empty:
-                return cmds
+                return commands
 
-    def _apply(self, cmd: tuple, routes: dict[str, tuple[Submission, int]]) -> None:
-        engine = self.llm.engine
-        if cmd[0] == "add":
-            _, sub, inputs = cmd
-            for index, (rid, inp) in enumerate(zip(sub.ids, inputs, strict=True)):
+    def apply(self, command: Command) -> None:
+        match command:
+            case Add():
+                self.add(command)
+            case Abort():
+                for rid in command.request_ids:
+                    self.abort(rid)
+            case Fail():
+                self.fail_all(command.error)
+            case Call():
                 try:
-                    engine.add_request(rid, inp.prompt_ids, inp.params, inp.segments, inp.tenant)
-                except (InvalidRequest, ValueError) as exc:
-                    for other in sub.ids[:index]:
-                        engine.abort(other)
-                        routes.pop(other, None)
-                    self._send([(sub, index, exc)])
-                    return
-                routes[rid] = (sub, index)
-        elif cmd[0] == "abort":
-            for rid in cmd[1]:
-                engine.abort(rid)
-                routes.pop(rid, None)
-        elif cmd[0] == "fail":
-            self._fail_all(routes, cmd[1])
-        elif cmd[0] == "call":
-            _, fn, fut = cmd
+                    result, error = command.fn(self.served), None
+                except Exception as exc:
+                    result, error = None, exc
+                finally:
+                    self.stats.resync()  # the call may have added or ended requests itself
+                self.settle_call(command.future, result, error)
+            case Stop():
+                raise AssertionError("Stop ends the loop before it is applied")
+            case _:
+                assert_never(command)
+
+    def add(self, command: Add) -> None:
+        sub = command.sub
+        for index, (rid, inp) in enumerate(zip(sub.ids, command.inputs, strict=True)):
             try:
-                result, error = fn(self.llm), None
-            except Exception as exc:
-                result, error = None, exc
-            self._settle_call(fut, result, error)
+                seq = self.engine.add_request(
+                    rid, inp.prompt_ids, inp.params, inp.segments, inp.tenant
+                )
+            except (InvalidRequest, ValueError) as exc:
+                for other in sub.ids[:index]:
+                    self.abort(other)
+                self.send([Delivery(sub, index, exc)])
+                return
+            self.stats.entered(seq)
+            self.routes[rid] = (sub, index)
 
-    def _settle_call(self, fut, result: Any, error: BaseException | None) -> None:
-        if isinstance(fut, concurrent.futures.Future):
-            _settle(fut, result, error)
-        else:
-            self._loop.call_soon_threadsafe(_settle, fut, result, error)
+    def abort(self, rid: str) -> None:
+        self.engine.abort(rid)
+        self.stats.left(rid)
+        self.routes.pop(rid, None)
 
-    def _step(self, routes: dict[str, tuple[Submission, int]]) -> None:
-        engine = self.llm.engine
+    def step(self) -> None:
         try:
-            outputs: list[RequestOutput] = engine.step()
+            outputs: list[RequestOutput] = self.engine.step()
         except Exception as exc:
             log.exception("engine step failed")
-            self._fail_all(routes, EngineFailure(f"engine step failed: {exc}"))
+            self.stats.resync()  # requests may have ended inside the step that raised
+            self.fail_all(EngineFailure(f"engine step failed: {exc}"))
             return
-        items: list[tuple[Submission, int, Any]] = []
+        deliveries: list[Delivery] = []
         for out in outputs:
-            route = routes.get(out.request_id)
+            if out.finished:
+                self.stats.left(out.request_id)
+            route = self.routes.get(out.request_id)
             if route is None:
                 continue
             if out.finished:
-                del routes[out.request_id]
-            items.append((*route, out if out.error is None else RequestFailed(out.error)))
-        self._send(items)
+                del self.routes[out.request_id]
+            item: Item = out if out.error is None else RequestFailed(out.error)
+            deliveries.append(Delivery(*route, item))
+        self.send(deliveries)
 
-    def _fail_all(self, routes: dict[str, tuple[Submission, int]], exc: Exception) -> None:
+    def fail_all(self, exc: Exception) -> None:
+        routes = self.routes
         for rid in list(routes):
-            self.llm.engine.abort(rid)
-        self._send([(sub, index, exc) for sub, index in routes.values()])
+            self.engine.abort(rid)
+            self.stats.left(rid)
+        self.send([Delivery(sub, index, exc) for sub, index in routes.values()])
         routes.clear()
 
-    def _send(self, items: list[tuple[Submission, int, Any]]) -> None:
-        if items:
-            self._loop.call_soon_threadsafe(self._dispatch, items)
+    def send(self, deliveries: list[Delivery]) -> None:
+        if deliveries:
+            self.loop.call_soon_threadsafe(self.owner._dispatch, deliveries)
+
+    def settle_call(
+        self,
+        fut: asyncio.Future[Any] | concurrent.futures.Future[Any],
+        result: Any,
+        error: BaseException | None,
+    ) -> None:
+        if isinstance(fut, concurrent.futures.Future):
+            _settle(fut, result, error)
+        else:
+            self.loop.call_soon_threadsafe(_settle, fut, result, error)
 
 
 def _settle(
-    fut: asyncio.Future | concurrent.futures.Future, result: Any, error: BaseException | None
+    fut: asyncio.Future[Any] | concurrent.futures.Future[Any],
+    result: Any,
+    error: BaseException | None,
 ) -> None:
     if fut.done():
         return

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -26,27 +26,19 @@ from adapters_store.formats import (
 )
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.request import AdapterSegment, InvalidRequest, RequestOutput, SamplingParams
-from server.model_loader import load_base_model, model_value_scales
+from server.served_model import ServedModel, load_served_model, to_segment
+
+__all__ = ["LLM", "Prompt", "to_segment"]
 
 Prompt = str | Seq[int]
 
 
-def to_segment(adapter: CanonicalAdapter, tokenizer) -> AdapterSegment:
-    """The engine's view of a validated adapter (text prefixes are tokenized here)."""
-    if adapter.kind == "text":
-        ids = tuple(tokenizer.encode(adapter.text, add_special_tokens=False))
-        return AdapterSegment(adapter.sha256, "text", len(ids), token_ids=ids)
-    return AdapterSegment(
-        adapter.sha256,
-        adapter.kind,
-        adapter.num_virtual_tokens,
-        kv=adapter.kv,
-        embeddings=adapter.embeddings,
-    )
-
-
 class LLM:
-    """One base model and its adapters, generating in continuous batches in this process."""
+    """One base model and its adapters, generating in continuous batches in this process.
+
+    Built on the same loading code as the server (``load_served_model``); ``served`` is that
+    bundle (facts, tokenizer, engine), and the engine is driven by whoever calls
+    ``generate``."""
 
     def __init__(
         self,
@@ -58,19 +50,29 @@ class LLM:
         engine_config: EngineConfig | None = None,
         limits: AdapterLimits | None = None,
     ) -> None:
-        base = load_base_model(model, data_dir, device, dtype)
-        self.model_id = base.model_id
-        self.tokenizer = base.tokenizer
-        kv_abs, embedding_abs = model_value_scales(base.model)  # before our attention is in
-        self.shape = replace(
-            ModelShape.from_config(base.model.config),
-            model_kv_abs=kv_abs,
-            model_embedding_abs=embedding_abs,
+        self.served: ServedModel = load_served_model(
+            model, data_dir=data_dir, device=device, dtype=dtype, engine_config=engine_config
         )
         self.limits = limits or AdapterLimits()
-        self.engine = LLMEngine(base.model, base.tokenizer, engine_config or EngineConfig())
         self.adapters: dict[str, AdapterSegment] = {}
         self._ids = itertools.count()
+
+    @property
+    def model_id(self) -> str:
+        return self.served.facts.model_id
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.served.tokenizer
+
+    @property
+    def shape(self) -> ModelShape:
+        """What adapters are validated against (the model's shape and value scales)."""
+        return self.served.facts.shape
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.served.engine
 
     def add_adapter(self, name: str, path: str | Path) -> AdapterSegment:
         """Load a PEFT adapter directory (``adapter_config.json`` +

@@ -2,9 +2,11 @@
 
 Two sources feed it:
 
-- state the engine and the adapter store already keep (queue lengths, KV usage, token and
-  preemption counters, adapter tiers) is read when Prometheus scrapes, by a collector given the
-  engine and the store: nothing is counted twice and nothing can drift;
+- state the engine and the adapter store already keep is read when Prometheus scrapes: the
+  engine's as the ``EngineSnapshot`` its thread published after its latest step (queue
+  lengths, KV usage, token and preemption counters, the device tier; ``AsyncEngine``), the
+  store's from its thread-safe host tier. Nothing is counted twice, nothing can drift, and
+  the scrape never reads an object another thread is changing;
 - what only the API sees (per-request latencies, outcomes, errors, HTTP answers) is handed in
   through ``observe_request``, ``count_error`` and ``count_http_request``.
 
@@ -22,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -34,9 +36,10 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from adapters_store.tiers import Histogram, TierStats
+from server.engine.snapshot import EngineSnapshot
 
 if TYPE_CHECKING:
-    from server.engine.engine import LLMEngine
+    from adapters_store.store import AdapterStore
 
 # Bounded label values. ------------------------------------------------------------------------
 OTHER = "other"
@@ -192,52 +195,6 @@ def sample_names(spec: MetricSpec) -> tuple[str, ...]:
     return (spec.name,)
 
 
-# Reading the engine. --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EngineState:
-    """What the engine's scheduler, pool and device tier hold at one moment."""
-
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0  # blocks held by running requests / all blocks
-    kv_occupied: float = 0.0  # blocks not free (requests' or cached prefixes') / all blocks
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    generation_tokens: int = 0
-    preemptions: int = 0
-    steps: int = 0
-    adapters_running: int = 0
-    adapters_waiting: int = 0
-    device_tier: TierStats | None = None
-
-
-def read_engine(engine: LLMEngine) -> EngineState:
-    """Read the engine from a thread other than its own. Each container read is one C-level
-    copy (``list()`` of a list, deque or dict view) that holds the GIL throughout, so it never
-    sees a container mid-change; the counters may be a step apart, as any scrape is."""
-    sched, pool = engine.scheduler, engine.pool
-    running = list(sched.running)
-    waiting = [seq for queue in list(sched.waiting.values()) for seq in list(queue)]
-
-    def adapters(seqs: list) -> int:
-        return len({seg.key for seq in seqs for _, _, seg in seq.virtual})
-
-    return EngineState(
-        running=len(running),
-        waiting=len(waiting),
-        kv_usage=len({b for seq in running for b in list(seq.block_table)}) / pool.num_blocks,
-        kv_occupied=pool.usage(),
-        prompt_tokens=sched.prompt_tokens,
-        cached_prompt_tokens=sched.cached_prompt_tokens,
-        generation_tokens=engine.stats.generated_tokens,
-        preemptions=sched.num_preemptions,
-        steps=engine.stats.steps,
-        adapters_running=adapters(running),
-        adapters_waiting=adapters(waiting),
-        device_tier=engine.runner.adapter_tier.stats(),
-    )
-
-
 def _empty_tier(name: str) -> TierStats:
     return TierStats(name, 0, 0, 0, 0, 0, 0, 0, 0, Histogram())
 
@@ -259,21 +216,19 @@ class _Requests:
 
 
 class Metrics:
-    """The app's metrics. ``engine`` is an ``LLMEngine`` or a function returning it (None while
-    the model loads: the engine series then read 0); ``store`` has ``host_tier`` (an
-    ``AdapterStore``) or is None. Thread-safe: observations and scrapes may come from any
-    thread."""
+    """The app's metrics. ``snapshot()`` returns the engine's latest published
+    ``EngineSnapshot`` (all zero while the model loads; None: no engine, every engine series
+    reads 0); ``store`` is the ``AdapterStore`` whose host tier is reported, or None.
+    Thread-safe: observations and scrapes may come from any thread."""
 
     def __init__(
         self,
-        engine: LLMEngine | Callable[[], LLMEngine | None] | None = None,
-        store: Any = None,
+        snapshot: Callable[[], EngineSnapshot] | None = None,
+        store: AdapterStore | None = None,
         admissions: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         """``admissions()``: counts by outcome (``ADMISSIONS``) since start."""
-        self._engine: Callable[[], LLMEngine | None] = (
-            engine if callable(engine) else (lambda: engine)
-        )
+        self._snapshot: Callable[[], EngineSnapshot] = snapshot or EngineSnapshot
         self._store = store
         self._admissions = admissions
         self._lock = threading.Lock()
@@ -329,12 +284,11 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
     # Read by the collector ------------------------------------------------------------------
-    def engine_state(self) -> EngineState:
-        engine = self._engine()
-        return EngineState() if engine is None else read_engine(engine)
+    def engine_snapshot(self) -> EngineSnapshot:
+        return self._snapshot()
 
-    def tiers(self, state: EngineState) -> dict[str, TierStats]:
-        host = getattr(self._store, "host_tier", None)
+    def tiers(self, state: EngineSnapshot) -> dict[str, TierStats]:
+        host = self._store.host_tier if self._store is not None else None
         return {
             "device": state.device_tier or _empty_tier("device"),
             "host": host.stats() if host is not None else _empty_tier("host"),
@@ -355,7 +309,7 @@ class _Collector:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        state = self.metrics.engine_state()
+        state = self.metrics.engine_snapshot()
         yield from _engine_families(state)
         yield from _tier_families(self.metrics.tiers(state))
         yield from _request_families(self.metrics.requests_snapshot())
@@ -366,7 +320,7 @@ class _Collector:
         yield family
 
 
-def _engine_families(state: EngineState) -> Iterator[Metric]:
+def _engine_families(state: EngineSnapshot) -> Iterator[Metric]:
     scalars = {
         "prefix_serve_requests_running": state.running,
         "prefix_serve_requests_waiting": state.waiting,

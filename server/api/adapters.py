@@ -38,7 +38,8 @@ from server.api.errors import APIError, to_api_error
 from server.api.json_body import load_json
 from server.api.schemas import TextAdapterBody
 from server.api.upload_budget import Lease
-from server.async_engine import AsyncEngine
+from server.engine_client import EngineClient
+from server.served_model import ServedModel
 
 router = APIRouter()
 T = TypeVar("T")
@@ -48,7 +49,7 @@ FILE_FIELDS = ("config", "weights", "archive")
 @router.post("/v1/adapters", status_code=201)
 async def upload(request: Request, who: Caller) -> JSONResponse:
     ctx = context(request)
-    llm = ctx.llm()
+    shape = ctx.model().facts.shape
     limits = ctx.store.adapter_limits(who.tenant)  # the tenant's quota bounds the parse
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in ("application/json", "multipart/form-data"):
@@ -61,7 +62,7 @@ async def upload(request: Request, who: Caller) -> JSONResponse:
     error: APIError | None = None
     async with ctx.uploads.lease(who.tenant) as lease:
         try:
-            record = await _store_upload(request, media, who.tenant, llm.shape, limits, lease)
+            record = await _store_upload(request, media, who.tenant, shape, limits, lease)
         except Exception as exc:  # answered from here: see the module docstring
             error = to_api_error(exc)
             _clear_frames(exc)
@@ -153,7 +154,7 @@ def _first_error(exc: ValidationError) -> tuple[str | None, str]:
 
 
 async def _file_upload(
-    request: Request, shape: ModelShape, limits: AdapterLimits, engine: AsyncEngine, lease: Lease
+    request: Request, shape: ModelShape, limits: AdapterLimits, engine: EngineClient, lease: Lease
 ) -> tuple[str, CanonicalAdapter]:
     form = await request.form(max_files=3, max_fields=3)  # file parts over 1 MiB: on disk
     try:
@@ -195,13 +196,13 @@ async def _file_upload(
     return name, adapter
 
 
-async def _engine_call(engine: AsyncEngine, fn: Callable[..., T], *args: Any) -> T:
+async def _engine_call(engine: EngineClient, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in the engine thread. The arguments and the result travel in a box that
     is empty when this returns: the engine loop keeps its last command (this function, its
     future) until the next command arrives, which must not pin an upload's bytes or tensors."""
     box: list[Any] = [args]
 
-    def run(_llm: Any) -> None:
+    def run(_model: ServedModel) -> None:
         call_args = box.pop()
         box.append(fn(*call_args))
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -16,16 +16,20 @@ from server.api.errors import install_error_handlers
 from server.api.openapi import build_openapi
 from server.api.resolver import AdapterResolver
 from server.api.upload_budget import UploadBudget
-from server.async_engine import AsyncEngine
 from server.config import ApiKeys, ServeConfig
+from server.engine_client import EngineClient
 from server.metrics import Metrics
+from server.served_model import ServedModel
+
+if TYPE_CHECKING:
+    from adapters_store.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
 
 def create_app(
-    engine: AsyncEngine,
-    store: Any,
+    engine: EngineClient,
+    store: AdapterStore,
     config: ServeConfig,
     keys: ApiKeys | None = None,
 ) -> FastAPI:
@@ -34,12 +38,8 @@ def create_app(
     keys means open single-tenant mode (tenant ``default``)."""
     if keys is None:
         keys = ApiKeys.load(config.api_keys) if config.api_keys else ApiKeys()
-    resolver = AdapterResolver(store, lambda: engine.llm.tokenizer)
-    metrics = Metrics(
-        lambda: engine.llm.engine if engine.llm is not None else None,
-        store,
-        admissions=lambda: engine.admissions,
-    )
+    resolver = AdapterResolver(store, lambda: _loaded(engine).tokenizer)
+    metrics = Metrics(engine.snapshot, store, admissions=engine.admission_counts)
     uploads = UploadBudget(config.max_upload_memory)
     ctx = AppContext(engine, store, config, keys, resolver, metrics, uploads)
 
@@ -70,3 +70,9 @@ def create_app(
     app.openapi = lambda: document  # type: ignore[method-assign]
     app.add_middleware(ops.HTTPLayer, get_ctx=lambda: ctx)
     return app
+
+
+def _loaded(engine: EngineClient) -> ServedModel:
+    """The served model; only asked for once a handler has seen it loaded."""
+    assert engine.served is not None, "the model is not loaded"
+    return engine.served

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 
@@ -15,8 +15,13 @@ from server.api.errors import APIError
 from server.api.prompt_limits import PromptLimits
 from server.api.resolver import AdapterResolver
 from server.api.upload_budget import UploadBudget
-from server.async_engine import AsyncEngine, EngineUnavailable
 from server.config import ApiKeys, Principal, ServeConfig
+from server.engine_client import EngineClient, EngineUnavailable
+from server.metrics import Metrics
+from server.served_model import ServedModel
+
+if TYPE_CHECKING:
+    from adapters_store.store import AdapterStore
 
 OPEN_MODE = Principal("default", admin=True)
 CPU_WORKERS = 2  # threads of the pool that tokenizes and templates prompts
@@ -32,12 +37,12 @@ class AppContext:
     """The app's collaborators. ``draining`` flips once, on SIGTERM. ``close()`` when the app
     stops."""
 
-    engine: AsyncEngine
-    store: Any  # adapters_store.store.AdapterStore
+    engine: EngineClient
+    store: AdapterStore
     config: ServeConfig
     keys: ApiKeys
     resolver: AdapterResolver
-    metrics: Any  # server.metrics.Metrics
+    metrics: Metrics
     uploads: UploadBudget  # bytes of uploads processed at once (--max-upload-memory)
     started: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
@@ -63,13 +68,15 @@ class AppContext:
         """Stop the pool; jobs not started are dropped (their requests are gone)."""
         self.cpu.shutdown(wait=False, cancel_futures=True)
 
-    def llm(self) -> Any:
-        """The loaded model bundle (``server.llm.LLM``), or 503 while it is loading."""
+    def model(self) -> ServedModel:
+        """The loaded model, or 503 while it is loading. Handlers read its ``facts`` and its
+        ``tokenizer`` only: its engine is the engine thread's."""
+        served = self.engine.served
         if self.engine.load_error is not None:
             raise EngineUnavailable(f"the model failed to load: {self.engine.load_error}")
-        if not self.engine.ready:
+        if not self.engine.ready or served is None:
             raise EngineUnavailable("the model is still loading")
-        return self.engine.llm
+        return served
 
 
 def context(request: Request) -> AppContext:

@@ -20,8 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters_store.types import StoreError
 from adapters_store.validate import AdapterError, AdapterTooLargeError
 from server.api.archive import UnsupportedArchive
-from server.async_engine import EngineFailure, EngineUnavailable, Overloaded, RequestFailed
 from server.engine.request import InvalidRequest
+from server.engine_client import EngineFailure, EngineUnavailable, Overloaded, RequestFailed
 
 log = logging.getLogger(__name__)
 

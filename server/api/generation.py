@@ -18,9 +18,10 @@ from server.api.jobs import ClientGone, Job, usage
 from server.api.json_body import load_json
 from server.api.prompt_limits import PromptLimits, check_text_bytes, prompt_limits
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, _Generation
-from server.async_engine import EngineInput
 from server.config import Principal
 from server.engine.request import AdapterSegment, RequestOutput, SamplingParams
+from server.engine_client import EngineInput
+from server.served_model import ServedModel
 
 router = APIRouter()
 MAX_CHOICES = 64  # prompts x n of one request
@@ -33,7 +34,7 @@ G = TypeVar("G", bound=_Generation)
 @router.get("/v1/models")
 async def models(request: Request, who: Caller) -> dict:
     ctx = context(request)
-    base = ctx.llm().model_id
+    base = ctx.model().facts.model_id
     data = [_model(base, ctx.started, "prefix-serve", None)]
     records = await ctx.run_store(ctx.store.list, who.tenant)
     data += [_model(r.name, r.created, r.tenant, base) for r in records]
@@ -52,16 +53,16 @@ def _model(model_id: str, created: int, owner: str, parent: str | None) -> dict:
 
 @router.post("/v1/completions")
 async def completions(request: Request, who: Caller) -> Response:
-    body, ctx, llm, limits, segments = await _prepare(request, who, CompletionRequest)
-    prompts = await _completion_prompts(ctx, body.prompt, llm.tokenizer, limits)
+    body, ctx, model, limits, segments = await _prepare(request, who, CompletionRequest)
+    prompts = await _completion_prompts(ctx, body.prompt, model.tokenizer, limits)
     limit = body.max_tokens or DEFAULT_COMPLETION_TOKENS
     return await _generate(ctx, request, body, who, segments, prompts, limit, chat=False)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, who: Caller) -> Response:
-    body, ctx, llm, limits, segments = await _prepare(request, who, ChatCompletionRequest)
-    prompt = await _chat_prompt(ctx, body, llm.tokenizer, limits)
+    body, ctx, model, limits, segments = await _prepare(request, who, ChatCompletionRequest)
+    prompt = await _chat_prompt(ctx, body, model.tokenizer, limits)
     limit = body.token_limit
     if limit is None:  # as much as the context leaves
         used = sum(s.length for s in segments) + len(prompt)
@@ -71,18 +72,19 @@ async def chat_completions(request: Request, who: Caller) -> Response:
 
 async def _prepare(
     request: Request, who: Principal, model: type[G]
-) -> tuple[G, AppContext, Any, PromptLimits, list[AdapterSegment]]:
+) -> tuple[G, AppContext, ServedModel, PromptLimits, list[AdapterSegment]]:
     """The parts both generation routes start with, in order: the body parsed (after auth),
     the loaded model (or 503), the body validated against the model's limits, a cheap 429
     before any costly work, the caller's adapters."""
     data = load_json(await _raw_body(request))
     ctx = context(request)
-    llm = ctx.llm()
-    limits = await _prompt_limits(ctx, llm)
+    served = ctx.model()
+    limits = await _prompt_limits(ctx, served)
     body = _validate(model, data, limits)
     ctx.engine.check_admission(body.n, who.tenant)
-    segments = await ctx.resolver.segments(who.tenant, body.model, llm.model_id, body.adapters)
-    return body, ctx, llm, limits, segments
+    base_id = served.facts.model_id
+    segments = await ctx.resolver.segments(who.tenant, body.model, base_id, body.adapters)
+    return body, ctx, served, limits, segments
 
 
 async def _raw_body(request: Request) -> bytes:
@@ -226,10 +228,10 @@ def _params(body: _Generation, max_tokens: int, choice: int) -> SamplingParams:
 
 
 # Prompt limits ------------------------------------------------------------------------------
-async def _prompt_limits(ctx: AppContext, llm: Any) -> PromptLimits:
+async def _prompt_limits(ctx: AppContext, model: ServedModel) -> PromptLimits:
     """The loaded model's limits, computed once, in the worker pool, at its first request."""
     if ctx.prompt_limits is None:
-        ctx.prompt_limits = await ctx.run_cpu(prompt_limits, llm)
+        ctx.prompt_limits = await ctx.run_cpu(prompt_limits, model)
     return ctx.prompt_limits
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, replace
 from fastapi import Request
 
 from server.api.errors import APIError
-from server.async_engine import AsyncEngine, EngineInput, EngineUnavailable
 from server.engine.request import RequestOutput
+from server.engine_client import EngineClient, EngineInput, EngineUnavailable
 from server.metrics import Metrics
 
 
@@ -48,7 +48,7 @@ class Job:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: EngineClient,
         inputs: Sequence[EngineInput],
         timeout: float,
         metrics: Metrics | None = None,

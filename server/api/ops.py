@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -13,9 +14,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.context import context
+from server.api.context import AppContext, context
 from server.api.errors import ERROR_TYPES, APIError
 from server.request_log import RequestLog, log_request, request_id_from
+
+if TYPE_CHECKING:
+    from adapters_store.store import AdapterStore
 
 router = APIRouter()
 OPS_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})  # no key, no log line
@@ -48,7 +52,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-async def _registry_problem(store) -> str | None:
+async def _registry_problem(store: AdapterStore) -> str | None:
     """None when the registry answers within 2 s."""
     try:
         ok = await asyncio.wait_for(asyncio.to_thread(store.ping), 2.0)
@@ -72,7 +76,7 @@ class HTTPLayer:
     unfinished is aborted and counted) before the line is written, however the answer ended:
     a stream whose client left may not have been finalized yet."""
 
-    def __init__(self, app: ASGIApp, get_ctx: Callable[[], object]) -> None:
+    def __init__(self, app: ASGIApp, get_ctx: Callable[[], AppContext]) -> None:
         self.app = app
         self.get_ctx = get_ctx
 

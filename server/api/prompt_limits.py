@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any
 
 from server.api.errors import APIError
+from server.served_model import ServedModel
 
 # Normalizers that never make text shorter than 1/factor of its UTF-8 bytes: NFC at most
 # composes three Hangul jamo (9 bytes) into one syllable (3 bytes).
@@ -25,9 +26,9 @@ _KEEPING_PRE_TOKENIZERS = frozenset(
 class PromptLimits:
     """What the loaded model bounds a prompt by (``prompt_limits``, once per model).
 
-    ``context`` is the engine's ``max_model_len``, in positions. ``token_bytes`` is the most
-    UTF-8 bytes of input text one token can stand for, or None when the tokenizer gives no such
-    bound (it may drop or shrink text)."""
+    ``context`` is the model's ``max_model_len`` (its ``ModelFacts``), in positions.
+    ``token_bytes`` is the most UTF-8 bytes of input text one token can stand for, or None when
+    the tokenizer gives no such bound (it may drop or shrink text)."""
 
     context: int
     token_bytes: int | None
@@ -38,10 +39,10 @@ class PromptLimits:
         return None if self.token_bytes is None else self.context * self.token_bytes
 
 
-def prompt_limits(llm: Any) -> PromptLimits:
-    """``llm.engine`` belongs to the engine thread, but its ``max_model_len`` is an int fixed
-    when the engine was built: read here once, never again."""
-    return PromptLimits(llm.engine.max_model_len, longest_token_bytes(llm.tokenizer))
+def prompt_limits(model: ServedModel) -> PromptLimits:
+    """The context from the model's published facts; the bytes a token can stand for from its
+    tokenizer (about 0.1 s: call it once per model, off the event loop)."""
+    return PromptLimits(model.facts.max_model_len, longest_token_bytes(model.tokenizer))
 
 
 def longest_token_bytes(tokenizer: Any) -> int | None:

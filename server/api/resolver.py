@@ -11,18 +11,23 @@ import asyncio
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters_store.types import AdapterNotFound, AdapterRecord, InvalidName
 from server.api.errors import APIError, not_found
 from server.engine.request import AdapterSegment
-from server.llm import to_segment
+from server.served_model import to_segment
+
+if TYPE_CHECKING:
+    from adapters_store.store import AdapterStore
 
 MAX_ADAPTERS_PER_REQUEST = 8
 
 
 class AdapterResolver:
-    def __init__(self, store: Any, tokenizer: Callable[[], Any], max_entries: int = 64) -> None:
+    def __init__(
+        self, store: AdapterStore, tokenizer: Callable[[], Any], max_entries: int = 64
+    ) -> None:
         """``tokenizer()`` returns the base model's tokenizer (text adapters are tokenized
         when loaded); it is called lazily because the model may still be loading."""
         self._store = store

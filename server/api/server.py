@@ -11,13 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from server.api.app import create_app
 from server.api.context import AppContext
-from server.async_engine import AsyncEngine, EngineUnavailable
+from server.async_engine import AsyncEngine
 from server.config import ApiKeys, ServeConfig
+from server.engine_client import EngineUnavailable
+
+if TYPE_CHECKING:
+    from server.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 # Idle keep-alive connections are closed after this long. uvicorn's default (5 s) equals the
@@ -111,11 +116,11 @@ def build_engine(config: ServeConfig, keys: ApiKeys) -> AsyncEngine:
     """The engine, whose model loads in the engine thread once the app starts."""
     threads = torch_threads(config)
 
-    def build():
+    def build() -> ServedModel:
         import torch
 
         from server.engine.engine import EngineConfig
-        from server.llm import LLM
+        from server.served_model import load_served_model
 
         # In the thread that runs every torch operator: OpenMP's team size is per thread.
         torch.set_num_threads(threads)
@@ -125,7 +130,7 @@ def build_engine(config: ServeConfig, keys: ApiKeys) -> AsyncEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             kv_cache_memory=config.kv_cache_memory,
         )
-        return LLM(
+        return load_served_model(
             config.model,
             data_dir=config.data_dir,
             device=config.device,

@@ -13,7 +13,7 @@ import itertools
 from collections import Counter
 from dataclasses import dataclass
 
-from server.async_engine import Overloaded
+from server.engine_client import Overloaded
 
 UPLOAD_WAIT_S = 30.0  # how long an upload may wait for its share before 429
 UPLOAD_RETRY_AFTER_S = 5

@@ -23,6 +23,7 @@ from server.async_engine import AsyncEngine
 from server.config import ApiKeys, ServeConfig
 from server.llm import LLM
 from server.model_loader import resolve_model_dir
+from server.served_model import ServedModel
 
 
 @pytest.fixture(scope="session")
@@ -75,14 +76,15 @@ ServerFactory = Callable[..., LiveServer]
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
     """``make_server(llm, keys=KEYS, build=None, quota=None, host_cache_bytes=1 GiB,
-    **ServeConfig fields)`` (``host_cache_bytes``: the store's host tier); every
-    server started is stopped (and its store closed) at the end of the test."""
+    **ServeConfig fields)``: a server of ``llm``'s model bundle (``llm.served``, or what
+    ``build`` returns); ``host_cache_bytes``: the store's host tier. Every server started is
+    stopped (and its store closed) at the end of the test."""
     started: list[tuple[LiveServer, object]] = []
 
     def make(
         llm: LLM,
         keys: dict[str, str] | None = KEYS,
-        build: Callable[[], LLM] | None = None,
+        build: Callable[[], ServedModel] | None = None,
         quota: Quota | None = None,
         wait_ready: bool = True,
         host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES,
@@ -93,10 +95,11 @@ def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
         store = open_store(
             config.data_dir, quotas=quotas, gc_interval_s=None, host_cache_bytes=host_cache_bytes
         )
-        capacity = llm.engine.config.max_num_seqs + config.max_queued_requests
+        seats = llm.served.facts.max_num_seqs
+        capacity = seats + config.max_queued_requests
         api_keys = ApiKeys.from_entries([(k, t, False) for t, k in (keys or {}).items()])
-        limit = tenant_limit(replace(config, max_num_seqs=llm.engine.config.max_num_seqs), api_keys)
-        engine = AsyncEngine(build or (lambda: llm), capacity=capacity, tenant_limit=limit)
+        limit = tenant_limit(replace(config, max_num_seqs=seats), api_keys)
+        engine = AsyncEngine(build or (lambda: llm.served), capacity=capacity, tenant_limit=limit)
         server = LiveServer(create_app(engine, store, config, api_keys))
         started.append((server, store))
         return server.start(wait_ready)

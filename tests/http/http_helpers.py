@@ -20,6 +20,7 @@ import uvicorn
 from server.async_engine import AsyncEngine
 from server.engine.engine import EngineConfig
 from server.llm import LLM
+from server.served_model import ServedModel
 
 DATA_DIR = Path(os.environ.get("PREFIX_SERVE_TEST_DATA_DIR", "data"))
 TINY_ID = "tiny-llama"
@@ -59,7 +60,9 @@ class LiveServer:
 
     @property
     def engine(self) -> AsyncEngine:
-        return self.ctx.engine
+        engine = self.ctx.engine
+        assert isinstance(engine, AsyncEngine)  # call_blocking: the tests' engine probes
+        return engine
 
     def start(self, wait_ready: bool = True) -> LiveServer:
         self.thread.start()
@@ -90,8 +93,8 @@ class LiveServer:
     def engine_state(self) -> dict:
         """Read in the engine thread, between steps."""
 
-        def read(llm) -> dict:
-            e = llm.engine
+        def read(served: ServedModel) -> dict:
+            e = served.engine
             return {
                 "seqs": len(e.seqs),
                 "free": e.pool.num_free,

@@ -180,7 +180,7 @@ def test_min_tokens(server):
 
 def test_chat_without_max_tokens_fills_the_context(make_server, tiny_model_dir):
     llm = make_llm(tiny_model_dir, kv_cache_memory=16 * 512 * 16)  # 16 blocks: 256 positions
-    assert llm.engine.max_model_len == 256
+    assert llm.served.facts.max_model_len == llm.engine.max_model_len == 256
     out = (
         make_server(llm)
         .openai()

@@ -136,7 +136,7 @@ def test_health_and_ready_follow_the_engine(make_server, tiny_llm):
 
     def slow_build():
         gate.wait(30)
-        return tiny_llm
+        return tiny_llm.served
 
     server = make_server(tiny_llm, build=slow_build, wait_ready=False)
     with server.http(tenant=None) as ops, server.http() as http:
@@ -161,7 +161,7 @@ def test_health_and_ready_follow_the_engine(make_server, tiny_llm):
 def test_drain_timeout_aborts_what_is_left(tiny_llm, tmp_path):
     """Under ``DrainingServer`` (in a thread; the signal handler called directly)."""
     store = open_store(tmp_path, gc_interval_s=None)
-    app = create_app(AsyncEngine(lambda: tiny_llm, 8), store, ServeConfig(), ApiKeys())
+    app = create_app(AsyncEngine(lambda: tiny_llm.served, 8), store, ServeConfig(), ApiKeys())
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)

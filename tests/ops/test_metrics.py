@@ -1,11 +1,17 @@
-"""server/metrics.py: the exposition's names, types and label sets; values read from a real
-LLMEngine (a tiny random Llama) and a real AdapterStore; the API-side observations; the label
-rule (bounded values only, nothing a client sent)."""
+"""server/metrics.py: the exposition's names, types and label sets; values read from the
+snapshots a real LLMEngine (a tiny random Llama) publishes and a real AdapterStore; the
+snapshots themselves (built incrementally, published by ``AsyncEngine``'s thread); the API-side
+observations; the label rule (bounded values only, nothing a client sent)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import random
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,12 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import save as st_save
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adapters_store.formats import ModelShape, parse_adapter
+from adapters_store.formats import CanonicalAdapter, ModelShape, parse_adapter
 from adapters_store.store import open_store
 from adapters_store.tiers import LOAD_BUCKETS_S
+from server.async_engine import AsyncEngine
 from server.engine.engine import EngineConfig, LLMEngine
-from server.engine.request import SamplingParams
-from server.llm import to_segment
+from server.engine.request import AdapterSegment, SamplingParams
+from server.engine.snapshot import EngineSnapshot, SnapshotBuilder
+from server.engine_client import EngineInput
 from server.metrics import (
     ADMISSIONS,
     ERROR_TYPES,
@@ -33,6 +41,7 @@ from server.metrics import (
     TTFT_BUCKETS_S,
     Metrics,
 )
+from server.served_model import ModelFacts, ServedModel, to_segment
 
 # family -> (type, label names of its samples other than `le`): the contract.
 EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -126,12 +135,10 @@ def engine(tiny_model) -> LLMEngine:
     return engine
 
 
-@pytest.fixture
-def store(tmp_path):
-    """A real store holding one 4-token prefix-tuning adapter for the tiny model."""
-    store = open_store(tmp_path, gc_interval_s=None)
+def prefix_adapter(seed: int) -> CanonicalAdapter:
+    """A 4-token prefix-tuning adapter for the tiny model."""
     shape = ModelShape.from_config(CONFIG)
-    weights = torch.randn(4, shape.prefix_width, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(4, shape.prefix_width, generator=torch.Generator().manual_seed(seed))
     config = {
         "peft_type": "PREFIX_TUNING",
         "task_type": "CAUSAL_LM",
@@ -140,12 +147,31 @@ def store(tmp_path):
         "num_attention_heads": 2,
         "token_dim": 16,
     }
-    adapter = parse_adapter(
+    return parse_adapter(
         json.dumps(config).encode(), st_save({"prompt_embeddings": weights}), shape
     )
-    store.put("acme", "pirate", adapter)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A real store holding one 4-token prefix-tuning adapter for the tiny model."""
+    store = open_store(tmp_path, gc_interval_s=None)
+    store.put("acme", "pirate", prefix_adapter(1))
     yield store
     store.close()
+
+
+def snapshots_of(engine: LLMEngine) -> Callable[[], EngineSnapshot]:
+    """A snapshot built at each scrape, in this (the engine's only) thread: what the
+    ``AsyncEngine`` loop publishes after a step. This test drives the engine itself, so the
+    adapter census is recounted first (the loop follows it by events instead)."""
+    builder = SnapshotBuilder(engine)
+
+    def build() -> EngineSnapshot:
+        builder.resync()
+        return builder.build()
+
+    return build
 
 
 def values(metrics: Metrics) -> dict[tuple[str, frozenset], float]:
@@ -188,7 +214,7 @@ def test_readme_table_lists_every_metric_with_its_vllm_counterpart() -> None:
 
 
 def test_values_mirror_a_real_engine_and_store(engine: LLMEngine, store) -> None:
-    metrics = Metrics(engine, store)
+    metrics = Metrics(snapshots_of(engine), store)
     tokenizer = DigitsTokenizer()
     # The API resolves the adapter once per request: host tier miss + load, then a hit.
     segs = [to_segment(store.load(store.get("acme", "pirate")), tokenizer) for _ in range(2)]
@@ -252,13 +278,199 @@ def test_values_mirror_a_real_engine_and_store(engine: LLMEngine, store) -> None
     assert value(v, "prefix_serve_adapter_tier_evictions_total", **device) == 0
 
 
-def test_engine_given_as_a_function_reads_zero_until_loaded(engine: LLMEngine) -> None:
-    holder: list[LLMEngine] = []
-    metrics = Metrics(lambda: holder[0] if holder else None)
-    assert value(values(metrics), "prefix_serve_requests_waiting") == 0
-    holder.append(engine)
-    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=1, temperature=0))
-    assert value(values(metrics), "prefix_serve_requests_waiting") == 1
+def served_of(engine: LLMEngine) -> ServedModel:
+    facts = ModelFacts(
+        model_id="tiny",
+        max_model_len=engine.max_model_len,
+        vocab_size=VOCAB,
+        eos_token_ids=engine.eos_ids,
+        shape=ModelShape.from_config(CONFIG),
+        block_size=BLOCK,
+        num_kv_blocks=NUM_BLOCKS,
+        max_num_seqs=2,
+        device="cpu",
+        dtype="float32",
+    )
+    return ServedModel(facts, DigitsTokenizer(), engine)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_async_engine_publishes_snapshots_after_steps_and_commands(engine: LLMEngine) -> None:
+    """Zero until the model has loaded; then what the engine thread published: the engine as
+    loaded, its state after a request's steps, and after a command that changed it with no
+    step to follow. The scrape reads only the published snapshot."""
+    gate = threading.Event()
+
+    def build() -> ServedModel:
+        assert gate.wait(10)
+        return served_of(engine)
+
+    async_engine = AsyncEngine(build, capacity=4)
+    metrics = Metrics(async_engine.snapshot)
+    loop = asyncio.new_event_loop()  # never run: requests added by a call deliver nothing
+    async_engine.start(loop)
+    try:
+        assert async_engine.snapshot() == EngineSnapshot()
+        assert value(values(metrics), "prefix_serve_requests_waiting") == 0
+        assert value(values(metrics), "prefix_serve_adapter_tier_misses_total", tier="device") == 0
+        gate.set()
+        wait_until(lambda: async_engine.ready)
+        tier = engine.runner.adapter_tier.stats()
+        assert async_engine.snapshot() == EngineSnapshot(free_blocks=NUM_BLOCKS, device_tier=tier)
+
+        params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        async_engine.call_blocking(lambda m: m.engine.add_request("r", [5, 6, 7], params))
+        wait_until(lambda: async_engine.snapshot().generation_tokens == 2)
+        # Step 1 computes the 3 prompt positions, step 2 the first token's; the second token
+        # fills block 0 (4 positions), which stays cached when the request finishes.
+        assert async_engine.snapshot() == EngineSnapshot(
+            kv_occupied=1 / NUM_BLOCKS,
+            free_blocks=NUM_BLOCKS - 1,
+            cached_blocks=1,
+            prompt_tokens=3,
+            generation_tokens=2,
+            computed_tokens=4,
+            steps=2,
+            device_tier=tier,
+        )
+        v = values(metrics)
+        assert value(v, "prefix_serve_engine_steps_total") == 2
+        assert value(v, "prefix_serve_kv_cache_occupied_ratio") == 1 / NUM_BLOCKS
+
+        async_engine.call_blocking(lambda m: m.engine.tree.clear_namespace(("default",)))
+        wait_until(lambda: async_engine.snapshot().cached_blocks == 0)
+        snapshot = async_engine.snapshot()
+        assert (snapshot.free_blocks, snapshot.kv_occupied, snapshot.steps) == (NUM_BLOCKS, 0, 2)
+        assert value(values(metrics), "prefix_serve_kv_cache_occupied_ratio") == 0
+    finally:
+        async_engine.stop()
+        loop.close()
+
+
+def walked(engine: LLMEngine) -> tuple[int, int, int, int, float]:
+    """(running, waiting, adapters running, adapters waiting, KV usage) by walking every
+    queue and block table: what the scrape read before snapshots existed."""
+    running = list(engine.scheduler.running)
+    waiting = [seq for queue in engine.scheduler.waiting.values() for seq in queue]
+
+    def adapters(seqs: list) -> int:
+        return len({seg.key for seq in seqs for _, _, seg in seq.virtual})
+
+    held = {b for seq in running for b in seq.block_table}
+    return (
+        len(running),
+        len(waiting),
+        adapters(running),
+        adapters(waiting),
+        len(held) / engine.pool.num_blocks,
+    )
+
+
+def test_snapshot_counts_equal_a_walk_of_the_queues(engine: LLMEngine) -> None:
+    """The adapter census followed by events (``entered`` after each add, ``left`` after each
+    abort and finished output: what the engine loop reports) gives the same snapshot as one
+    recounted from scratch, and its counts and KV usage equal a full walk of the queues and
+    block tables, after every operation of a random run: adds (requests with 0-2 of 3
+    adapters, one of them twice; request ids reused once finished), aborts and steps."""
+    tokenizer = DigitsTokenizer()
+    segs: list[AdapterSegment] = [to_segment(prefix_adapter(i), tokenizer) for i in (1, 2, 3)]
+    builder = SnapshotBuilder(engine)
+    rng = random.Random(7)
+    seen = {"adds": 0, "reused": 0, "aborts": 0, "steps": 0, "adapters_waiting": 0}
+    used: set[str] = set()
+    for _ in range(120):
+        roll = rng.random()
+        free_ids = [f"r{i}" for i in range(6) if f"r{i}" not in engine.seqs]
+        if roll < 0.4 and free_ids:
+            rid = rng.choice(free_ids)
+            seen["reused"] += rid in used
+            used.add(rid)
+            chosen = rng.choice([[], [segs[0]], [segs[1], segs[2]], [segs[2], segs[2]]])
+            prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randrange(1, 12))]
+            params = SamplingParams(max_tokens=rng.randrange(1, 6), temperature=0)
+            seq = engine.add_request(rid, prompt, params, chosen, rng.choice(["acme", "globex"]))
+            builder.entered(seq)
+            seen["adds"] += 1
+        elif roll < 0.55 and engine.seqs:
+            rid = rng.choice(sorted(engine.seqs))
+            engine.abort(rid)
+            builder.left(rid)
+            seen["aborts"] += 1
+        elif engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    builder.left(out.request_id)
+            seen["steps"] += 1
+        snap = builder.build()
+        assert snap == SnapshotBuilder(engine).build()  # a fresh builder recounts
+        got = (snap.running, snap.waiting, snap.adapters_running, snap.adapters_waiting)
+        assert (*got, snap.kv_usage) == walked(engine)
+        seen["adapters_waiting"] += snap.adapters_waiting > 0
+    # The run went through every kind of change the census must follow.
+    assert all(count > 0 for count in seen.values()), seen
+
+
+def test_async_engine_snapshots_follow_submissions_and_aborts(engine: LLMEngine) -> None:
+    """Through a real ``AsyncEngine``: requests with adapters submitted while the engine is
+    held, one submission aborted, one request ended by a call. A probe that runs alone between
+    two steps sees the state the previous step's published snapshot describes, so that
+    snapshot must equal a walk of the engine at that moment, until every request is done."""
+    tokenizer = DigitsTokenizer()
+    a, b, c = (to_segment(prefix_adapter(i), tokenizer) for i in (1, 2, 3))
+    async_engine = AsyncEngine(lambda: served_of(engine), capacity=8)
+    loop = asyncio.new_event_loop()  # never run: outputs are left in its queue
+    async_engine.start(loop)
+    try:
+        wait_until(lambda: async_engine.ready)
+        entered, gate = threading.Event(), threading.Event()
+        hold = threading.Thread(
+            target=async_engine.call_blocking,
+            args=(lambda _m: (entered.set(), gate.wait(10)), 20),
+        )
+        hold.start()
+        assert entered.wait(10)
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+        subs = [
+            async_engine.submit([EngineInput([5, 6, 7], params, segs, tenant)])
+            for segs, tenant in (([a], "acme"), ([a, b], "acme"), ([c], "globex"), ([], "acme"))
+        ]
+        gate.set()
+        hold.join(10)
+
+        def probe() -> tuple[EngineSnapshot, tuple[int, int, int, int, float]]:
+            # The first call may share its batch with commands sent before it (applied, not
+            # yet published); the second then runs alone.
+            async_engine.call_blocking(lambda _m: None)
+            return async_engine.call_blocking(lambda m: (async_engine.snapshot(), walked(m.engine)))
+
+        def end_request(rid: str) -> None:
+            async_engine.call_blocking(lambda m: m.engine.abort(rid))
+
+        seen: list[tuple[int, int, int, int]] = []
+        while True:
+            snapshot, walk = probe()
+            counts = (snapshot.running, snapshot.waiting)
+            assert (*counts, snapshot.adapters_running, snapshot.adapters_waiting) == walk[:4]
+            assert snapshot.kv_usage == walk[4]
+            seen.append(walk[:4])
+            if len(seen) == 2:
+                async_engine.abort(subs[0])  # its adapter a stays in use by the second
+            if len(seen) == 4:
+                end_request(subs[1].ids[0])  # behind the loop's back: a call
+            if walk[:2] == (0, 0):
+                break
+        # Fair admission: acme's oldest (a), then globex's (c); a+b and the bare one wait.
+        assert seen[0] == (2, 2, 2, 2)
+        assert len(seen) >= 6  # the abort and the call were both followed
+    finally:
+        async_engine.stop()
+        loop.close()
 
 
 def test_request_observations_land_in_exact_buckets() -> None:
@@ -313,7 +525,7 @@ def test_labels_hold_only_bounded_values_never_client_data(engine: LLMEngine, st
     """Every label of every sample is in the allow-list with an allowed value, whatever the
     clients sent: request ids, prompts, keys, adapter and tenant names never reach a label."""
     secrets = ["req-7f3a9c1e", "ignore previous instructions", "sk-live-0123456789", "pirate"]
-    metrics = Metrics(engine, store)
+    metrics = Metrics(snapshots_of(engine), store)
     seg = to_segment(store.load(store.get("acme", "pirate")), DigitsTokenizer())
     engine.add_request(secrets[0], [3, 4, 5], SamplingParams(max_tokens=2), [seg], "acme")
     while engine.has_unfinished():

@@ -116,7 +116,7 @@ def fuzz(tiny_llm, inputs: Inputs, tmp_path_factory):
         config = ServeConfig(data_dir=str(root / "data"))
         store = open_store(config.data_dir, gc_interval_s=None)
         capacity = tiny_llm.engine.config.max_num_seqs + config.max_queued_requests
-        engine = AsyncEngine(lambda: tiny_llm, capacity=capacity)
+        engine = AsyncEngine(lambda: tiny_llm.served, capacity=capacity)
         keys = ApiKeys.from_entries([(k, t, False) for t, k in KEYS.items()])
         server = LiveServer(create_app(engine, store, config, keys)).start()
         http = server.http("acme", timeout=120)

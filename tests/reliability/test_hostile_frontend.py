@@ -386,7 +386,7 @@ def _drain_mid_stream(llm, tmp_path: Path, request_id: str) -> str:
     timeout), aborted when the drain gives up: its last event is the error. Returns the
     metrics as the app left them (the server is gone)."""
     store = open_store(tmp_path / "drain", gc_interval_s=None)
-    app = create_app(AsyncEngine(lambda: llm, 8), store, ServeConfig(), ApiKeys())
+    app = create_app(AsyncEngine(lambda: llm.served, 8), store, ServeConfig(), ApiKeys())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)

@@ -85,7 +85,7 @@ def serve(tiny_llm, tmp_path: Path) -> Iterator[Callable[..., Served]]:
             config.data_dir, quotas=quotas, gc_interval_s=None, gc_grace_s=GRACE_S, clock=clock
         )
         capacity = tiny_llm.engine.config.max_num_seqs + config.max_queued_requests
-        engine = AsyncEngine(lambda: tiny_llm, capacity=capacity)
+        engine = AsyncEngine(lambda: tiny_llm.served, capacity=capacity)
         keys = ApiKeys.from_entries(
             [(KEYS["acme"], "acme", False), (KEYS["globex"], "globex", False)]
             + [(ADMIN_KEY, ADMIN_TENANT, True)]
