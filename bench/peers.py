@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from bench.local_process import free_port
 from bench.workloads import Workload
 
 
@@ -63,7 +63,7 @@ def llama_server(workload: Workload, gguf: str | None) -> PeerResult | str:
     if gguf is None or not Path(gguf).is_file():
         return "llama.cpp: no GGUF file given (--llama-gguf); skipped"
     n = len(workload.requests)
-    port = _free_port()
+    port = free_port()
     cmd = [binary, "-m", gguf, "--port", str(port), "-np", str(n), "-c", str(n * 1024)]
     cmd += ["-t", str(torch.get_num_threads()), "--log-disable"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -100,12 +100,6 @@ def _completion(port: int, new_tokens: int):
             return list(json.loads(response.read()).get("tokens", []))
 
     return ask
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(port: int, timeout: float = 120.0) -> None:

@@ -12,7 +12,7 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +165,23 @@ class ServeConfig:
             raise ConfigError("--max-tenant-share must be in (0, 1]")
         if self.request_timeout <= 0 or self.drain_timeout < 0:
             raise ConfigError("--request-timeout must be > 0 and --drain-timeout >= 0")
+        if self.blob_url is not None:
+            self._check_blob_url(self.blob_url)
+
+    @staticmethod
+    def _check_blob_url(blob_url: str) -> None:
+        """The URL's form; for s3://, also the bucket itself (one request): a missing bucket,
+        refused credentials or an unreachable endpoint stop the server before it loads
+        anything, rather than failing every upload later."""
+        from adapters_store.blobs import parse_blob_url
+
+        try:
+            if parse_blob_url(blob_url) == "s3":
+                from adapters_store.s3_blobs import probe_s3_url
+
+                probe_s3_url(blob_url)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def is_loopback(host: str) -> bool:
@@ -177,13 +194,19 @@ def is_loopback(host: str) -> bool:
 
 
 # (flag, type, help); the default comes from ServeConfig.
-_FLAGS: list[tuple[str, object, str]] = [
+_FLAGS: list[tuple[str, Callable[[str], object], str]] = [
     ("model", str, "default | HF model directory | FILE.gguf"),
     ("host", str, "address to listen on"),
     ("port", int, "port to listen on"),
     ("data-dir", str, "adapters, registry and converted models live here"),
     ("redis-url", str, "registry in Redis (shared by replicas) instead of SQLite"),
-    ("blob-url", str, "adapter blobs on a shared volume (file:///path) instead of the data dir"),
+    (
+        "blob-url",
+        str,
+        "adapter blobs on a shared volume (file:///path) or in an S3-compatible bucket "
+        "(s3://bucket/prefix; endpoint, region and credentials from the AWS_* environment) "
+        "instead of the data dir",
+    ),
     ("api-keys", str, 'JSON file {"keys": [{"key", "tenant", "admin"}]}; none = open mode'),
     ("device", str, "auto | cpu | cuda"),
     ("dtype", str, "auto | float32 | bfloat16"),
@@ -241,7 +264,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Se
         env = ENV_PREFIX + name.upper()
         if value is None and environ.get(env, "") != "":
             try:
-                value = typ(environ[env])  # type: ignore[operator]
+                value = typ(environ[env])
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise ConfigError(f"{env}={environ[env]!r}: {exc}") from None
         if value is not None:

@@ -47,6 +47,7 @@ class AppContext:
     started: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     inflight: int = 0  # HTTP requests being handled (ops routes excluded)
+    registry_seen: bool = False  # /ready found the registry answering once (ops.ready)
     cpu: ThreadPoolExecutor = field(default_factory=_cpu_pool)
     prompt_limits: PromptLimits | None = None  # set at the first generation request
 
@@ -80,7 +81,8 @@ class AppContext:
 
 
 def context(request: Request) -> AppContext:
-    return request.app.state.ctx
+    ctx: AppContext = request.app.state.ctx  # set by create_app; Starlette's state is untyped
+    return ctx
 
 
 async def principal(request: Request) -> Principal:

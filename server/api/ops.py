@@ -15,6 +15,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.context import AppContext, context
+from server.api.degraded import stale_header
 from server.api.errors import ERROR_TYPES, APIError
 from server.request_log import RequestLog, log_request, request_id_from
 
@@ -43,6 +44,10 @@ async def ready(request: Request) -> JSONResponse:
         problem = "loading the model"
     else:
         problem = await _registry_problem(ctx.store)
+        if problem is None:
+            ctx.registry_seen = True
+        elif ctx.registry_seen:  # degraded: serving what it holds (server/api/degraded.py)
+            return JSONResponse({"status": "ready", "degraded": problem})
     if problem:
         return JSONResponse(
             {"status": "not ready", "reason": problem},
@@ -53,7 +58,13 @@ async def ready(request: Request) -> JSONResponse:
 
 
 async def _registry_problem(store: AdapterStore) -> str | None:
-    """None when the registry answers within 2 s."""
+    """None when the registry answers within 2 s.
+
+    A registry that stops answering after it once did leaves the replica ready (200, with
+    the problem under ``degraded``): it still serves the base model and the adapters it holds,
+    and the registry is shared, so failing readiness would take every replica out of its load
+    balancer at once and turn a registry outage into a full one. A registry never reached
+    since start keeps the replica not ready (a wrong ``--redis-url`` halts a rollout)."""
     try:
         ok = await asyncio.wait_for(asyncio.to_thread(store.ping), 2.0)
     except Exception as exc:  # unreachable, timed out, misconfigured
@@ -95,7 +106,11 @@ class HTTPLayer:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+                extra = [(b"x-request-id", rid.encode())]
+                stale = stale_header(scope.get("state", {}))
+                if stale is not None:
+                    extra.append(stale)
+                message["headers"] = [*message["headers"], *extra]
             await send(message)
 
         ops = scope["path"] in OPS_PATHS
@@ -131,6 +146,7 @@ def _route_template(scope: Scope, routed: bool) -> str:
         return getattr(route, "path", "unmatched")
     app = scope.get("app")
     if not routed and app is not None:
+        template: str  # the keys of the OpenAPI document's paths
         for template in app.openapi().get("paths", {}):
             if compile_path(template)[0].match(scope["path"]):
                 return template

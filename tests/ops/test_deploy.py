@@ -20,7 +20,8 @@ from pathlib import Path
 import yaml
 from ops_helpers import ROOT, defined_series, tool, undefined_metrics
 
-from server.config import add_serve_arguments
+from adapters_store.blobs import parse_s3_url
+from server.config import add_serve_arguments, parse_bytes
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -151,7 +152,28 @@ def test_docker_compose_config_is_valid_and_wires_the_stack() -> None:
     assert (quiet.returncode, quiet.stderr) == (0, "")
     resolved = yaml.safe_load(run(compose, "-f", "docker-compose.yml", "config").stdout)
     services = resolved["services"]
-    assert set(services) == {"prefix-serve", "redis", "prometheus", "grafana"}
+    assert set(services) == {
+        "prefix-serve",
+        "redis",
+        "prometheus",
+        "grafana",
+        "prefix-serve-s3",
+        "minio",
+        "minio-init",
+        "prefix-serve-1",
+        "prefix-serve-2",
+        "prefix-serve-3",
+        "nginx",
+    }
+    assert {name for name, s in services.items() if s.get("profiles")} == {
+        "prefix-serve-s3",
+        "minio",
+        "minio-init",
+        "prefix-serve-1",
+        "prefix-serve-2",
+        "prefix-serve-3",
+        "nginx",
+    }
     server = services["prefix-serve"]
     assert set(server["environment"]) <= serve_env_vars()
     assert server["environment"]["PREFIX_SERVE_REDIS_URL"] == "redis://redis:6379/0"
@@ -164,6 +186,70 @@ def test_docker_compose_config_is_valid_and_wires_the_stack() -> None:
     prometheus = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     job = prometheus["scrape_configs"][0]
     assert job["static_configs"][0]["targets"] == ["prefix-serve:8000"]
+
+
+def test_docker_compose_s3_profile_runs_the_server_on_minio() -> None:
+    """`docker-compose --profile s3 up`: MinIO, a job that makes the bucket, and a server whose
+    --blob-url names that bucket, with MinIO's keys, started only once the bucket exists."""
+    compose = tool("docker-compose")
+    resolved = run(compose, "-f", "docker-compose.yml", "--profile", "s3", "config")
+    assert resolved.returncode == 0, resolved.stderr
+    services = yaml.safe_load(resolved.stdout)["services"]
+    server, minio, init = services["prefix-serve-s3"], services["minio"], services["minio-init"]
+    assert {s["profiles"][0] for s in (server, minio, init)} == {"s3"}
+    env = server["environment"]
+    assert {k for k in env if not k.startswith("AWS_")} <= serve_env_vars()
+    bucket, prefix, _ = parse_s3_url(env["PREFIX_SERVE_BLOB_URL"])
+    assert (bucket, prefix) == ("prefix-serve-adapters", "adapters")
+    assert env["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    assert env["AWS_REGION"] == "us-east-1"
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+        minio["environment"]["MINIO_ROOT_USER"],
+        minio["environment"]["MINIO_ROOT_PASSWORD"],
+    )
+    # Its own registry: the file-store server's adapters have no blobs in the bucket.
+    assert env["PREFIX_SERVE_REDIS_URL"] == "redis://redis:6379/1"
+    assert services["prefix-serve"]["environment"]["PREFIX_SERVE_REDIS_URL"].endswith("/0")
+    assert "volumes" not in server
+    assert server["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert server["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert f"mc mb --ignore-existing local/{bucket}" in init["command"][0]
+    assert minio["healthcheck"]["test"] == ["CMD", "mc", "ready", "local"]
+    assert [p["target"] for p in server["ports"]] == [8000]
+
+
+def test_docker_compose_replicas_profile_puts_nginx_in_front_of_three_replicas() -> None:
+    """`docker-compose --profile replicas up`: three replicas sharing one registry and one
+    bucket, behind nginx running the very routing file tests/scaleout runs, whose upstreams
+    name exactly those replicas."""
+    compose = tool("docker-compose")
+    resolved = run(compose, "-f", "docker-compose.yml", "--profile", "replicas", "config")
+    assert resolved.returncode == 0, resolved.stderr
+    services = yaml.safe_load(resolved.stdout)["services"]
+    replicas = [services[f"prefix-serve-{i}"] for i in (1, 2, 3)]
+    envs = [r["environment"] for r in replicas]
+    assert envs[0] == envs[1] == envs[2]
+    assert {k for k in envs[0] if not k.startswith("AWS_")} <= serve_env_vars()
+    assert envs[0]["PREFIX_SERVE_REDIS_URL"] == "redis://redis:6379/2"
+    assert parse_s3_url(envs[0]["PREFIX_SERVE_BLOB_URL"])[:2] == (
+        "prefix-serve-adapters",
+        "replicas",
+    )
+    assert all("ports" not in r for r in replicas)  # reached through nginx only
+    nginx = services["nginx"]
+    conf = "./deploy/nginx/prefix-serve.conf"
+    mount = next(v for v in nginx["volumes"] if "/etc/nginx/conf.d/" in str(v))
+    source = mount["source"] if isinstance(mount, dict) else mount.split(":")[0]
+    assert Path(source).resolve() == (ROOT / conf).resolve()
+    text = (ROOT / conf).read_text()
+    assert "hash $http_x_adapter consistent;" in text
+    upstream = {  # the upstreams' `server host:port ...;` lines (not the `server {` block)
+        line.split()[1] for line in text.splitlines() if re.match(r"\s+server \S+:\d+", line)
+    }
+    assert upstream == {f"prefix-serve-{i}:8000" for i in (1, 2, 3)}
+    assert set(nginx["depends_on"]) == {f"prefix-serve-{i}" for i in (1, 2, 3)}
+    assert services["minio-init"]["profiles"] == ["s3", "replicas"]
 
 
 # Kubernetes ----------------------------------------------------------------------------------
@@ -251,6 +337,96 @@ def test_selectors_scaling_and_routing_fit_together() -> None:
     args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+
+
+K8S_S3 = ROOT / "deploy" / "k8s-s3"
+
+
+def merge(base: object, patch: object, keys: dict[str, str]) -> object:
+    """``patch`` applied to ``base`` as kustomize's strategic merge does for what the S3
+    overlay uses: maps merged, lists of maps merged by their key (``keys``: list field name ->
+    merge key), an entry with ``$patch: delete`` removed."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for field, value in patch.items():
+            if field in keys and isinstance(value, list):
+                key = keys[field]
+                items = {item[key]: item for item in out.get(field, [])}
+                for item in value:
+                    if item.get("$patch") == "delete":
+                        items.pop(item[key], None)
+                    else:
+                        items[item[key]] = merge(items.get(item[key], {}), item, keys)
+                out[field] = list(items.values())
+            else:
+                out[field] = merge(out.get(field), value, keys)
+        return out
+    return patch
+
+
+def s3_overlay() -> list[dict]:
+    """deploy/k8s-s3 rendered over deploy/k8s (as `kubectl kustomize deploy/k8s-s3` does)."""
+    kustomization = yaml.safe_load((K8S_S3 / "kustomization.yaml").read_text())
+    assert kustomization["resources"][0] == "../k8s"
+    docs = [d for _, d in k8s_docs() if d["kind"] not in ("Kustomization",)]
+    for name in kustomization["resources"][1:]:
+        docs.extend(yaml.safe_load_all((K8S_S3 / name).read_text()))
+    keys = {"containers": "name", "env": "name", "volumeMounts": "mountPath", "volumes": "name"}
+    for entry in kustomization["patches"]:
+        patch = yaml.safe_load((K8S_S3 / entry["path"]).read_text())
+        ident = (patch["kind"], patch["metadata"]["name"])
+        (i,) = [i for i, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) == ident]
+        if patch.get("$patch") == "delete":
+            del docs[i]
+        else:
+            docs[i] = merge(docs[i], patch, keys)
+    return docs
+
+
+def test_kubernetes_s3_overlay_is_valid_and_replaces_the_volume_by_the_bucket(
+    tmp_path: Path,
+) -> None:
+    docs = s3_overlay()
+    rendered = tmp_path / "s3.yaml"
+    rendered.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] not in SCHEMALESS]))
+    result = run(tool("kubernetes-validate"), "--strict", str(rendered))
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "ERROR" not in out, out
+    assert len(re.findall(r"^INFO .* passed for resource", out, re.M)) >= 14
+
+    assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert {n for n in env if not n.startswith("AWS_")} <= serve_env_vars()
+    assert {n for n in env if n.startswith("AWS_")} == {
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_REGION",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
+    bucket, prefix, cache_bytes = parse_s3_url(env["PREFIX_SERVE_BLOB_URL"]["value"])
+    assert (bucket, prefix, cache_bytes) == ("prefix-serve-adapters", "adapters", 4 << 30)
+    (secret,) = [
+        d
+        for d in docs
+        if d["kind"] == "Secret" and d["metadata"]["name"] != (one("Secret")["metadata"]["name"])
+    ]
+    for name, entry in env.items():
+        if name.startswith("AWS_"):
+            ref = entry["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    # The read-through cache: an emptyDir in the image's data dir (the root file system is
+    # read-only), sized above cache_bytes; no blob volume is left.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    data_dir = re.search(r"PREFIX_SERVE_DATA_DIR=(\S+)", (ROOT / "Dockerfile").read_text())
+    assert data_dir is not None
+    cache = volumes[mounts[f"{data_dir.group(1)}/blob-cache"]]
+    assert parse_bytes(cache["emptyDir"]["sizeLimit"].replace("Gi", "GiB")) > cache_bytes
+    assert "/blobs" not in mounts and "blobs" not in volumes
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_kustomization_lists_every_manifest_of_the_namespace() -> None:

@@ -5,8 +5,9 @@ streaming clients that must keep being served, and the process that dies mid-req
 
 1. Redis stopped (SIGSTOP) then killed (SIGKILL) and restarted on its AOF while streaming
    clients use adapters already loaded: those keep getting 200; whatever needs the registry
-   (another adapter, listing, an upload) gets 503 with ``Retry-After``, never a 500, always
-   within a bound; ``/ready`` follows the outage; afterwards nothing acknowledged is lost.
+   (another adapter, an upload) gets 503 with ``Retry-After``, never a 500, always within a
+   bound; listing degrades to the adapters this server holds, marked stale; ``/ready`` stays
+   200 and reports the outage; afterwards nothing acknowledged is lost.
 2. The server SIGKILLed at chosen moments of a slow upload of the largest adapter the quota
    takes, and restarted on the same data directory: each upload is whole (listed, its blob
    verifies, it generates) or absent, a 201 is never lost, and the registry and the blob
@@ -125,13 +126,15 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> float:
 # -- 1. the registry (Redis) stopped, killed, restarted
 
 
-def _probe_outage(server: ServeProcess, acme: httpx.Client, cold: str, files: Files) -> dict:
+def _probe_outage(
+    server: ServeProcess, acme: httpx.Client, cold: str, files: Files, acked: set[str]
+) -> dict:
     """Requests that need the registry, in turn, for OUTAGE_S: each must be a 503 with
-    Retry-After within BOUND_S; /ready must turn 503 and stay so."""
+    Retry-After within BOUND_S; the listing 200, marked stale, of held adapters (those under
+    load among them); /ready must stay 200 and report the outage once it is detected."""
     probes: list[Callable[[], httpx.Response]] = [
         lambda: generate(acme, cold),  # registered, never resolved by this server
         lambda: generate(acme, TINY_ID, ("nobody",)),  # exists or not: only Redis knows
-        lambda: acme.get("/v1/adapters"),
         lambda: acme.get(f"/v1/adapters/{cold}"),
         lambda: upload(acme, "during-outage", files),
     ]
@@ -141,12 +144,20 @@ def _probe_outage(server: ServeProcess, acme: httpx.Client, cold: str, files: Fi
     while time.monotonic() - start < OUTAGE_S:
         t = time.monotonic()
         ready = acme.get(server.url + "/ready")
-        if ready.status_code == 503:
-            assert ready.headers.get("retry-after") == "5"
+        assert ready.status_code == 200, ready.text  # degraded, still serving
+        if "degraded" in ready.json():
             detected = detected if detected is not None else time.monotonic() - start
         else:
-            assert detected is None and ready.status_code == 200, ready.text  # no flapping
+            assert detected is None and ready.json() == {"status": "ready"}  # no flapping
         slowest = max(slowest, time.monotonic() - t)
+        t = time.monotonic()
+        held = acme.get("/v1/adapters")
+        slowest = max(slowest, time.monotonic() - t)
+        assert held.status_code == 200, held.text
+        assert held.headers["x-prefix-serve-stale"] == "registry-unavailable"
+        names = {a["name"] for a in held.json()["data"]}
+        assert {"held-a", "held-b"} <= names <= acked, names
+        statuses["listing stale"] += 1
         for call in probes:
             t = time.monotonic()
             r = call()
@@ -202,7 +213,9 @@ def test_redis_stopped_killed_and_restarted_under_load(
                 with BackgroundLoad(server.url, targets, CLIENTS) as during:
                     time.sleep(0.5)
                     redis.pause() if fault == "stop" else redis.kill()
-                    outage = _probe_outage(server, acme, f"cold-{fault}", adapter_files(seed + 5))
+                    outage = _probe_outage(
+                        server, acme, f"cold-{fault}", adapter_files(seed + 5), set(acked["acme"])
+                    )
                     healed = time.monotonic()
                     redis.resume() if fault == "stop" else redis.start()
                 served(during.result)
@@ -210,7 +223,8 @@ def test_redis_stopped_killed_and_restarted_under_load(
                 assert blob_files(blobs) == before and leftovers(blobs) == []
                 with BackgroundLoad(server.url, targets, CLIENTS) as after:
                     ready_s = wait_until(
-                        lambda: acme.get(server.url + "/ready").status_code == 200, BOUND_S
+                        lambda: acme.get(server.url + "/ready").json() == {"status": "ready"},
+                        BOUND_S,
                     )
                     r = upload(acme, f"after-{fault}", adapter_files(seed + 6))
                     assert r.status_code == 201, r.text
@@ -241,8 +255,9 @@ def test_redis_stopped_killed_and_restarted_under_load(
         "faults: redis stopped, killed, restarted",
         f"{CLIENTS} streaming clients on loaded adapters; redis SIGSTOP {OUTAGE_S:.0f} s, "
         f"then SIGKILL {OUTAGE_S:.0f} s and restart on its AOF; registry probes throughout",
-        "loaded adapters 200 throughout; registry calls 503 + Retry-After, none slow; /ready "
-        "503 then 200; nothing acknowledged lost; refused uploads left nothing",
+        "loaded adapters 200 throughout; registry calls 503 + Retry-After, none slow; listing "
+        "200 marked stale (held adapters); /ready 200 reporting the outage, then plain ready; "
+        "nothing acknowledged lost; refused uploads left nothing",
         figures,
     )
 

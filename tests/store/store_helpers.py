@@ -73,3 +73,30 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> float:
         assert time.monotonic() - start < timeout, f"not within {timeout} s"
         time.sleep(0.005)
     return time.monotonic() - start
+
+
+def corrupt_blob(store: AdapterStore, sha: str) -> None:
+    """Flip one byte of blob ``sha`` where it is stored: the file, or the S3 object (keeping
+    its recorded digest) and this replica's cached copy of it."""
+    from adapters_store.blobs import LocalBlobStore
+
+    def flip(data: bytes) -> bytes:
+        damaged = bytearray(data)
+        damaged[-3] ^= 0x40
+        return bytes(damaged)
+
+    blobs = store.blobs
+    if isinstance(blobs, LocalBlobStore):
+        path = blobs.path(sha)
+        path.write_bytes(flip(path.read_bytes()))
+        return
+    from adapters_store.s3_blobs import S3BlobStore
+
+    assert isinstance(blobs, S3BlobStore)
+    key = blobs.key(sha)
+    stored = blobs.client.get_object(Bucket=blobs.bucket, Key=key)
+    blobs.client.put_object(
+        Bucket=blobs.bucket, Key=key, Body=flip(stored["Body"].read()), Metadata=stored["Metadata"]
+    )
+    (copy,) = blobs.cache.root.glob(f"{sha}.*")
+    copy.write_bytes(flip(copy.read_bytes()))

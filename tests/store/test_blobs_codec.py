@@ -91,7 +91,7 @@ def test_clean_removes_old_leftovers_only(tmp_path: Path) -> None:
 def test_blob_urls(tmp_path: Path) -> None:
     assert open_blobs(tmp_path).root == tmp_path / "blobs"
     assert open_blobs(tmp_path, f"file://{tmp_path}/shared").root == tmp_path / "shared"
-    with pytest.raises(ValueError, match="S3 blob store is not available"):
-        open_blobs(tmp_path, "s3://bucket/prefix")
-    with pytest.raises(ValueError, match="expected file:///absolute/path"):
-        open_blobs(tmp_path, "http://example.com/x")
+    for url in ("http://example.com/x", "file://host/x", f"file://{tmp_path}?x=1"):
+        with pytest.raises(ValueError, match="expected file:///absolute/path or s3://bucket/"):
+            open_blobs(tmp_path, url)
+    # s3:// URLs: tests/store/test_s3.py

@@ -1,4 +1,5 @@
-"""The store's contract, run on both registries (SQLite and a real redis-server)."""
+"""The store's contract, run on both registries (SQLite and a real redis-server), each with
+blobs in the data dir and in an S3 bucket (a real moto_server)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,17 @@ import time
 from pathlib import Path
 
 import pytest
-from store_helpers import StoreFactory, make_adapter, prefix_adapter, prompt_adapter, same_content
+from store_helpers import (
+    StoreFactory,
+    corrupt_blob,
+    make_adapter,
+    prefix_adapter,
+    prompt_adapter,
+    same_content,
+)
 
 from adapters_store.codec import encode
+from adapters_store.registry import NewVersion
 from adapters_store.store import AdapterStore
 from adapters_store.types import (
     AdapterNotFound,
@@ -251,13 +260,55 @@ def test_a_blob_stays_while_any_version_names_its_content(make_store: StoreFacto
     assert same_content(store.load(store.get("acme", "x")), other)
 
 
+def test_collection_racing_an_upload_of_the_same_content_never_loses_the_blob(
+    make_store: StoreFactory,
+) -> None:
+    """The collector hides a blob, then asks the registry again; an upload commits, then
+    checks that its blob is there. Whichever of the two comes second sees the other."""
+    clock = Clock()
+    store = make_store(clock=clock, gc_grace_s=10)
+    adapter = prefix_adapter(seed=1)
+    sha = adapter.sha256
+    store.put("acme", "old", adapter)
+    store.delete("acme", "old")
+    clock.now += 11
+    store.registry.purge_hidden(clock.now - 10)  # now nothing names the blob
+
+    # 1. A version naming the content commits after the hide, before the re-check (its blob
+    # write is not even needed): the collector puts the blob back.
+    def commit_then_recheck() -> bool:
+        new = NewVersion("acme", "a", adapter.kind, adapter.num_virtual_tokens, sha, 1)
+        store.registry.commit(new, Quota(), clock(), store.registry.begin())
+        return not store.registry.is_referenced(sha)
+
+    assert store.blobs.collect(sha, commit_then_recheck) is False
+    assert blob_shas(store) == {sha}
+    store.delete("acme", "a")
+    clock.now += 11
+    store.registry.purge_hidden(clock.now - 10)
+
+    # 2. An upload wrote the blob, the collector removes it before the upload commits: the
+    # upload's post-commit check finds it missing and writes it again.
+    collected: list[bool] = []
+    commit = store.registry.commit
+
+    def collect_then_commit(*args, **kwargs):
+        collected.append(store.blobs.collect(sha, lambda: not store.registry.is_referenced(sha)))
+        return commit(*args, **kwargs)
+
+    store.registry.commit = collect_then_commit  # type: ignore[method-assign]
+    record = store.put("acme", "b", adapter)
+    store.registry.commit = commit  # type: ignore[method-assign]
+    assert collected == [True]
+    assert blob_shas(store) == {sha}
+    store.host_tier.evict(sha)
+    assert same_content(store.load(record), adapter)
+
+
 def test_a_corrupt_blob_is_an_error_and_never_served(store: AdapterStore) -> None:
     adapter = prefix_adapter(seed=1)
     record = store.put("acme", "x", adapter)
-    path = store.blobs.path(record.sha256)
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x40
-    path.write_bytes(bytes(data))
+    corrupt_blob(store, record.sha256)
     for _ in range(2):
         with pytest.raises(BlobError, match="hashes to"):
             store.load(record)

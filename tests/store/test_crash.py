@@ -1,5 +1,6 @@
 """Separate writer processes: SIGKILL between blob and metadata, and concurrent uploads of one
-name from several processes, on both registries. Workers are forked (no second torch import)."""
+name from several processes, on both registries, blobs in the data dir. Workers are forked (no
+second torch import)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ from adapters_store.store import open_store
 from adapters_store.types import AdapterNotFound
 
 FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Blobs in the data dir only: these tests look at its files (test_s3_crash.py is the S3
+    store's counterpart)."""
+    return request.param
 
 
 def _redis_url(request: pytest.FixtureRequest, backend: str) -> str | None:
