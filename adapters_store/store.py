@@ -18,6 +18,7 @@ engine keeps the device tier. A registered adapter that nobody loads costs only 
 
 from __future__ import annotations
 
+import builtins
 import functools
 import logging
 import os
@@ -26,8 +27,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict, Unpack
 
-from adapters_store.blobs import LocalBlobStore, open_blobs
+from adapters_store.blobs import BlobStore, open_blobs
 from adapters_store.codec import adapter_nbytes, decode, encode
 from adapters_store.formats import AdapterLimits, CanonicalAdapter
 from adapters_store.registry import Change, NewVersion, Registry, SQLiteRegistry
@@ -49,6 +51,15 @@ DEFAULT_HOST_CACHE_BYTES = 1 << 30
 Subscriber = Callable[[str, str, str], None]
 
 
+class StoreOptions(TypedDict, total=False):
+    """AdapterStore's keyword options that ``open_store`` passes through."""
+
+    name_cache_entries: int
+    gc_grace_s: float
+    gc_interval_s: float | None
+    clock: Callable[[], float]
+
+
 class AdapterStore:
     """Uploads, look-ups and loads of adapters, by (tenant, name). Thread-safe.
 
@@ -61,7 +72,7 @@ class AdapterStore:
     def __init__(
         self,
         registry: Registry,
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         *,
         quotas: TenantQuotas | None = None,
         host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES,
@@ -115,7 +126,8 @@ class AdapterStore:
         check_tenant(tenant)
         check_name(name)
         quota = self.quotas.for_tenant(tenant)
-        if adapter.num_virtual_tokens > quota.max_virtual_tokens:
+        # A text prefix's count is of real tokens, bounded by its text's size instead.
+        if adapter.kind != "text" and adapter.num_virtual_tokens > quota.max_virtual_tokens:
             raise QuotaExceeded(
                 f"adapter has {adapter.num_virtual_tokens} virtual tokens; the limit is "
                 f"{quota.max_virtual_tokens}"
@@ -146,13 +158,22 @@ class AdapterStore:
         While the registry is unreachable, a name this store resolved before still resolves
         (adapters already held keep serving); others raise RegistryUnavailable.
         """
+        return self.lookup(tenant, name)[0]
+
+    def lookup(self, tenant: str, name: str) -> tuple[AdapterRecord, bool]:
+        """``get``, and whether its answer is possibly stale: True when the registry did not
+        answer and the record is the one this store held (a newer version or a deletion made
+        meanwhile on another replica would not be known here)."""
+        base, at, version = name.partition("@")
+        if at:  # "name@N": version N, while it is kept and the name is not deleted
+            return self.pinned(tenant, base, version), False
         key = (tenant, name)
         if self.registry.watching():
             with self._lock:
                 record = self._names.get(key)
                 if record is not None:
                     self._names.move_to_end(key)
-                    return record
+                    return record, False
         with self._lock:
             gen = self._names_gen
         try:
@@ -162,7 +183,7 @@ class AdapterStore:
                 record = self._names.get(key)
             if record is None:
                 raise
-            return record
+            return record, True
         except AdapterNotFound:
             with self._lock:
                 self._names.pop(key, None)
@@ -173,22 +194,44 @@ class AdapterStore:
                 self._names.move_to_end(key)
                 while len(self._names) > self._names_max:
                     self._names.popitem(last=False)
-        return record
+        return record, False
+
+    def held(self, tenant: str) -> list[AdapterRecord]:
+        """The tenant's adapters this store has resolved and would still serve while the
+        registry is unreachable (the names ``get`` answers from memory then), sorted by name.
+        What the registry lists may differ: this is for degraded answers only."""
+        with self._lock:
+            records = [r for (t, _), r in self._names.items() if t == tenant]
+        return sorted(records, key=lambda r: r.name)
 
     def list(self, tenant: str) -> list[AdapterRecord]:
         """The live version of each of the tenant's adapters, sorted by name."""
         return self.registry.list(tenant)
 
-    def versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+    def versions(self, tenant: str, name: str) -> builtins.list[AdapterRecord]:
         """Every retained version (live and hidden, not yet collected), oldest first."""
         return self.registry.versions(tenant, name)
+
+    def pinned(self, tenant: str, name: str, version: str) -> AdapterRecord:
+        """Version ``version`` (decimal digits) of ``name``: the live one or a replaced one
+        not yet collected. A deleted name pins nothing (DELETE hides every version).
+        AdapterNotFound otherwise."""
+        if not (version.isascii() and version.isdigit() and len(version) <= 18):
+            raise AdapterNotFound(f"adapter {name!r}@{version!r} not found")
+        live = self.get(tenant, name)
+        if live.version == int(version):
+            return live
+        for record in self.versions(tenant, name):
+            if record.version == int(version):
+                return record
+        raise AdapterNotFound(f"adapter {name!r} has no version {version} kept")
 
     def usage(self, tenant: str) -> TenantUsage:
         """What the tenant's quota counts now: live adapters, bytes of uncollected versions."""
         adapters, stored = self.registry.usage(tenant)
         return TenantUsage(tenant, adapters, stored)
 
-    def tenants(self) -> list[TenantUsage]:
+    def tenants(self) -> builtins.list[TenantUsage]:
         """The usage of every tenant that holds a live adapter or an uncollected version,
         sorted by tenant (for admins; with Redis, a scan of the registry's keys)."""
         return self.registry.tenants()
@@ -290,7 +333,7 @@ def open_store(
     blob_url: str | None = None,
     quotas: TenantQuotas | None = None,
     host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES,
-    **options,
+    **options: Unpack[StoreOptions],
 ) -> AdapterStore:
     """The store the server runs with: registry in ``<data_dir>/registry.sqlite3``, or Redis
     at ``redis_url``; blobs under ``<data_dir>/blobs``, or at ``blob_url`` (``file:///path``).

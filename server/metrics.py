@@ -68,8 +68,10 @@ ROUTES = (
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/models",
+    "/v1/models/{model_id}",
     "/v1/adapters",
     "/v1/adapters/{name}",
+    "/v1/adapters/{name}/versions",
     "/v1/admin/tenants",
     "/v1/admin/tenants/{tenant}/adapters",
     "/v1/admin/tenants/{tenant}/adapters/{adapter}",
@@ -356,10 +358,10 @@ def _tier_families(tiers: dict[str, TierStats]) -> Iterator[Metric]:
         for tier in TIERS:
             family.add_metric([tier], value_of(tiers[tier]))
         yield family
-    family = _family(SPECS["prefix_serve_adapter_tier_load_seconds"])
+    load_seconds = _histogram_family(SPECS["prefix_serve_adapter_tier_load_seconds"])
     for tier in TIERS:
-        _add_histogram(family, [tier], tiers[tier].load_seconds)
-    yield family
+        _add_histogram(load_seconds, [tier], tiers[tier].load_seconds)
+    yield load_seconds
 
 
 def _request_families(r: _Requests) -> Iterator[Metric]:
@@ -372,9 +374,9 @@ def _request_families(r: _Requests) -> Iterator[Metric]:
         "prefix_serve_request_generation_tokens": r.generation_tokens,
     }
     for name, hist in histograms.items():
-        family = _family(SPECS[name])
-        _add_histogram(family, [], hist)
-        yield family
+        histogram = _histogram_family(SPECS[name])
+        _add_histogram(histogram, [], hist)
+        yield histogram
     labelled = {
         "prefix_serve_requests_finished": (FINISH_REASONS, r.finished),
         "prefix_serve_request_errors": (ERROR_TYPES, r.errors),
@@ -390,15 +392,24 @@ def _request_families(r: _Requests) -> Iterator[Metric]:
     yield family
 
 
-def _family(spec: MetricSpec) -> Metric:
-    kinds = {
+def _family(spec: MetricSpec) -> CounterMetricFamily | GaugeMetricFamily:
+    """A counter or gauge family (histograms: ``_histogram_family``)."""
+    kinds: dict[str, type[CounterMetricFamily | GaugeMetricFamily]] = {
         "counter": CounterMetricFamily,
         "gauge": GaugeMetricFamily,
-        "histogram": HistogramMetricFamily,
     }
     return kinds[spec.kind](spec.name, spec.help, labels=list(spec.labels))
 
 
-def _add_histogram(family: Metric, labels: list[str], hist: Histogram) -> None:
-    buckets = [(floatToGoString(bound), count) for bound, count in hist.cumulative()]
+def _histogram_family(spec: MetricSpec) -> HistogramMetricFamily:
+    if spec.kind != "histogram":
+        raise ValueError(f"metric {spec.name} is a {spec.kind}, not a histogram")
+    return HistogramMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], hist: Histogram) -> None:
+    buckets = [
+        (floatToGoString(bound), count)  # type: ignore[no-untyped-call]  # prometheus_client: unannotated
+        for bound, count in hist.cumulative()
+    ]
     family.add_metric(labels, buckets, sum_value=hist.sum)

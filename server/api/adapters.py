@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -30,8 +31,9 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from adapters_store.formats import CanonicalAdapter, parse_adapter, text_adapter
-from adapters_store.types import AdapterRecord, check_name
+from adapters_store.types import AdapterNotFound, AdapterRecord, check_name
 from adapters_store.validate import AdapterError, AdapterLimits, ModelShape, check_size
+from server.api import degraded
 from server.api.archive import archive_budget, read_archive
 from server.api.context import Caller, context
 from server.api.errors import APIError, to_api_error
@@ -62,30 +64,42 @@ async def upload(request: Request, who: Caller) -> JSONResponse:
     error: APIError | None = None
     async with ctx.uploads.lease(who.tenant) as lease:
         try:
-            record = await _store_upload(request, media, who.tenant, shape, limits, lease)
+            record, replaced = await _store_upload(request, media, who.tenant, shape, limits, lease)
         except Exception as exc:  # answered from here: see the module docstring
             error = to_api_error(exc)
             _clear_frames(exc)
     if error is not None:
         raise error
-    return JSONResponse(record.to_api(), status_code=201)
+    body = record.to_api()
+    if replaced is not None:  # allowed, but a client of the old kind should hear of it
+        body["replaced_kind"] = replaced
+    return JSONResponse(body, status_code=201)
 
 
 @router.get("/v1/adapters")
-async def list_adapters(request: Request, who: Caller) -> dict:
+async def list_adapters(request: Request, who: Caller) -> dict[str, Any]:
     ctx = context(request)
-    records = await ctx.run_store(ctx.store.list, who.tenant)
+    records = await degraded.list_records(ctx, request, who.tenant)
     return {"object": "list", "data": [r.to_api() for r in records]}
 
 
 @router.get("/v1/adapters/{name}")
-async def get_adapter(name: str, request: Request, who: Caller) -> dict:
+async def get_adapter(name: str, request: Request, who: Caller) -> dict[str, Any]:
     ctx = context(request)
-    return (await ctx.run_store(ctx.store.get, who.tenant, name)).to_api()
+    return (await degraded.get_record(ctx, request, who.tenant, name)).to_api()
+
+
+@router.get("/v1/adapters/{name}/versions")
+async def adapter_versions(name: str, request: Request, who: Caller) -> dict[str, Any]:
+    """The kept versions of a live name, oldest first (each one pinnable as ``name@N``)."""
+    ctx = context(request)
+    await ctx.run_store(ctx.store.get, who.tenant, name)  # a deleted name has none to pin
+    records = await ctx.run_store(ctx.store.versions, who.tenant, name)
+    return {"object": "list", "data": [r.to_api() for r in records]}
 
 
 @router.delete("/v1/adapters/{name}")
-async def delete_adapter(name: str, request: Request, who: Caller) -> dict:
+async def delete_adapter(name: str, request: Request, who: Caller) -> dict[str, Any]:
     ctx = context(request)
     record = await ctx.run_store(ctx.store.delete, who.tenant, name)
     return {"id": record.id, "object": "adapter", "deleted": True}
@@ -98,15 +112,30 @@ async def _store_upload(
     shape: ModelShape,
     limits: AdapterLimits,
     lease: Lease,
-) -> AdapterRecord:
-    """Read, validate and store one upload, its bytes in memory only under ``lease``."""
+) -> tuple[AdapterRecord, str | None]:
+    """Read, validate and store one upload, its bytes in memory only under ``lease``; the
+    kind of the version it replaced, when that differs from the new one's."""
     ctx = context(request)
     if media == "application/json":
         body_limit = ctx.config.max_request_bytes
         name, adapter = await _text_upload(request, limits, lease, body_limit)
     else:
         name, adapter = await _file_upload(request, shape, limits, ctx.engine, lease)
-    return await ctx.run_store(ctx.store.put, tenant, name, adapter)
+    if adapter.kind == "text":  # its size in tokens, as the engine will place it
+        count = await ctx.run_cpu(_count_tokens, ctx.model().tokenizer, adapter.text)
+        adapter = replace(adapter, num_virtual_tokens=count)
+    try:
+        previous = await ctx.run_store(ctx.store.get, tenant, name)
+    except AdapterNotFound:
+        previous = None
+    record = await ctx.run_store(ctx.store.put, tenant, name, adapter)
+    changed = previous is not None and previous.kind != record.kind
+    return record, previous.kind if changed else None  # type: ignore[union-attr]
+
+
+def _count_tokens(tokenizer: Any, text: str) -> int:
+    """Runs in the worker pool: the text's tokens, as ``to_segment`` makes them."""
+    return len(tokenizer.encode(text, add_special_tokens=False))
 
 
 async def _text_upload(
@@ -208,7 +237,8 @@ async def _engine_call(engine: EngineClient, fn: Callable[..., T], *args: Any) -
 
     try:
         await engine.call(run)
-        return box.pop()
+        result: T = box.pop()
+        return result
     finally:
         box.clear()
 

@@ -11,6 +11,7 @@ first). Anything else that escapes a handler is a bug and answers 500.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,7 +61,7 @@ class APIError(Exception):
         self.param = param
         self.retry_after = retry_after
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return {
             "error": {
                 "message": self.message,
@@ -171,6 +172,8 @@ def install_error_handlers(app: FastAPI) -> None:
         StoreError,
         Overloaded,
         EngineUnavailable,
+        RequestFailed,  # answered here, not by the 500 fallback (which drops the headers)
+        EngineFailure,
         Exception,
     ):
         app.add_exception_handler(cls, handle)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -11,11 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from server.api import streaming
+from adapters_store.types import AdapterNotFound, InvalidName
+from server.api import degraded, streaming
 from server.api.context import AppContext, Caller, context
-from server.api.errors import APIError
+from server.api.errors import APIError, not_found
 from server.api.jobs import ClientGone, Job, usage
 from server.api.json_body import load_json
+from server.api.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, merge
 from server.api.prompt_limits import PromptLimits, check_text_bytes, prompt_limits
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, _Generation
 from server.config import Principal
@@ -32,16 +35,31 @@ G = TypeVar("G", bound=_Generation)
 
 
 @router.get("/v1/models")
-async def models(request: Request, who: Caller) -> dict:
+async def models(request: Request, who: Caller) -> dict[str, Any]:
     ctx = context(request)
     base = ctx.model().facts.model_id
     data = [_model(base, ctx.started, "prefix-serve", None)]
-    records = await ctx.run_store(ctx.store.list, who.tenant)
+    records = await degraded.list_records(ctx, request, who.tenant)
     data += [_model(r.name, r.created, r.tenant, base) for r in records]
     return {"object": "list", "data": data}
 
 
-def _model(model_id: str, created: int, owner: str, parent: str | None) -> dict:
+@router.get("/v1/models/{model_id}")
+async def model(model_id: str, request: Request, who: Caller) -> dict[str, Any]:
+    """One entry of ``/v1/models``: the base model, or one of the caller's adapters (a
+    pinned ``name@N`` too); 404 ``model_not_found`` otherwise."""
+    ctx = context(request)
+    base = ctx.model().facts.model_id
+    if model_id == base:
+        return _model(base, ctx.started, "prefix-serve", None)
+    try:
+        record = await ctx.run_store(ctx.store.get, who.tenant, model_id)
+    except (AdapterNotFound, InvalidName):
+        raise not_found("model", model_id, "model") from None
+    return _model(model_id, record.created, record.tenant, base)
+
+
+def _model(model_id: str, created: int, owner: str, parent: str | None) -> dict[str, Any]:
     return {
         "id": model_id,
         "object": "model",
@@ -56,7 +74,14 @@ async def completions(request: Request, who: Caller) -> Response:
     body, ctx, model, limits, segments = await _prepare(request, who, CompletionRequest)
     prompts = await _completion_prompts(ctx, body.prompt, model.tokenizer, limits)
     limit = body.max_tokens or DEFAULT_COMPLETION_TOKENS
-    return await _generate(ctx, request, body, who, segments, prompts, limit, chat=False)
+    if body.echo:
+        texts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
+        if not isinstance(texts[0], str):  # token ids: their text is what is echoed
+            texts = await ctx.run_cpu(_decode, model.tokenizer, prompts)
+        echo = Echo(texts, prompts)
+    else:
+        echo = None
+    return await _generate(ctx, request, body, who, segments, prompts, limit, chat=False, echo=echo)
 
 
 @router.post("/v1/chat/completions")
@@ -83,8 +108,10 @@ async def _prepare(
     body = _validate(model, data, limits)
     ctx.engine.check_admission(body.n, who.tenant)
     base_id = served.facts.model_id
-    segments = await ctx.resolver.segments(who.tenant, body.model, base_id, body.adapters)
-    return body, ctx, served, limits, segments
+    resolved = await ctx.resolver.resolve(who.tenant, body.model, base_id, body.adapters)
+    if resolved.stale:
+        degraded.mark_stale(request)
+    return body, ctx, served, limits, resolved.segments
 
 
 async def _raw_body(request: Request) -> bytes:
@@ -171,15 +198,30 @@ async def _generate(
     prompts: list[list[int]],
     max_tokens: int,
     chat: bool,
+    echo: Echo | None = None,
 ) -> Response:
     if len(prompts) * body.n > MAX_CHOICES:
         raise APIError(400, f"prompts x n must be at most {MAX_CHOICES}", param="n")
+    context = ctx.model().facts.max_model_len
+    before = sum(s.length for s in segments)  # adapters' positions, in front of each prompt
+    for i, ids in enumerate(prompts):
+        if before + len(ids) >= context:  # no room left for a single generated token
+            what = (
+                "the messages" if chat else ("the prompt" if len(prompts) == 1 else f"prompt {i}")
+            )
+            raise APIError(
+                400,
+                f"{what} take{'' if chat else 's'} {before + len(ids)} positions (adapters "
+                f"included): no room is left in the context of {context} for a token",
+                code="invalid_request",
+                param="messages" if chat else "prompt",
+            )
+    meta = _Meta(body, chat, echo)
     inputs = [
-        EngineInput(ids, _params(body, max_tokens, choice), segments, who.tenant)
+        EngineInput(ids, _params(body, max_tokens, choice, meta), segments, who.tenant)
         for ids in prompts
         for choice in range(body.n)
     ]
-    meta = _Meta(body, chat)
     job = Job(ctx.engine, inputs, ctx.config.request_timeout, ctx.metrics)
     request.state.job = job  # read by the request log line
     request.state.adapter_ids = tuple(s.key[:16] for s in segments)
@@ -190,29 +232,66 @@ async def _generate(
             # Wait for the first token so that a request the engine refuses still gets its
             # status code; then stream.
             first = await job.first()
-            gen = streaming.events(job, first, meta, body.n, body.stops, body.include_usage)
+            texts = TokenTexts(ctx.model().tokenizer)
+            gen = streaming.events(job, first, meta, body.n, body.stops, body.include_usage, texts)
             return StreamingResponse(gen, media_type="text/event-stream", headers=_SSE_HEADERS)
         finals = await job.results()
     except ClientGone:  # nobody is listening; nginx's "client closed request"
         return Response(status_code=499)
-    return JSONResponse(_response(meta, finals, body.n))
+    tokenizer = ctx.model().tokenizer
+    return JSONResponse(await ctx.run_cpu(_response, meta, finals, body.n, tokenizer))
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class _Meta:
-    """Fields shared by every chunk of one response."""
+@dataclass(frozen=True)
+class Echo:
+    """``echo: true``: each prompt's text, sent before its completion, and its token ids."""
 
-    def __init__(self, body: _Generation, chat: bool) -> None:
+    texts: list[str]
+    ids: list[list[int]]
+
+
+class _Meta:
+    """Fields shared by every chunk of one response, and how its choices are written:
+    ``logprobs`` is the number of top log probabilities per token (None: no logprobs),
+    ``echo`` the prompts to echo (None: none)."""
+
+    def __init__(self, body: _Generation, chat: bool, echo: Echo | None = None) -> None:
         self.chat = chat
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.object = "chat.completion" if chat else "text_completion"
         self.created = int(time.time())
         self.model = body.model
+        self.echo = echo
+        self.logprobs: int | None = None
+        if isinstance(body, ChatCompletionRequest):
+            self.logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        elif isinstance(body, CompletionRequest):
+            self.logprobs = body.logprobs
+
+    def completion_logprobs(self, texts: TokenTexts) -> CompletionLogprobs | None:
+        """A choice's legacy logprobs, to be built part by part (None: not asked for)."""
+        return None if self.logprobs is None else CompletionLogprobs(texts, self.logprobs)
+
+    def echo_part(
+        self, shape: CompletionLogprobs | None, out: RequestOutput, prompt: int
+    ) -> tuple[str, dict[str, Any] | None]:
+        """The echoed prompt's text and, with logprobs (``shape``), its part of them: its
+        tokens are the last of ``out``'s prompt positions (adapters' tokens come before)."""
+        assert self.echo is not None
+        text, ids = self.echo.texts[prompt], self.echo.ids[prompt]
+        if shape is None:
+            return text, None
+        scored = out.prompt_logprobs or []
+        entries = scored[len(scored) - len(ids) :] if scored else [None] * len(ids)
+        part = shape.part(entries, ids, first_null=True)
+        shape.offset = len(text)  # generated tokens start after the echoed text
+        return text, part
 
 
-def _params(body: _Generation, max_tokens: int, choice: int) -> SamplingParams:
+def _params(body: _Generation, max_tokens: int, choice: int, meta: _Meta) -> SamplingParams:
     seed = body.seed if body.seed is None else (body.seed + choice) % 2**64
     temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingParams(
@@ -222,8 +301,16 @@ def _params(body: _Generation, max_tokens: int, choice: int) -> SamplingParams:
         top_k=body.top_k,
         seed=seed,
         stop=body.stops,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
         min_tokens=body.min_tokens,
         ignore_eos=body.ignore_eos,
+        # Keys that are the same id ("7", "07") merge as in a dict, as before.
+        logit_bias=tuple({int(t): b for t, b in (body.logit_bias or {}).items()}.items()),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logprobs=meta.logprobs,
+        prompt_logprobs=meta.logprobs if meta.echo is not None else None,
     )
 
 
@@ -270,7 +357,7 @@ async def _chat_prompt(
     return await ctx.run_cpu(_apply_template, tokenizer, messages)
 
 
-def _apply_template(tokenizer: Any, messages: list[dict]) -> list[int]:
+def _apply_template(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     """Runs in the worker pool: jinja, then the tokenizer; ``return_dict`` without
     ``return_tensors`` gives lists, never tensors."""
     try:
@@ -282,16 +369,35 @@ def _apply_template(tokenizer: Any, messages: list[dict]) -> list[int]:
     return list(ids)
 
 
-def _response(meta: _Meta, finals: list[RequestOutput], n: int) -> dict:
+def _decode(tokenizer: Any, prompts: list[list[int]]) -> list[str]:
+    """Runs in the worker pool: the text of token-id prompts (echo)."""
+    return [tokenizer.decode(ids) for ids in prompts]
+
+
+def _response(meta: _Meta, finals: list[RequestOutput], n: int, tokenizer: Any) -> dict[str, Any]:
+    """Runs in the worker pool (logprobs decode token texts)."""
+    texts = TokenTexts(tokenizer)
     choices = []
     for i, out in enumerate(finals):
         choice: dict[str, Any] = {"index": i, "finish_reason": out.finish_reason}
         if meta.chat:
             choice["message"] = {"role": "assistant", "content": out.text}
             choice["logprobs"] = None
+            if meta.logprobs is not None:
+                choice["logprobs"] = chat_logprobs(texts, out.logprobs or [], meta.logprobs)
         else:
             choice["text"] = out.text
             choice["logprobs"] = None
+            shape = meta.completion_logprobs(texts)
+            parts = []
+            if meta.echo is not None:
+                echoed, part = meta.echo_part(shape, out, i // n)
+                choice["text"] = echoed + out.text
+                parts += [part] if part is not None else []
+            if shape is not None:
+                entries = out.logprobs or []
+                parts.append(shape.part(entries, [e.token for e in entries], first_null=False))
+                choice["logprobs"] = merge(parts)
         choices.append(choice)
     return {
         "id": meta.id,

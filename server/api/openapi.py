@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from server.api import admin, schemas
@@ -165,6 +166,10 @@ ROUTES: dict[tuple[str, str], Route] = {
         {200: Answer("The base model and the caller's adapters.", _json(schemas.ModelList))},
         (401, 503),
     ),
+    ("GET", "/v1/models/{model_id}"): Route(
+        {200: Answer("The base model, or one of the caller's adapters.", _json(schemas.Model))},
+        (401, 404, 503),
+    ),
     ("POST", "/v1/completions"): Route(
         {
             200: Answer(
@@ -195,6 +200,10 @@ ROUTES: dict[tuple[str, str], Route] = {
     ),
     ("GET", "/v1/adapters/{name}"): Route(
         {200: Answer("The live version of the adapter.", _json(schemas.Adapter))},
+        (401, 404, 503),
+    ),
+    ("GET", "/v1/adapters/{name}/versions"): Route(
+        {200: Answer("The adapter's kept versions, oldest first.", _json(schemas.AdapterList))},
         (401, 404, 503),
     ),
     ("DELETE", "/v1/adapters/{name}"): Route(
@@ -256,9 +265,14 @@ def build_openapi(app: FastAPI, auth: bool) -> dict[str, Any]:
 def _model_schemas() -> dict[str, Any]:
     """Pydantic's own schemas of the bodies (FastAPI's pass through its OpenAPI model, which
     turns integer bounds into floats: 2**64 - 1 would read 2**64). Made once: ~40 ms."""
-    models = [*schemas.REQUEST_MODELS, *schemas.RESPONSE_MODELS, *admin.RESPONSE_MODELS]
+    models: list[type[BaseModel]] = [
+        *schemas.REQUEST_MODELS,
+        *schemas.RESPONSE_MODELS,
+        *admin.RESPONSE_MODELS,
+    ]
     _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
-    return defs["$defs"]
+    model_defs: dict[str, Any] = defs["$defs"]
+    return model_defs
 
 
 def _describe(operation: dict[str, Any], route: Route, auth: bool) -> None:

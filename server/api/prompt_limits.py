@@ -72,11 +72,11 @@ def longest_token_bytes(tokenizer: Any) -> int | None:
     return longest * shrink
 
 
-def _state(component: Any) -> dict | None:
+def _state(component: Any) -> dict[str, Any] | None:
     return None if component is None else json.loads(component.__getstate__())
 
 
-def _shrink(state: dict | None) -> int | None:
+def _shrink(state: dict[str, Any] | None) -> int | None:
     """How many times fewer UTF-8 bytes the normalizer can leave than it was given (1: never
     fewer); None when it can shrink text without bound, or is not known."""
     if state is None:
@@ -96,7 +96,7 @@ def _shrink(state: dict | None) -> int | None:
         # A literal replaced by something at least as long never shrinks; a regex may.
         ok = isinstance(literal, str) and len(content.encode()) >= len(literal.encode())
         return 1 if ok and literal else None
-    return _NORMALIZER_SHRINK.get(kind)
+    return _NORMALIZER_SHRINK.get(kind) if isinstance(kind, str) else None
 
 
 def _keeps_every_character(backend: Any) -> bool:
@@ -104,7 +104,7 @@ def _keeps_every_character(backend: Any) -> bool:
     model has a token for each (byte-level BPE, byte fallback, or one unknown token per
     unknown character)."""
     pre = _state(backend.pre_tokenizer)
-    kinds: list[str] = []
+    kinds: list[str | None] = []
     stack = [pre] if pre is not None else []
     while stack:
         node = stack.pop()
@@ -120,7 +120,8 @@ def _keeps_every_character(backend: Any) -> bool:
             return True
         return model.unk_token is not None and not model.fuse_unk
     if type(model).__name__ == "Unigram":
-        return bool(_state(model).get("byte_fallback"))
+        state = _state(model)  # not None: the model is one
+        return state is not None and bool(state.get("byte_fallback"))
     return False
 
 

@@ -2,7 +2,8 @@
 
 Requests: strict types (no "5" for 5); unknown fields are ignored, as OpenAI clients send fields
 this server has no use for. Fields whose non-default value would change the answer in a way this
-server cannot honour (``logprobs``, ``echo``, ``best_of`` > n, ``suffix``, tools) are refused;
+server cannot honour (``best_of`` other than n, ``suffix``, ``tools``, a ``response_format``
+other than text) are refused, with the field as ``param`` and a message of our own (``refuse``);
 their JSON schema (``WithJsonSchema``) names the only values accepted, so that the OpenAPI
 document says what the validators do.
 
@@ -15,18 +16,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic_core import PydanticCustomError
 
 from adapters_store.types import NAME_RE
 from adapters_store.validate import AdapterLimits
+from server.engine.request import MAX_LOGIT_BIAS, MAX_LOGPROBS
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 NAME_PATTERN = NAME_RE.pattern
 MAX_TEXT_CHARS = AdapterLimits.max_text_chars
 
 
-def _only(*values: Any, description: str) -> WithJsonSchema:
-    return WithJsonSchema({"enum": list(values), "description": description})
+def refuse(message: str) -> PydanticCustomError:
+    """A validation error whose message is ``message`` as it is (a ``ValueError`` would reach
+    the client as "Value error, ..."); the handler puts the field's name in front of it."""
+    return PydanticCustomError("invalid_value", message)
 
 
 _NONEMPTY = {"type": "string", "minLength": 1}
@@ -77,37 +82,63 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: Annotated[
+        dict[str, float] | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {
+                        "type": "object",
+                        "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                        "maxProperties": MAX_LOGIT_BIAS,
+                    },
+                    {"type": "null"},
+                ],
+                "description": "token id (a decimal string) -> bias added to its logit",
+            }
+        ),
+    ] = None
     # Extensions.
     top_k: int = Field(0, ge=-1)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
     adapters: list[str] = Field(default_factory=list, max_length=8)
-    # Refused when set to anything but their defaults.
-    logprobs: Annotated[Any, _only(None, False, 0, description="not supported")] = None
-    frequency_penalty: Annotated[float | None, _only(None, 0, description="not supported")] = None
-    presence_penalty: Annotated[float | None, _only(None, 0, description="not supported")] = None
-    logit_bias: Annotated[
-        dict | None,
-        WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}]}),
-    ] = None
 
-    @model_validator(mode="after")
-    def _supported(self) -> _Generation:
-        stops = self.stops
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
         if len(stops) > 16 or any(not s for s in stops):
-            raise ValueError("stop: at most 16 non-empty strings")
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed with stream: true")
-        refused = {
-            "logprobs": self.logprobs not in (None, False, 0),
-            "frequency_penalty": self.frequency_penalty not in (None, 0),
-            "presence_penalty": self.presence_penalty not in (None, 0),
-            "logit_bias": bool(self.logit_bias),
-        }
-        for name, bad in refused.items():
-            if bad:
-                raise ValueError(f"{name} is not supported by this server")
-        return self
+            raise refuse("at most 16 non-empty strings")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise refuse("only allowed with stream: true")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if not value:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise refuse(f"at most {MAX_LOGIT_BIAS} token ids")
+        for token, bias in value.items():
+            if not (token.isascii() and token.isdecimal() and len(token) <= 9):
+                raise refuse(f"keys are token ids written as decimal strings, not {token!r}")
+            if not -100 <= bias <= 100:
+                raise refuse(f"the bias of token {token} must be between -100 and 100")
+        return value
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -139,7 +170,10 @@ class CompletionRequest(_Generation):
             }
         ),
     ]
-    echo: Annotated[bool, _only(False, description="not supported")] = False
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="log probabilities of each token, and top k"
+    )
+    echo: bool = False
     best_of: Annotated[
         int | None,
         WithJsonSchema(
@@ -151,17 +185,26 @@ class CompletionRequest(_Generation):
         WithJsonSchema({"anyOf": [{"type": "string", "maxLength": 0}, {"type": "null"}]}),
     ] = None
 
-    @model_validator(mode="after")
-    def _completion_only(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
-        if self.suffix:
-            raise ValueError("suffix is not supported by this server")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported by this server")
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt must not be empty")
-        return self
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise refuse("must not be empty")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise refuse("only equal to n is supported by this server")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise refuse("not supported by this server")
+        return value
 
 
 class TextPart(BaseModel):
@@ -186,12 +229,12 @@ class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_completion_tokens: int | None = Field(None, ge=1, le=1 << 20)
     tools: Annotated[
-        list | None,
+        list[Any] | None,
         WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]}),
     ] = None
     tool_choice: Any = None
     response_format: Annotated[
-        dict | None,
+        dict[str, Any] | None,
         WithJsonSchema(
             {
                 "anyOf": [
@@ -201,14 +244,31 @@ class ChatCompletionRequest(_Generation):
             }
         ),
     ] = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="only with logprobs: true"
+    )
 
-    @model_validator(mode="after")
-    def _chat_only(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format other than text is not supported by this server")
-        return self
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise refuse("not supported by this server")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value and value.get("type") not in (None, "text"):
+            raise refuse('only {"type": "text"} is supported by this server')
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise refuse("only with logprobs: true")
+        return value
 
     @property
     def token_limit(self) -> int | None:
@@ -256,6 +316,8 @@ class Adapter(_Shape):
     size_bytes: int = Field(ge=0)
     created: int
     owned_by: str
+    # Only in an upload's answer, when the version it replaced was of another kind.
+    replaced_kind: Literal["prefix_tuning", "prompt_tuning", "p_tuning", "text"] | None = None
 
 
 class AdapterList(_Shape):
@@ -296,10 +358,39 @@ class Usage(_Shape):
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class CompletionLogprobs(_Shape):
+    """OpenAI's legacy shape: one entry per token in each list. ``token_logprobs`` is null for
+    the first prompt token (echo); ``top_logprobs`` maps token text to log probability (the k
+    most likely, and the chosen token)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprob(_Shape):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(_Shape):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Shape):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
 class CompletionChoice(_Shape):
     index: int = Field(ge=0)
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
 
 
@@ -320,7 +411,7 @@ class AssistantMessage(_Shape):
 class ChatChoice(_Shape):
     index: int = Field(ge=0)
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason
 
 
@@ -336,7 +427,7 @@ class ChatCompletion(_Shape):
 class CompletionChunkChoice(_Shape):
     index: int = Field(ge=0)
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -360,7 +451,7 @@ class ChatDelta(_Shape):
 class ChatChunkChoice(_Shape):
     index: int = Field(ge=0)
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
 
 

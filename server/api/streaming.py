@@ -14,12 +14,13 @@ from typing import Any
 
 from server.api.errors import to_api_error
 from server.api.jobs import ClientGone, Job, TextDeltas, usage
+from server.api.logprobs import TokenTexts, chat_logprobs
 from server.engine.request import RequestOutput
 
 log = logging.getLogger(__name__)
 
 
-def sse(data: dict | str) -> str:
+def sse(data: dict[str, Any] | str) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"data: {payload}\n\n"
 
@@ -31,11 +32,18 @@ async def events(
     n: int,
     stops: Sequence[str],
     include_usage: bool,
+    texts: TokenTexts,
 ) -> AsyncIterator[str]:
-    """The whole stream of one request; aborts the engine requests however it ends."""
+    """The whole stream of one request; aborts the engine requests however it ends.
+
+    Logprobs travel with the text: each chunk carries those of the tokens generated since the
+    previous chunk of its choice (text held back holds its tokens' logprobs back too). With
+    echo, a choice's first chunk is its prompt, with the prompt's logprobs."""
     total = len(job.sub.ids)
     deltas = [TextDeltas(stops) for _ in range(total)]
     latest: list[RequestOutput | None] = [None] * total
+    shapes = [meta.completion_logprobs(texts) if not meta.chat else None for _ in range(total)]
+    sent = [0] * total  # tokens whose logprobs were sent, per choice
     try:
         if meta.chat:
             for i in range(total):
@@ -46,6 +54,9 @@ async def events(
         done: set[int] = set()
         while item is not None:
             index, out = item
+            if latest[index] is None and meta.echo is not None:
+                text, part = meta.echo_part(shapes[index], out, index // n)
+                yield sse(_chunk(meta, index, text, None, include_usage, part))
             latest[index] = out
             if out.finished:
                 done.add(index)
@@ -55,7 +66,14 @@ async def events(
                 body = {"content": text} if meta.chat else text
                 if meta.chat and out.finished and not text:
                     body = {}
-                yield sse(_chunk(meta, index, body, reason, include_usage))
+                new = (out.logprobs or [])[sent[index] :]
+                sent[index] += len(new)
+                logprobs = None
+                if meta.chat and meta.logprobs is not None:
+                    logprobs = chat_logprobs(texts, new, meta.logprobs)
+                elif (shape := shapes[index]) is not None:
+                    logprobs = shape.part(new, [e.token for e in new], first_null=False)
+                yield sse(_chunk(meta, index, body, reason, include_usage, logprobs))
             # Read until each choice's final output: an error may still be queued after it.
             item = None if len(done) == total else await job.next()
         if include_usage:
@@ -74,13 +92,20 @@ async def events(
         job.close()
 
 
-def _chunk(meta: Any, index: int, body: Any, reason: str | None, include_usage: bool) -> dict:
+def _chunk(
+    meta: Any,
+    index: int,
+    body: Any,
+    reason: str | None,
+    include_usage: bool,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     choice: dict[str, Any] = {"index": index}
     if meta.chat:
         choice["delta"] = body
     else:
         choice["text"] = body
-    choice["logprobs"] = None
+    choice["logprobs"] = logprobs
     choice["finish_reason"] = reason
     chunk = {
         "id": meta.id,
@@ -94,7 +119,7 @@ def _chunk(meta: Any, index: int, body: Any, reason: str | None, include_usage: 
     return chunk
 
 
-def _usage_chunk(meta: Any, usage: dict) -> dict:
+def _usage_chunk(meta: Any, usage: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": meta.id,
         "object": "chat.completion.chunk" if meta.chat else "text_completion",

@@ -1,4 +1,5 @@
-"""Token choice from logits: greedy, temperature, top-k, top-p, per-request seeds."""
+"""Token choice from logits: logit bias and penalties, then greedy, temperature, top-k, top-p,
+per-request seeds."""
 
 from __future__ import annotations
 
@@ -23,6 +24,32 @@ def _banned_ids(seq: Sequence, eos_ids: tuple[int, ...]) -> list[int]:
     if len(seq.output_ids) >= seq.params.min_tokens:
         return []
     return list(eos_ids) + list(seq.params.stop_token_ids)
+
+
+def adjust_logits(row: torch.Tensor, seq: Sequence) -> None:
+    """Apply ``seq``'s logit adjustments to its ``row`` of logits, in place, in this order:
+
+    - ``logit_bias``: ``row[t] += bias``;
+    - ``repetition_penalty`` r (CTRL, as transformers and vLLM apply it), over every token of
+      the prompt and the output: a positive logit is divided by r, any other multiplied by r;
+    - ``frequency_penalty`` f and ``presence_penalty`` p (OpenAI's), over the output only:
+      ``row[t] -= f * count(t) + p * (count(t) > 0)``.
+    """
+    p = seq.params
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long)
+        row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], dtype=row.dtype))
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({*seq.prompt_token_ids, *seq.output_ids}), dtype=torch.long)
+        if len(seen):
+            old = row[seen]
+            penalty = p.repetition_penalty
+            row[seen] = torch.where(old > 0, old / penalty, old * penalty)
+    if (p.frequency_penalty or p.presence_penalty) and seq.output_ids:
+        counts = torch.bincount(
+            torch.tensor(seq.output_ids, dtype=torch.long), minlength=row.shape[-1]
+        ).to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -63,6 +90,8 @@ def sample(
         banned = _banned_ids(seq, eos_ids)
         if banned:
             logits[i, banned] = float("-inf")
+        if seq.params.adjusts_logits and finite[i]:
+            adjust_logits(logits[i], seq)
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0 and finite[i]]
     if greedy:
         picks = logits[greedy].argmax(dim=-1).tolist()

@@ -7,6 +7,8 @@ decode phase: a sequence only has ``num_computed`` positions of ``key``.
 
 - Prefix caching: at admission the longest cached prefix of the key (in whole blocks, under
   the tenant's namespace) is taken from the tree; completed blocks are inserted as they fill.
+  A sequence that scores its prompt (echo) takes nothing from the tree: it needs logits at
+  every prompt position, and a cached block has none.
 - Shared prefixes are computed once: a waiting sequence whose next block is being computed by
   a running one (a claim in the tree) waits for it, then finds it in the tree.
 - Fair share: admission picks the tenant with the fewest running sequences first.
@@ -215,6 +217,10 @@ class Scheduler:
         """The cached blocks ``seq`` can start from, or None while another sequence is
         computing its next block (it will find it cached then)."""
         bs = self.config.block_size
+        if seq.scores_prompt:
+            # Echo: every prompt position's logits are needed, and cached blocks have none, so
+            # the whole prompt is computed here (its blocks still enter the cache for others).
+            return []
         blocks = self.tree.match(seq.namespace, seq.key).blocks
         # Keep at least the last position to compute: its logits choose the next token.
         blocks = blocks[: (seq.num_tokens - 1) // bs]

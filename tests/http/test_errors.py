@@ -71,8 +71,8 @@ def test_ops_routes_need_no_key(server):
         ({"model": TINY_ID}, "prompt"),
         ({"prompt": "x"}, "model"),
         ({"model": TINY_ID, "prompt": "x", "stop": [""]}, None),
-        ({"model": TINY_ID, "prompt": "x", "logprobs": 2}, None),
-        ({"model": TINY_ID, "prompt": "x", "echo": True}, None),
+        ({"model": TINY_ID, "prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"model": TINY_ID, "prompt": "x", "echo": 1}, "echo"),
         ({"model": TINY_ID, "prompt": "x", "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
         ({"model": TINY_ID, "prompt": [[1, 2], [3, 10**9]]}, "prompt"),
         ({"model": TINY_ID, "prompt": "x", "max_tokens": 10**6}, "max_tokens"),
@@ -114,13 +114,17 @@ def test_prompt_longer_than_the_context_is_400(server, tiny_llm):
     with pytest.raises(openai.BadRequestError) as info:
         server.openai().completions.create(model=TINY_ID, prompt=too_long, max_tokens=1)
     assert info.value.status_code == 400
-    assert info.value.body["param"] == "max_tokens"
+    assert info.value.body["param"] == "prompt"
     # And in a stream: still a 400 status, before any event.
     with server.http() as http:
         r = http.post(
             "/v1/completions", json={"model": TINY_ID, "prompt": too_long, "stream": True}
         )
-    assert r.status_code == 400 and error_of(r)["param"] == "max_tokens"
+    assert r.status_code == 400 and error_of(r)["param"] == "prompt"
+    # A prompt that fits, with a max_tokens that does not: that one is named.
+    with pytest.raises(openai.BadRequestError) as info:
+        server.openai().completions.create(model=TINY_ID, prompt=too_long[:-5], max_tokens=9)
+    assert info.value.body["param"] == "max_tokens"
     server.wait_idle()
 
 

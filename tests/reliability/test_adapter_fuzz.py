@@ -243,6 +243,11 @@ REGISTRY_FILES = {"registry.sqlite3", "registry.sqlite3-wal", "registry.sqlite3-
 def assert_one_new_version(fuzz: Fuzz, before: dict, after: dict, obj: dict) -> None:
     """``after`` is ``before`` plus the upload ``obj``: in acme's listing (as its name's live
     version), the registry's files and, unless it existed, the blob named by its sha256."""
+    # An upload that replaces another kind says so (``replaced_kind``); listings never do.
+    obj = dict(obj)
+    old = [a for a in before["GET acme"]["data"] if a["name"] == obj["name"]]
+    replaced = obj.pop("replaced_kind", None)
+    assert replaced == (old[0]["kind"] if old and old[0]["kind"] != obj["kind"] else None)
     listed = [a for a in before["GET acme"]["data"] if a["name"] != obj["name"]] + [obj]
     assert after["GET acme"]["data"] == sorted(listed, key=lambda a: a["name"])
     assert after["GET globex"] == before["GET globex"]

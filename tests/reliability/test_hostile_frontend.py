@@ -152,12 +152,12 @@ def test_maximal_prompts_leave_the_event_loop_free(make_server, tiny_llm):
         "text prompt under the cap": (
             "/v1/completions",
             json.dumps({**model, "prompt": under}).encode(),
-            "max_tokens",
+            "prompt",
         ),
         "chat under the cap": (
             "/v1/chat/completions",
             json.dumps({**model, "messages": [{"role": "user", "content": under}]}).encode(),
-            "max_tokens",
+            "messages",
         ),
     }
     answers: dict[str, tuple[int, str | None, str, float]] = {}
