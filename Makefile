@@ -71,7 +71,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint tools
+# mypy over the product (server/, adapters_store/): strict for the engine and the store,
+# mypy's defaults elsewhere ([tool.mypy] in pyproject.toml).
+typecheck: setup
+	$(BIN)/mypy
+
+test: lint typecheck tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The reliability suite at full size (minutes of load, every fault, the whole fuzz corpus; the
@@ -80,21 +85,25 @@ test: lint tools
 reliability: tools
 	rm -f bench/results/reliability.jsonl
 	PREFIX_SERVE_RELIABILITY=full timeout 2400 $(BIN)/python -m pytest -q -p no:cacheprovider \
-		tests/reliability
+		tests/reliability tests/scaleout
 	$(BIN)/python tests/reliability/report.py > bench/results/reliability.md
 	@cat bench/results/reliability.md
 
 bench: setup
 	$(BIN)/prefix-serve bench w1
 
-# Validators for tests/ops (deploy/, Dockerfile, docker-compose.yml, a real Prometheus):
-# promtool + prometheus and docker-compose from Debian packages (installed only when missing;
-# through sudo unless root); hadolint and kubernetes-validate come with the lock. Idempotent.
+# Validators for tests/ops (deploy/, Dockerfile, docker-compose.yml, a real Prometheus) and the
+# proxy of tests/scaleout: promtool + prometheus, docker-compose and nginx from Debian packages
+# (installed only when missing; through sudo unless root; the tests run nginx unprivileged on
+# a free port, never its service, which the Debian package starts on port 80 where systemd runs:
+# `systemctl disable --now nginx` if unwanted); hadolint and kubernetes-validate come with the
+# lock. Idempotent.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+NGINX := $(shell command -v nginx || ls /usr/sbin/nginx 2>/dev/null)
 
 tools: setup
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
-		&& command -v docker-compose >/dev/null \
+		&& command -v docker-compose >/dev/null && test -n "$(NGINX)" \
 		|| { $(SUDO) apt-get update -q \
 		&& $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			--no-install-recommends prometheus docker-compose; }
+			--no-install-recommends prometheus docker-compose nginx; }

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
+from typing import Any, TypeGuard
 
 import safetensors.torch
 import torch
 
 from adapters_store.formats import CanonicalAdapter, _hash, _tensor_hash
 from adapters_store.types import BlobError
+from adapters_store.validate import TensorKind
 
 FORMAT = "prefix-serve-adapter/1"
 TENSOR_KEY = {"prefix_tuning": "kv", "prompt_tuning": "embeddings", "p_tuning": "embeddings"}
@@ -64,9 +65,13 @@ def decode(data: bytes, sha256: str) -> CanonicalAdapter:
         return CanonicalAdapter(
             kind="text", num_virtual_tokens=0, sha256=sha256, text=encoded.decode("utf-8")
         )
-    key = TENSOR_KEY.get(kind)  # type: ignore[arg-type]
-    tensor = tensors.get(key) if key else None
-    if tensor is None or len(tensors) != 1 or tensor.dtype != torch.float32:
+    tensor = tensors.get(TENSOR_KEY[kind]) if _is_tensor_kind(kind) else None
+    if (
+        not _is_tensor_kind(kind)
+        or tensor is None
+        or len(tensors) != 1
+        or tensor.dtype != torch.float32
+    ):
         raise BlobError(f"blob {sha256} is corrupt (kind {kind!r} with tensors {sorted(tensors)})")
     _check_hash(sha256, _tensor_hash(kind, tensor))
     rows = tensor.shape[3] if kind == "prefix_tuning" else tensor.shape[0]
@@ -105,6 +110,10 @@ def _metadata(data: bytes, sha256: str) -> dict[str, Any]:
     if metadata.get("sha256") != sha256:
         raise BlobError(f"blob {sha256} is corrupt (its header names another adapter)")
     return metadata
+
+
+def _is_tensor_kind(kind: object) -> TypeGuard[TensorKind]:
+    return isinstance(kind, str) and kind in TENSOR_KEY
 
 
 def _check_hash(expected: str, actual: str) -> None:

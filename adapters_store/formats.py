@@ -11,7 +11,7 @@ import hashlib
 import os
 import stat
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -68,7 +68,7 @@ class CanonicalAdapter:
     kv: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
     text: str | None = None
-    peft_config: dict | None = None
+    peft_config: dict[str, Any] | None = None
 
 
 def read_peft_dir(
@@ -182,10 +182,12 @@ def _tensor_hash(kind: str, tensor: torch.Tensor) -> str:
     assert tensor.dtype == torch.float32 and tensor.is_contiguous()
     # Shape is hashed too: the same bytes under another shape are different KV.
     header = ("x".join(str(n) for n in tensor.shape) + "\0float32le\0").encode()
-    return _hash(kind, header, memoryview(tensor.numpy().astype("<f4", copy=False)))
+    data = tensor.numpy().astype("<f4", copy=False)
+    # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12; it is a buffer on 3.11 too.
+    return _hash(kind, header, memoryview(data))  # type: ignore[arg-type]
 
 
-def _hash(kind: str, *parts: object) -> str:
+def _hash(kind: str, *parts: bytes | memoryview) -> str:
     h = hashlib.sha256(_HASH_DOMAIN + kind.encode() + b"\0")
     for part in parts:
         h.update(part)

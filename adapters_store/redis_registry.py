@@ -22,6 +22,7 @@ at once for ``retry_interval_s`` rather than each waiting out the timeout again.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import secrets
@@ -29,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -184,7 +185,7 @@ class RedisRegistry(Registry):
         self, new: NewVersion, quota: Quota, now: float, token: float
     ) -> tuple[AdapterRecord, str | None]:
         fields = asdict(new) | {"id": new_id(), "created": int(now)}
-        args = [
+        args: list[str | int | float] = [
             self.prefix,
             new.tenant,
             new.name,
@@ -216,7 +217,7 @@ class RedisRegistry(Registry):
         live = self._call(lambda: self._client.hgetall(self._key("live", tenant)))
         return [_record(live[name]) for name in sorted(live)]
 
-    def versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+    def versions(self, tenant: str, name: str) -> builtins.list[AdapterRecord]:
         stored = self._call(lambda: self._client.hgetall(self._key("ver", f"{tenant}:{name}")))
         return sorted((_record(enc) for enc in stored.values()), key=lambda r: r.version)
 
@@ -232,11 +233,11 @@ class RedisRegistry(Registry):
         got = self._call(lambda: self._client.hmget(key, "count", "bytes", "hidden"))
         return int(got[0] or 0), int(got[1] or 0) + int(got[2] or 0)
 
-    def tenants(self) -> list[TenantUsage]:
+    def tenants(self) -> builtins.list[TenantUsage]:
         """A SCAN of the usage keys (admin listings only: O(keys in the database))."""
         start = len(self.prefix) + len("usage:")
 
-        def read() -> list[tuple[str, list]]:
+        def read() -> list[tuple[str, list[str | None]]]:
             keys = list(self._client.scan_iter(match=_glob(self.prefix) + "usage:*", count=1000))
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
@@ -253,13 +254,14 @@ class RedisRegistry(Registry):
     def purge_hidden(self, older_than: float) -> int:
         total, batch = 0, 500
         while True:
-            n = self._call(lambda: self._purge(args=[self.prefix, repr(older_than), batch]))
+            n: int = self._call(lambda: self._purge(args=[self.prefix, repr(older_than), batch]))
             total += n
             if n < batch:
                 return total
 
     def referenced(self) -> set[str]:
-        return set(self._call(lambda: self._client.hkeys(self.prefix + "refs")))
+        # decode_responses=True: the client's replies are str, not bytes.
+        return set(self._call(lambda: cast(list[str], self._client.hkeys(self.prefix + "refs"))))
 
     def is_referenced(self, sha256: str) -> bool:
         return int(self._call(lambda: self._client.hget(self.prefix + "refs", sha256)) or 0) > 0
@@ -324,7 +326,7 @@ class RedisRegistry(Registry):
         half second finds a server that stopped answering (a stopped process keeps its socket
         open). Each (re)subscription sends "reset": announcements may have been missed."""
         while not self._stop.is_set():
-            pubsub = self._client.pubsub()
+            pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]  # redis-py: unannotated
             try:
                 pubsub.subscribe(self.channel)
                 reply = pubsub.get_message(timeout=self._timeout_s)
@@ -377,7 +379,7 @@ def _deliver(handler: EventHandler, change: Change) -> None:
         log.exception("adapter change handler failed")
 
 
-def _record(enc: str) -> AdapterRecord:
+def _record(enc: str | bytes) -> AdapterRecord:
     return AdapterRecord(**json.loads(enc))
 
 

@@ -17,6 +17,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import builtins
 import os
 import secrets
 import sqlite3
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Any
 
 from adapters_store.types import (
     AdapterNotFound,
@@ -90,7 +92,7 @@ class Registry(ABC):
         """The live version of each of the tenant's names, sorted by name."""
 
     @abstractmethod
-    def versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+    def versions(self, tenant: str, name: str) -> builtins.list[AdapterRecord]:
         """Every retained version of the name (live and hidden), by ascending version."""
 
     @abstractmethod
@@ -103,7 +105,7 @@ class Registry(ABC):
         """(live adapter count, stored bytes of every retained version, live and hidden)."""
 
     @abstractmethod
-    def tenants(self) -> list[TenantUsage]:
+    def tenants(self) -> builtins.list[TenantUsage]:
         """The usage of every tenant holding a live adapter or a retained version, sorted by
         tenant."""
 
@@ -264,7 +266,7 @@ class SQLiteRegistry(Registry):
         )
         return [AdapterRecord(*row) for row in rows]
 
-    def versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+    def versions(self, tenant: str, name: str) -> builtins.list[AdapterRecord]:
         rows = self._all(
             f"SELECT {_COLUMNS} FROM adapters WHERE tenant = ? AND name = ? ORDER BY version",
             (tenant, name),
@@ -290,7 +292,7 @@ class SQLiteRegistry(Registry):
         with self._errors():
             return self._usage(self._db(), tenant)
 
-    def tenants(self) -> list[TenantUsage]:
+    def tenants(self) -> builtins.list[TenantUsage]:
         rows = self._all(
             "SELECT tenant, count, bytes FROM usage WHERE count > 0 OR bytes > 0 ORDER BY tenant",
             (),
@@ -384,11 +386,12 @@ class SQLiteRegistry(Registry):
                     db.execute("ROLLBACK")
                 raise
 
-    def _one(self, sql: str, args: tuple) -> tuple | None:
+    def _one(self, sql: str, args: tuple[object, ...]) -> tuple[Any, ...] | None:
         with self._errors():
-            return self._db().execute(sql, args).fetchone()
+            row: tuple[Any, ...] | None = self._db().execute(sql, args).fetchone()
+            return row
 
-    def _all(self, sql: str, args: tuple) -> list[tuple]:
+    def _all(self, sql: str, args: tuple[object, ...]) -> builtins.list[tuple[Any, ...]]:
         with self._errors():
             return self._db().execute(sql, args).fetchall()
 

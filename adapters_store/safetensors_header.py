@@ -172,6 +172,7 @@ def _check_layout(entries: list[TensorEntry], data_bytes: int) -> None:
     at, previous = 0, None
     for entry in entries:
         if entry.begin < at:
+            assert previous is not None  # offsets are non-negative: at > 0 only after an entry
             _fail(
                 f"tensors {_show(previous.name)} and {_show(entry.name)} overlap (bytes "
                 f"[{previous.begin}, {previous.end}] and [{entry.begin}, {entry.end}])"

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -90,11 +90,11 @@ class TierStats:
 
 
 @dataclass
-class _Pending:
+class _Pending(Generic[V]):
     """One load in flight, shared by every caller waiting for the same key."""
 
     done: threading.Event = field(default_factory=threading.Event)
-    value: object = None
+    value: V | None = None  # set by the leader, before `done`, unless `error` is
     error: BaseException | None = None
 
 
@@ -137,7 +137,7 @@ class LRUTier(Generic[K, V]):
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()  # LRU first, MRU last
-        self._loading: dict[K, threading.Event] = {}
+        self._loading: dict[K, _Pending[V]] = {}
         self._bytes = 0
         self._hits = self._misses = self._loads = self._load_failures = self._evictions = 0
         self._load_seconds = Histogram()
@@ -203,7 +203,7 @@ class LRUTier(Generic[K, V]):
             self._misses += 1
             pending = self._loading.get(key)
             leader = pending is None
-            if leader:
+            if pending is None:
                 pending = self._loading[key] = _Pending()
         if not leader:
             pending.done.wait()
@@ -211,7 +211,8 @@ class LRUTier(Generic[K, V]):
                 raise pending.error
             if pin:
                 self._pin_if_present(key)  # absent if it did not fit: nothing to pin
-            return pending.value
+            # The leader set the value (error is None); V itself may include None.
+            return cast(V, pending.value)
         start = self._clock()
         try:
             value = load()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeGuard
 
 import safetensors.torch
 import torch
@@ -28,8 +28,10 @@ import torch
 from adapters_store.safetensors_header import HeaderError, read_header
 
 WEIGHTS_KEY = "prompt_embeddings"
+# The adapter kinds that carry a tensor (all but text prefixes).
+TensorKind = Literal["prefix_tuning", "prompt_tuning", "p_tuning"]
 # peft_type (as written in adapter_config.json) -> our adapter kind.
-PEFT_TYPE_TO_KIND = {
+PEFT_TYPE_TO_KIND: dict[str, TensorKind] = {
     "PREFIX_TUNING": "prefix_tuning",
     "PROMPT_TUNING": "prompt_tuning",
     "P_TUNING": "p_tuning",
@@ -147,7 +149,7 @@ def parse_config(config_bytes: bytes, limits: AdapterLimits) -> dict[str, Any]:
 
 def check_config(
     config: dict[str, Any], shape: ModelShape, limits: AdapterLimits
-) -> tuple[str, int]:
+) -> tuple[TensorKind, int]:
     """Check the config's fields against the supported types and the base model.
 
     Returns (kind, num_virtual_tokens). Fields that PEFT fills in but that are absent or null
@@ -239,7 +241,7 @@ def _show(value: Any, most: int = 60) -> str:
     return text if len(text) <= most else text[:most] + "..."
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

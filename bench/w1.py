@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,12 +54,29 @@ class Row:
     floor_s: float | None = None  # the floor at this row's dtype (engine rows)
 
 
-def reference_results(base, workload: Workload, text_only: bool = False) -> list[GreedyResult]:
+def progress(message: str) -> None:
+    """One line on stderr per finished phase, with the time since the run began: a full W1
+    (two engine dtypes, the hand reference at each, both baselines, the peers) takes minutes."""
+    print(f"[w1 {time.perf_counter() - _START:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+_START = time.perf_counter()
+
+
+def reference_results(
+    base, workload: Workload, text_only: bool = False, keep_logits: bool = False
+) -> list[GreedyResult]:
     """The hand reference's greedy tokens for every request, in the workload's order (with no
     adapter for ``text_only``, the peers' workload)."""
     segments = [adapter_segment(base, path) for path in workload.adapter_dirs]
     return [
-        greedy(base, r.prompt_ids, workload.new_tokens, [] if text_only else [segments[r.tenant]])
+        greedy(
+            base,
+            r.prompt_ids,
+            workload.new_tokens,
+            [] if text_only else [segments[r.tenant]],
+            keep_logits=keep_logits,
+        )
         for r in workload.requests
     ]
 
@@ -67,6 +85,29 @@ def matches(tokens: list[list[int]], refs: list[GreedyResult]) -> float:
     """Share of requests whose tokens equal the reference's up to its first near-tie."""
     pairs = zip(tokens, refs, strict=True)
     return sum(t[: len(r.comparable())] == r.comparable() for t, r in pairs) / len(refs)
+
+
+def agreement(
+    tokens: list[list[int]], logprobs: list[list[float]], refs: list[GreedyResult]
+) -> dict:
+    """How closely an engine run follows the hand reference at the same dtype: over every
+    request's steps before the reference's first near-tie, the share of tokens equal (counted
+    up to the first difference), and the largest difference between the engine's log
+    probability of its token and the reference's log-softmax for the same token, over the steps
+    where both chose it (the logits' difference, less the change of their normalizer)."""
+    compared = equal = 0
+    worst = 0.0
+    for toks, lps, ref in zip(tokens, logprobs, refs, strict=True):
+        want = ref.comparable()
+        compared += len(want)
+        pairs = enumerate(zip(toks, want, strict=False))  # toks may be longer than want
+        same = next((i for i, (a, b) in pairs if a != b), len(want))
+        equal += same
+        assert ref.logits is not None
+        ref_lp = torch.log_softmax(ref.logits[:same], dim=-1)
+        for step in range(same):
+            worst = max(worst, abs(lps[step] - float(ref_lp[step, want[step]])))
+    return {"token_share": equal / max(compared, 1), "steps": compared, "max_logprob_diff": worst}
 
 
 def run_engine(llm: LLM, workload: Workload) -> tuple[list[list[int]], float]:
@@ -82,22 +123,49 @@ def run_engine(llm: LLM, workload: Workload) -> tuple[list[list[int]], float]:
     return [o.token_ids for o in outs], time.perf_counter() - start
 
 
-def engine_row(model_dir: Path, data_dir: str, wl: Workload, dtype: str) -> tuple[Row, dict]:
-    """The engine at ``dtype``, checked against the reference at ``dtype``, with its floor."""
+def engine_row(
+    model_dir: Path, data_dir: str, wl: Workload, dtype: str
+) -> tuple[Row, dict, list[GreedyResult]]:
+    """The engine at ``dtype``, checked against the reference at ``dtype`` (returned too),
+    with its floor."""
     llm = LLM(str(model_dir), data_dir=data_dir, device="cpu", dtype=dtype, engine_config=W1_ENGINE)
     for t, path in enumerate(wl.adapter_dirs):
         llm.add_adapter(f"tenant-{t}", path)
     cached_before = llm.engine.scheduler.cached_prompt_tokens
     tokens, seconds = run_engine(llm, wl)
     cached = llm.engine.scheduler.cached_prompt_tokens - cached_before
+    name = "prefix-serve" + ("" if dtype == "float32" else f" {dtype}")
+    generated = sum(map(len, tokens))
+    progress(f"{name}: {generated / seconds:.1f} tok/s ({seconds:.1f} s); checking it")
+    # Untimed: the same requests again with the chosen tokens' log probabilities.
+    scored = llm.generate(
+        [r.prompt_ids for r in wl.requests],
+        SamplingParams(max_tokens=wl.new_tokens, temperature=0, ignore_eos=True, logprobs=0),
+        adapters=[[f"tenant-{r.tenant}"] for r in wl.requests],
+        use_tqdm=False,
+    )
     del llm
+    logprobs = [[e.logprob for e in (o.logprobs or [])] for o in scored]
     ref_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=DTYPES[dtype]).eval()
-    agree = matches(tokens, reference_results(ref_model, wl))
+    refs = reference_results(ref_model, wl, keep_logits=True)
+    agree = matches(tokens, refs)
+    close = agreement(tokens, logprobs, refs)
     rates = measure_rates(ref_model.config.hidden_size, DTYPES[dtype])
     floor = w1_floor(ref_model.config, wl, DTYPES[dtype], rates)
-    name = "prefix-serve" + ("" if dtype == "float32" else f" {dtype}")
-    row = Row(name, sum(map(len, tokens)), seconds, 0.0, dtype, agree, floor.seconds)
-    return row, {"dtype": dtype, "cached_prompt_tokens": cached, **asdict(rates), **asdict(floor)}
+    progress(
+        f"{name}: equals the hand reference on {agree:.0%} of requests, "
+        f"{close['token_share']:.1%} of tokens; floor {floor.seconds:.1f} s"
+    )
+    row = Row(name, generated, seconds, 0.0, dtype, agree, floor.seconds)
+    extra = {
+        "dtype": dtype,
+        "cached_prompt_tokens": cached,
+        "agreement": close,
+        **asdict(rates),
+        **asdict(floor),
+    }
+    refs = [replace(ref, logits=None) for ref in refs]  # MBs per request: not kept past here
+    return row, extra, refs
 
 
 def run(
@@ -125,19 +193,22 @@ def run(
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         wl = build_w1(base, tokenizer, tmp, tenants, requests, new_tokens)
+        progress(f"workload built: {len(wl.requests)} requests")
+        refs_at: dict[str, list[GreedyResult]] = {}
         for dtype in dtypes:
-            row, floor = engine_row(model_dir, data_dir, wl, dtype)
+            row, floor, refs_at[dtype] = engine_row(model_dir, data_dir, wl, dtype)
             rows.append(row)
             floors.append(floor)
-        refs = reference_results(base, wl)
+        refs = refs_at.get("float32") or reference_results(base, wl)
         for name in baselines:
             res = (baseline_a if name == "A" else baseline_b)(base, wl)
-            rows.append(
-                Row(name, res.generated, res.seconds, 0.0, "float32", matches(res.tokens, refs))
-            )
+            agree = matches(res.tokens, refs)
+            rows.append(Row(name, res.generated, res.seconds, 0.0, "float32", agree))
+            progress(f"baseline {name}: {res.generated / res.seconds:.1f} tok/s")
         if peers:
             text_refs = reference_results(base, wl, text_only=True)
             peer = transformers_batch(base, wl)
+            progress(f"{peer.name}: {peer.generated / peer.seconds:.1f} tok/s")
             rows.append(
                 Row(
                     peer.name,
@@ -220,6 +291,13 @@ def format_table(result: dict) -> str:
             f"steps ({f['memory_bound_steps']} memory-bound; {f['decode_bytes'] / 1e9:.1f} GB at "
             f"{f['read_bytes_per_s'] / 1e9:.1f} GB/s); engine at {share:.0%} of the floor; "
             f"{f['cached_prompt_tokens']} prompt tokens from the prefix cache"
+        )
+    for f in result["floors"]:
+        a = f["agreement"]
+        lines.append(
+            f"engine at {f['dtype']} vs the hand reference at {f['dtype']}: "
+            f"{a['token_share']:.1%} of {a['steps']} greedy tokens equal before the first "
+            f"near-tie; largest log-probability difference {a['max_logprob_diff']:.2e}"
         )
     if "bf16_over_fp32" in result:
         lines.append(f"bfloat16 engine: {result['bf16_over_fp32']:.2f}x the float32 engine")

@@ -262,6 +262,7 @@ class _EngineLoop:
 
     def run(self) -> None:
         engine = self.engine
+        command: Command | None
         while True:
             for command in self.take(block=not engine.has_unfinished()):
                 if isinstance(command, Stop):

@@ -23,7 +23,7 @@ BENCH_MISSING = (
 )
 
 
-def _bench_parser(sub) -> None:
+def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bench = sub.add_parser(
         "bench",
         help="run a benchmark (docs/benchmarks.md; needs the prefix-serve-bench package)",

@@ -82,7 +82,7 @@ class Delivery(NamedTuple):
     """One item for one request of a submission, from the engine thread to the loop."""
 
     sub: Submission
-    index: int
+    request_index: int  # in ``sub.ids`` (not ``index``: that would shadow tuple.index)
     item: Item
 
 

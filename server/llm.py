@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -105,16 +105,21 @@ class LLM:
 
         ``adapters[i]`` names the adapters of prompt ``i``, composed in the order given.
         """
+        # One prompt (a string or a list of token ids), or a list of prompts: told apart by
+        # the first element, which mypy cannot narrow the union by.
+        batch: Seq[Prompt]
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        n = len(prompts)
+            batch = [cast(Prompt, prompts)]
+        else:
+            batch = cast(Seq[Prompt], prompts)
+        n = len(batch)
         params_list = list(params) if isinstance(params, Seq) else [params or SamplingParams()] * n
         names = list(adapters) if adapters is not None else [[] for _ in range(n)]
         if len(params_list) != n or len(names) != n:
             raise InvalidRequest("prompts, params and adapters must have the same length")
         ids: list[str] = []
         try:
-            for prompt, p, adapter_names in zip(prompts, params_list, names, strict=True):
+            for prompt, p, adapter_names in zip(batch, params_list, names, strict=True):
                 segs = [self._segment(a) for a in adapter_names]
                 rid = f"offline-{next(self._ids)}"
                 self.engine.add_request(rid, self._tokens(prompt), p, segs)
@@ -134,7 +139,8 @@ class LLM:
 
     def _tokens(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
+            ids: list[int] = self.tokenizer.encode(prompt, add_special_tokens=True)
+            return ids
         return list(prompt)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

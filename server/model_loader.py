@@ -17,8 +17,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +37,8 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class BaseModel:
-    model: torch.nn.Module  # a transformers *ForCausalLM, eval mode, no grad needed
-    tokenizer: object
+    model: PreTrainedModel  # a transformers *ForCausalLM, eval mode, no grad needed
+    tokenizer: PreTrainedTokenizerBase
     model_id: str  # the id clients use as `model`
     path: Path  # the HF directory it was loaded from
 
@@ -75,7 +79,7 @@ def convert_gguf(gguf: Path, out_dir: Path, model_id: str) -> Path:
     )
     # The weights are de-quantised in memory; drop the GGUF quantiser so they save as plain
     # float32 tensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers leaves it undeclared
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = model_id
@@ -170,7 +174,7 @@ CALIBRATION_TOKENS = 128
 
 
 @torch.no_grad()
-def model_value_scales(model: torch.nn.Module) -> tuple[float | None, float]:
+def model_value_scales(model: PreTrainedModel) -> tuple[float | None, float]:
     """The largest magnitudes the model itself produces: (keys/values, token embeddings);
     keys/values are None for a model without separate k/v projections (not measured, so
     prefix-tuning values are not bounded).
@@ -182,18 +186,18 @@ def model_value_scales(model: torch.nn.Module) -> tuple[float | None, float]:
     """
     peak = [0.0]
 
-    def hook(_module, _inputs, output) -> None:
+    def hook(_module: torch.nn.Module, _inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         peak[0] = max(peak[0], float(output.abs().max()))
 
     projections = [
         getattr(layer.self_attn, name, None)
-        for layer in model.model.layers
+        for layer in cast(torch.nn.ModuleList, cast(torch.nn.Module, model.model).layers)
         for name in ("k_proj", "v_proj")
     ]
-    table = model.get_input_embeddings().weight
+    table = cast(torch.Tensor, model.get_input_embeddings().weight)
     if any(p is None for p in projections):
         return None, float(table.abs().max())
-    handles = [p.register_forward_hook(hook) for p in projections]
+    handles = [p.register_forward_hook(hook) for p in projections if p is not None]  # all
     try:
         gen = torch.Generator().manual_seed(1234)
         ids = torch.randint(0, model.config.vocab_size, (1, CALIBRATION_TOKENS), generator=gen)
@@ -217,11 +221,12 @@ def load_base_model(
     dt = pick_dtype(dtype, dev)
     path, model_id = resolve_model_dir(model, Path(data_dir))
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt).to(dev)
+        # transformers' stubs for PreTrainedModel.to lose ``self`` (its decorator's wrapper).
+        hf: PreTrainedModel = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt).to(dev)  # type: ignore[arg-type]
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load the model in {path}: {e}") from e
-    hf.eval()
+    hf.eval()  # type: ignore[no-untyped-call]  # transformers: PreTrainedModel.eval unannotated
     hf.requires_grad_(False)
     arch = getattr(hf.config, "model_type", "?")
     if not hasattr(hf, "model") or not hasattr(hf.model, "layers"):

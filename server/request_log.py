@@ -29,8 +29,11 @@ def request_id_from(
     an ASGI scope's ``headers``."""
     items = headers.items() if isinstance(headers, Mapping) else headers
     for name, value in items:
+        # Raw ASGI headers: name and value both bytes.
         if isinstance(name, bytes):
-            name, value = name.decode("latin-1"), value.decode("latin-1")
+            name = name.decode("latin-1")
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
         if name.lower() == REQUEST_ID_HEADER.lower():
             if _SAFE_ID.fullmatch(value):
                 return value

@@ -10,7 +10,7 @@ another tenant is ever used for it.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,7 +38,7 @@ Admin = Annotated[Principal, Depends(admin_principal)]
 
 
 @router.get("/v1/admin/tenants")
-async def list_tenants(request: Request, _admin: Admin) -> dict:
+async def list_tenants(request: Request, _admin: Admin) -> dict[str, Any]:
     """Every tenant that has an API key or stores adapters, sorted by id. ``stored_bytes``
     is what the byte quota counts: every version not yet collected."""
     ctx = context(request)
@@ -50,7 +50,7 @@ async def list_tenants(request: Request, _admin: Admin) -> dict:
 
 
 @router.get("/v1/admin/tenants/{tenant}/adapters")
-async def list_tenant_adapters(tenant: str, request: Request, _admin: Admin) -> dict:
+async def list_tenant_adapters(tenant: str, request: Request, _admin: Admin) -> dict[str, Any]:
     """The tenant's live adapters, as ``GET /v1/adapters`` shows them to the tenant."""
     ctx = context(request)
     records = await ctx.run_store(ctx.store.list, _checked(tenant))
@@ -58,7 +58,9 @@ async def list_tenant_adapters(tenant: str, request: Request, _admin: Admin) -> 
 
 
 @router.delete("/v1/admin/tenants/{tenant}/adapters/{adapter}")
-async def delete_tenant_adapter(tenant: str, adapter: str, request: Request, _admin: Admin) -> dict:
+async def delete_tenant_adapter(
+    tenant: str, adapter: str, request: Request, _admin: Admin
+) -> dict[str, Any]:
     """Hide every version of the tenant's adapter, as the tenant's own delete does (its bytes
     count against the tenant's quota until they are collected)."""
     ctx = context(request)
@@ -84,7 +86,7 @@ def _key_tenants(ctx: AppContext) -> set[str]:
     return {principal.tenant for principal in ctx.keys.by_digest.values()}
 
 
-def _tenant_object(usage: TenantUsage, quota: Quota) -> dict:
+def _tenant_object(usage: TenantUsage, quota: Quota) -> dict[str, Any]:
     return {
         "object": "tenant",
         "id": usage.tenant,

@@ -309,13 +309,16 @@ class _BoundedTarInfo(tarfile.TarInfo):
                 f"{MAX_TAR_META_BYTES}",
                 param="archive",
             )
-        return super()._proc_member(tarfile_)
+        # typeshed omits TarInfo._proc_member (tarfile's hook for subclasses).
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        return member
 
 
 def _from_tar(data: bytes, limits: AdapterLimits) -> tuple[bytes, bytes]:
     stream = _Inflater(data, archive_budget(limits))
     members = _Members()
-    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as archive:
+    # typeshed wants a file object that can also write, tell and seek; a "r|" stream only reads.
+    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_BoundedTarInfo) as archive:  # type: ignore[call-overload]
         for count, member in enumerate(archive, start=1):
             if count > MAX_ENTRIES:
                 raise AdapterError(f"the archive has over {MAX_ENTRIES} entries", param="archive")

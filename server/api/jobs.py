@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fastapi import Request
 
@@ -58,7 +59,7 @@ class Job:
         self.sub = engine.submit(inputs)
         loop = asyncio.get_running_loop()
         self.deadline = loop.time() + timeout
-        self._watcher: asyncio.Task | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._timing = [_Timing(loop.time()) for _ in self.sub.ids]
         self.metrics = metrics
         self.finished: list[tuple[RequestOutput, float | None]] = []  # (output, ttft) for logs
@@ -283,7 +284,7 @@ class _StopPrefix:
         return fail[i]
 
 
-def usage(outs: list[RequestOutput], n: int) -> dict:
+def usage(outs: list[RequestOutput], n: int) -> dict[str, Any]:
     """Each prompt counts once (its first choice); completion tokens count for every choice.
     Prompt tokens are positions before generation: adapters' virtual and text tokens included."""
     firsts = outs[::n]

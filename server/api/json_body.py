@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
@@ -105,7 +106,7 @@ def _is_text(data: Any) -> bool:
     return True
 
 
-def _first_member(data: Any, bad) -> str | None:
+def _first_member(data: Any, bad: Callable[[Any], bool]) -> str | None:
     """The first top-level field, among the first ``MAX_MEMBERS``, whose value is ``bad``;
     None when the body is not an object, or the fault is in a key or further on."""
     if not isinstance(data, dict):

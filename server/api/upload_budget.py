@@ -31,7 +31,7 @@ class _Waiter:
     tenant: str
     nbytes: int
     seq: int
-    future: asyncio.Future
+    future: asyncio.Future[None]  # resolved when the bytes are granted
 
 
 class UploadBudget:

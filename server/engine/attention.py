@@ -23,7 +23,9 @@ block_size + offset``. Query heads are grouped GQA-style: query head ``h`` reads
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +46,7 @@ def attend(
 
     Heads lead: q ``[Hq, *B, n, D]``; k, v ``[Hkv, *B, m, D]``; hidden: bool
     ``[*B, n | 1, m]``, True where a query must NOT see a key, or None. Returns
-    ``out [Hq, *B, n, D]`` and ``lse [Hq, *B, n]``. Every row must see at least one key.
+    ``out [Hq, *B, n, D]`` and float32 ``lse [Hq, *B, n]``. Every row must see at least one key.
     Keeping heads first lets the cache gathers (``index_select`` on the slot dimension) feed the
     matrix products without copies.
     """
@@ -63,7 +65,7 @@ def attend(
     weights = scores.sub_(top).exp_()
     total = weights.sum(dim=-1, keepdim=True)
     out = torch.matmul(weights, v).div_(total)  # [Hkv, *B, g*n, D]
-    lse = total.log_().add_(top)
+    lse = total.float().log_().add_(top.float())  # float32 whatever q's dtype: see merge
     out = out.view(hkv, *lead, g, n, d).movedim(-3, 1).reshape(hq, *lead, n, d)
     lse = lse.view(hkv, *lead, g, n).movedim(-2, 1).reshape(hq, *lead, n)
     return out, lse
@@ -72,7 +74,10 @@ def attend(
 def merge(
     o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two attention results over disjoint key sets into the result over their union."""
+    """Combine two attention results over disjoint key sets into the result over their union.
+
+    The log-sum-exps are float32 (both backends return them so): in bfloat16 an LSE near 10 is
+    rounded by up to 0.03, which would scale the two halves' weights by up to 3% apiece."""
     lse = torch.logaddexp(lse1, lse2)
     w1 = torch.exp(lse1 - lse).unsqueeze(-1)
     w2 = torch.exp(lse2 - lse).unsqueeze(-1)
@@ -95,6 +100,9 @@ class PaddedBatch:
     rows: torch.Tensor  # [R]
     slots: torch.Tensor  # [U, S] padded with slot 0
     hidden: torch.Tensor  # [U, q_len | 1, S]
+    # The fused backend's additive mask [U, 1, g * q_len | 1, S] (0 or -inf) for g query heads
+    # per kv head, made by the first layer that needs it and reused by the others.
+    bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -115,11 +123,24 @@ class AttentionMetadata:
     suffix: PaddedBatch | None  # multi-row chunks: causal attention to their own suffix
     shared: PaddedBatch | None  # grouped multi-row chunks: their group's segment, merged by LSE
     nonfinite: torch.Tensor  # [T] bool, or-ed over layers: the row's K/V was not finite
+    backend: str = "fused"  # "fused": torch's fused SDPA kernel; "reference": ``attend``
 
 
-def build_metadata(flat: FlatBatch, kv_cache: torch.Tensor, device) -> AttentionMetadata:
-    """The reference backend's view of a step: at most three padded batches, derived from the
-    flat metadata with numpy in one pass per step (no loop over sequences, none per layer)."""
+BACKENDS = ("fused", "reference")
+
+
+def build_metadata(
+    flat: FlatBatch,
+    kv_cache: torch.Tensor,
+    device: torch.device | str,
+    backend: str = "fused",
+) -> AttentionMetadata:
+    """A step's view for attention: at most three padded batches, derived from the flat
+    metadata with numpy in one pass per step (no loop over sequences, none per layer).
+    ``backend`` picks how each batch is computed (``BACKENDS``); both give the same result up
+    to float rounding."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
     rows = flat.rows_per_chunk
     one, many = np.flatnonzero(rows == 1), np.flatnonzero(rows > 1)
     grouped = many[flat.group_of[many] >= 0]
@@ -130,6 +151,7 @@ def build_metadata(flat: FlatBatch, kv_cache: torch.Tensor, device) -> Attention
         suffix=_to_torch(_suffix_batch(flat, many), device) if len(many) else None,
         shared=_to_torch(_segment_batch(flat, grouped), device) if len(grouped) else None,
         nonfinite=torch.zeros(len(flat.positions), dtype=torch.bool, device=device),
+        backend=backend,
     )
 
 
@@ -137,7 +159,7 @@ def build_metadata(flat: FlatBatch, kv_cache: torch.Tensor, device) -> Attention
 _Padded = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-def _to_torch(parts: _Padded, device) -> PaddedBatch:
+def _to_torch(parts: _Padded, device: torch.device | str) -> PaddedBatch:
     q_len, q_index, valid, rows, slots, hidden = parts
     return PaddedBatch(
         q_len=q_len,
@@ -154,7 +176,8 @@ def _slots_of(flat: FlatBatch, chunk: np.ndarray, pos: np.ndarray) -> np.ndarray
     past a chunk's blocks read its last column (callers mask them)."""
     bs = flat.block_size
     col = np.minimum(pos // bs, flat.block_tables.shape[1] - 1)
-    return flat.block_tables[chunk, col] * bs + pos % bs
+    slots: np.ndarray = flat.block_tables[chunk, col] * bs + pos % bs
+    return slots
 
 
 def _query_grid(
@@ -258,6 +281,50 @@ def _attend_padded(
     return o, lse.reshape(hq, -1).index_select(1, pb.valid)
 
 
+def _fused_kernel(device: torch.device) -> Callable[..., Any] | None:
+    """torch's fused attention that also returns the log-sum-exp, for ``device``: on the CPU
+    the flash kernel (``[B, H, L, D]`` in, ``(out, lse)`` out, additive mask allowed)."""
+    if device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return None
+
+
+def _fused_bias(pb: PaddedBatch, g: int, dtype: torch.dtype) -> torch.Tensor:
+    """``pb.hidden`` as the additive mask of the fused kernel, with the g query heads of a kv
+    head folded into the query rows (head-major: row ``i * q_len + j`` is head i, query j)."""
+    if pb.bias is None or pb.bias.dtype != dtype:
+        hidden = pb.hidden  # [U, q_len | 1, S]
+        if hidden.shape[1] > 1 and g > 1:
+            hidden = hidden.repeat(1, g, 1)
+        bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
+        pb.bias = bias.masked_fill_(hidden, float("-inf")).unsqueeze(1)
+    return pb.bias
+
+
+def _attend_fused(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pb: PaddedBatch, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_attend_padded`` through the fused kernel: one call for every unit and head. GQA
+    without copying K/V per query head: the g query heads of kv head h become g x q_len query
+    rows of h, all seeing the same keys."""
+    hq, _, d = q.shape
+    hkv = k_cache.shape[0]
+    g = hq // hkv
+    n_units, width = pb.slots.shape
+    flat = pb.slots.view(-1)
+    ks = k_cache.index_select(1, flat).view(hkv, n_units, width, d).transpose(0, 1)
+    vs = v_cache.index_select(1, flat).view(hkv, n_units, width, d).transpose(0, 1)
+    qu = q.index_select(1, pb.q_index).view(hkv, g, n_units, pb.q_len, d)
+    qu = qu.permute(2, 0, 1, 3, 4).reshape(n_units, hkv, g * pb.q_len, d)
+    kernel = _fused_kernel(q.device)
+    assert kernel is not None, "prefix_attention picks the fused path only with a kernel"
+    out, lse = kernel(qu, ks, vs, attn_mask=_fused_bias(pb, g, q.dtype), scale=scale)
+    # [U, Hkv, g * q_len, D] -> [Hq, U * q_len, D], rows of pb.valid only
+    out = out.reshape(n_units, hq, pb.q_len, d).transpose(0, 1).reshape(hq, -1, d)
+    lse = lse.reshape(n_units, hq, pb.q_len).transpose(0, 1).reshape(hq, -1)
+    return out.index_select(1, pb.valid), lse.index_select(1, pb.valid).float()
+
+
 def prefix_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -266,22 +333,24 @@ def prefix_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention for the flat batch. q: ``[Hq, T, D]`` -> ``[Hq, T, D]``."""
+    fused = meta.backend == "fused" and _fused_kernel(q.device) is not None
+    attend_batch = _attend_fused if fused else _attend_padded
     out = torch.empty_like(q)
     if meta.decode is not None:
-        o, _ = _attend_padded(q, k_cache, v_cache, meta.decode, scale)
+        o, _ = attend_batch(q, k_cache, v_cache, meta.decode, scale)
         out.index_copy_(1, meta.decode.rows, o)
     if meta.suffix is None:
         return out
-    o, lse = _attend_padded(q, k_cache, v_cache, meta.suffix, scale)
+    o, lse = attend_batch(q, k_cache, v_cache, meta.suffix, scale)
     out.index_copy_(1, meta.suffix.rows, o)
     if meta.shared is None:
         return out
     full_lse = torch.empty(q.shape[:2], dtype=lse.dtype, device=q.device)
     full_lse.index_copy_(1, meta.suffix.rows, lse)
     rows = meta.shared.rows
-    og, lg = _attend_padded(q, k_cache, v_cache, meta.shared, scale)
+    og, lg = attend_batch(q, k_cache, v_cache, meta.shared, scale)
     merged, _ = merge(out.index_select(1, rows), full_lse.index_select(1, rows), og, lg)
-    out.index_copy_(1, rows, merged)
+    out.index_copy_(1, rows, merged.to(out.dtype))
     return out
 
 
@@ -293,14 +362,14 @@ def paged_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface entry point: write the step's K/V, then attend.
 
     query: ``[1, Hq, T, D]`` post-RoPE; key/value ``[1, Hkv, T, D]``. Returns ``[1, T, Hq, D]``.
     """
     meta: AttentionMetadata = kwargs["ps_meta"]
-    layer = module.layer_idx
+    layer = int(module.layer_idx)  # type: ignore[arg-type]  # transformers sets it untyped
     k_cache = meta.kv_cache[layer, 0]
     v_cache = meta.kv_cache[layer, 1]
     new_k, new_v = key[0], value[0]  # [Hkv, T, D]

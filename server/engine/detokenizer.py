@@ -12,12 +12,22 @@ rule reaching further back than the window), the text falls back to one full dec
 
 from __future__ import annotations
 
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    """What the engine uses of a transformers tokenizer."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str | list[str]:
+        """The text of ``token_ids`` (a list of lists decodes to a list of texts)."""
+        ...
+
 
 class IncrementalText:
     """The decoded text (special tokens skipped) of a token list that only grows (``update``
     with the whole list)."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self.text = ""
         self._start = 0  # window start (context already in ``text``)
@@ -25,7 +35,9 @@ class IncrementalText:
         self.rewrites = 0  # times ``text`` was replaced rather than extended
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        text = self._tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one list of ids decodes to one text
+        return text
 
     def update(self, ids: list[int]) -> str:
         if len(ids) < self._read:

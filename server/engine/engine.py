@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.batch import BatchPlan, Chunk
-from server.engine.detokenizer import IncrementalText
+from server.engine.detokenizer import IncrementalText, Tokenizer
 from server.engine.kv_cache import BlockPool
-from server.engine.model_runner import ModelRunner, NonFiniteAdapter, kv_bytes_per_token
+from server.engine.logprobs import record_prompt, token_logprobs
+from server.engine.model_runner import (
+    ModelRunner,
+    NonFiniteAdapter,
+    decoder_config,
+    kv_bytes_per_token,
+)
 from server.engine.prefix_tree import PrefixTree
 from server.engine.request import (
     AdapterSegment,
@@ -30,6 +38,9 @@ from server.engine.request import (
 from server.engine.sampler import NON_FINITE, make_generator, sample
 from server.engine.scheduler import Scheduler, SchedulerConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 log = logging.getLogger(__name__)
 
 
@@ -40,6 +51,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
     adapter_cache_bytes: int | None = 1 << 30  # device tier of adapter tensors; None: unbounded
+    # "fused": torch's fused attention kernel where the device has one (the CPU's flash
+    # kernel); "reference": the plain torch matmul backend, the test oracle.
+    attention_backend: str = "fused"
+    # "auto": the CPU's linear layers through oneDNN (``engine/cpu_kernels.py``); "torch":
+    # as the model defines them; "onednn": required.
+    linear_backend: str = "auto"
 
 
 @dataclass
@@ -54,7 +71,7 @@ class EngineStats:
     split_forwards: int = 0  # forwards that raised and were re-run as two halves
 
 
-def sliding_window(config) -> int | None:
+def sliding_window(config: object) -> int | None:
     """The attention window of a model that uses one (Mistral, Qwen2 with
     ``use_sliding_window``). Our attention reads every key, which is exact only while a
     sequence fits in the window, so the engine caps the context length there."""
@@ -65,10 +82,10 @@ def sliding_window(config) -> int | None:
 
 
 class LLMEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: Tokenizer, config: EngineConfig) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        per_block = kv_bytes_per_token(model.config, next(model.parameters()).dtype)
+        per_block = kv_bytes_per_token(decoder_config(model), next(model.parameters()).dtype)
         num_blocks = config.kv_cache_memory // (per_block * config.block_size)
         if num_blocks < 2:
             raise ValueError(f"--kv-cache-memory {config.kv_cache_memory} holds under 2 blocks")
@@ -79,7 +96,14 @@ class LLMEngine:
             self.pool,
             self.tree,
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.adapter_cache_bytes)
+        self.runner = ModelRunner(
+            model,
+            num_blocks,
+            config.block_size,
+            config.adapter_cache_bytes,
+            attention_backend=config.attention_backend,
+            linear_backend=config.linear_backend,
+        )
         self.max_model_len = min(
             getattr(model.config, "max_position_embeddings", 1 << 30),
             num_blocks * config.block_size,
@@ -106,10 +130,16 @@ class LLMEngine:
             raise InvalidRequest(f"request id {request_id!r} is already running", "request_id")
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", "prompt")
-        vocab = self.runner.model.config.vocab_size
+        vocab = decoder_config(self.runner.model).vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequest(f"prompt token ids must be integers in [0, {vocab})", "prompt")
-        key: list = []
+        for name, ids in (
+            ("logit_bias", [t for t, _ in params.logit_bias]),
+            ("stop_token_ids", params.stop_token_ids),
+        ):
+            if any(t >= vocab for t in ids):
+                raise InvalidRequest(f"{name}: token ids must be below {vocab}", name)
+        key: list[Hashable] = []
         virtual = []
         for seg in adapters:
             if seg.kind == "text":
@@ -118,6 +148,12 @@ class LLMEngine:
                 virtual.append((len(key), len(key) + seg.length, seg))
                 key.extend((seg.key, i) for i in range(seg.length))
         key.extend(prompt_ids)
+        if len(key) >= self.max_model_len:  # not even one token fits after it
+            raise InvalidRequest(
+                f"the prompt ({len(key)} positions, adapters included) leaves no room in the "
+                f"context of {self.max_model_len} for a token to be generated",
+                "prompt",
+            )
         if len(key) + params.max_tokens > self.max_model_len:
             raise InvalidRequest(
                 f"prompt ({len(key)} positions, adapters included) plus max_tokens "
@@ -153,17 +189,21 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
+        assert out.plan is not None  # the scheduler lays out a plan whenever it has chunks
         logits_of, failed = self._forward(out.plan)
         sampling = [c for c in out.chunks if c.sample and c not in failed]
         tokens_of: dict[Chunk, int] = {}
         if sampling:
             logits = torch.stack([logits_of[c] for c in sampling])
             drawn = sample(logits, [c.seq for c in sampling], self.eos_ids)
-            for chunk, tok in zip(sampling, drawn, strict=True):
+            for i, (chunk, tok) in enumerate(zip(sampling, drawn, strict=True)):
                 if isinstance(tok, RequestError):
                     failed[chunk] = tok
-                else:
-                    tokens_of[chunk] = tok
+                    continue
+                tokens_of[chunk] = tok
+                k = chunk.seq.params.logprobs
+                if k is not None:  # of the raw logits (``sample`` adjusted a copy)
+                    chunk.seq.logprobs += token_logprobs(logits[i : i + 1], [tok], k)
         outputs = [self._fail(chunk.seq, error) for chunk, error in failed.items()]
         kept = replace(out, chunks=[c for c in out.chunks if c not in failed])
         sampled = [c for c in kept.chunks if c.sample]  # before the tokens extend the keys
@@ -202,6 +242,10 @@ class LLMEngine:
             for c, ok in zip(chunks, result.finite, strict=True)
             if not ok
         }
+        for index, logits in result.prompt_logits.items():  # echo: every row's logits
+            if chunks[index] not in failed:
+                lo, hi = plan.row_starts[index], plan.row_starts[index + 1]
+                record_prompt(chunks[index].seq, plan.positions[lo:hi], logits)
         return rows, failed
 
     def _fail(self, seq: Sequence, error: RequestError) -> RequestOutput:
@@ -260,10 +304,12 @@ class LLMEngine:
                 self.tokenizer.decode(seq.output_ids[: p.min_tokens], skip_special_tokens=True)
             )
         start = seq.stop_search_from
-        if seq.detok.rewrites == seq.stop_rewrites:
+        detok = seq.detok
+        assert detok is not None  # set by add_request
+        if detok.rewrites == seq.stop_rewrites:
             longest = max(len(s) for s in p.stop)
             start = max(start, seq.stop_scanned - longest + 1)
-        seq.stop_scanned, seq.stop_rewrites = len(text), seq.detok.rewrites
+        seq.stop_scanned, seq.stop_rewrites = len(text), detok.rewrites
         hits = [i for s in p.stop if (i := text.find(s, start)) >= 0]
         return min(hits) if hits else None
 
@@ -273,6 +319,7 @@ class LLMEngine:
         ids = seq.output_ids
         if ids and not seq.params.ignore_eos and ids[-1] in self.eos_ids:
             ids = ids[:-1]
+        assert seq.detok is not None  # set by add_request
         return seq.detok.final(ids) if final else seq.detok.update(ids)
 
     def output(self, seq: Sequence, text: str) -> RequestOutput:
@@ -287,4 +334,7 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_prompt,
             queue_s=None if seq.first_scheduled is None else seq.first_scheduled - seq.arrival,
             error=seq.error,
+            logprobs=None if seq.params.logprobs is None else list(seq.logprobs),
+            # Complete before the first token: never written again, so shared, not copied.
+            prompt_logprobs=seq.prompt_logprobs,
         )

@@ -50,9 +50,10 @@ class FlatBatch:
     def slots(self, chunk: int, start: int, length: int) -> IntArray:
         """Cache slots of positions ``start..start+length`` of one chunk's sequence."""
         pos = np.arange(start, start + length)
-        return self.block_tables[chunk, pos // self.block_size] * self.block_size + (
+        slots: IntArray = self.block_tables[chunk, pos // self.block_size] * self.block_size + (
             pos % self.block_size
         )
+        return slots
 
 
 def flatten(plan: BatchPlan) -> FlatBatch:
@@ -98,9 +99,11 @@ def ranks(lengths: IntArray) -> IntArray:
     """``0..n-1`` for each length ``n``, concatenated: [2, 3] -> [0, 1, 0, 1, 2]."""
     total = int(lengths.sum())
     starts = np.cumsum(lengths) - lengths
-    return np.arange(total) - np.repeat(starts, lengths)
+    ranked: IntArray = np.arange(total) - np.repeat(starts, lengths)
+    return ranked
 
 
 def concat_ranges(starts: IntArray, lengths: IntArray) -> IntArray:
     """``start..start+n`` for each pair, concatenated."""
-    return np.repeat(starts, lengths) + ranks(lengths)
+    ranges: IntArray = np.repeat(starts, lengths) + ranks(lengths)
+    return ranges

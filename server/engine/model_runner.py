@@ -8,7 +8,7 @@ K/V is copied into the cache. Prompt/P-tuning virtual tokens enter as input embe
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol, cast
 
 import numpy as np
 import torch
@@ -17,8 +17,13 @@ from adapters_store.tiers import LRUTier
 from server.engine import attention
 from server.engine.attention import build_metadata
 from server.engine.batch import BatchPlan
+from server.engine.cpu_kernels import route_linears
 from server.engine.flat import FlatBatch, flatten
+from server.engine.logprobs import wants_prompt_logits
 from server.engine.request import AdapterSegment
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class NonFiniteAdapter(ValueError):
@@ -29,14 +34,35 @@ class NonFiniteAdapter(ValueError):
 class StepResult(NamedTuple):
     """What one forward gives back: float32 logits ``[n_sample, vocab]`` of the chunks whose
     ``sample`` is set, in the order given, and per chunk whether every key and value it wrote
-    was finite (a chunk that was not is to be failed: its cache rows hold zeros)."""
+    was finite (a chunk that was not is to be failed: its cache rows hold zeros).
+    ``prompt_logits``: for each chunk whose sequence scores its prompt (echo), by chunk index,
+    the float32 logits of every one of its rows ``[rows, vocab]``."""
 
     logits: torch.Tensor
     finite: list[bool]
+    prompt_logits: dict[int, torch.Tensor] = {}  # noqa: RUF012 (never mutated)
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+class DecoderConfig(Protocol):
+    """The fields of a transformers decoder's config (``model.config``) the engine reads."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    num_key_value_heads: int
+    vocab_size: int
+
+
+def decoder_config(model: PreTrainedModel) -> DecoderConfig:
+    """``model.config`` with the fields the engine reads typed (transformers leaves a config's
+    model-specific fields untyped)."""
+    return cast(DecoderConfig, model.config)
+
+
+def kv_bytes_per_token(config: DecoderConfig, dtype: torch.dtype) -> int:
+    head_dim: int = (
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
     elem = torch.empty((), dtype=dtype).element_size()
     return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * elem
 
@@ -46,20 +72,28 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         num_blocks: int,
         block_size: int,
         adapter_cache_bytes: int | None = None,
+        attention_backend: str = "fused",
+        linear_backend: str = "auto",
     ) -> None:
+        if attention_backend not in attention.BACKENDS:
+            raise ValueError(
+                f"attention backend {attention_backend!r}: expected one of {attention.BACKENDS}"
+            )
+        self.attention_backend = attention_backend
+        self.routed_linears = route_linears(model, linear_backend)
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
-        cfg = model.config
+        cfg = decoder_config(model)
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv_cache = torch.zeros(
             cfg.num_hidden_layers,
             2,
@@ -105,7 +139,7 @@ class ModelRunner:
         chunk's keys and values were all finite."""
         flat = flatten(plan)
         self._copy_prefixes(plan, flat)
-        vocab = self.model.config.vocab_size
+        vocab = decoder_config(self.model).vocab_size
         if plan.num_rows == 0:
             return StepResult(torch.empty(0, vocab), [True] * len(plan.chunks))
         dev = self.device
@@ -115,18 +149,33 @@ class ModelRunner:
             embeds[span.row : span.row + span.length] = table[
                 span.offset : span.offset + span.length
             ]
-        meta = build_metadata(flat, self.kv_cache, dev)
-        hidden = self.model.model(
+        meta = build_metadata(flat, self.kv_cache, dev, self.attention_backend)
+        decoder = cast(torch.nn.Module, self.model.model)  # the *ForCausalLM's decoder stack
+        hidden = decoder(
             inputs_embeds=embeds.unsqueeze(0),
             position_ids=torch.from_numpy(flat.positions).to(dev).unsqueeze(0),
             use_cache=False,
             ps_meta=meta,
         ).last_hidden_state[0]
         finite = _finite_chunks(meta.nonfinite.cpu().numpy(), flat)
-        if not len(flat.sample_rows):
+        # Logits only where they are used: each sampling chunk's last row, and every row of a
+        # chunk whose sequence scores its prompt (echo), after them.
+        scored = [i for i, chunk in enumerate(plan.chunks) if wants_prompt_logits(chunk)]
+        starts = plan.row_starts
+        rows = np.concatenate(
+            [flat.sample_rows] + [np.arange(starts[i], starts[i + 1]) for i in scored]
+        )
+        if not len(rows):
             return StepResult(torch.empty(0, vocab), finite)
-        logits = self.model.lm_head(hidden[torch.from_numpy(flat.sample_rows).to(dev)])
-        return StepResult(logits.float(), finite)
+        lm_head = cast(torch.nn.Module, self.model.lm_head)
+        logits = lm_head(hidden[torch.from_numpy(rows).to(dev)]).float()
+        num_sample = len(flat.sample_rows)
+        prompt_logits, at = {}, num_sample
+        for i in scored:
+            n = plan.row_starts[i + 1] - plan.row_starts[i]
+            prompt_logits[i] = logits[at : at + n]
+            at += n
+        return StepResult(logits[:num_sample], finite, prompt_logits)
 
     def _copy_prefixes(self, plan: BatchPlan, flat: FlatBatch) -> None:
         """Prefix-tuning virtual tokens: their K/V goes straight into the cache."""
@@ -140,4 +189,5 @@ class ModelRunner:
 def _finite_chunks(nonfinite_rows: np.ndarray, flat: FlatBatch) -> list[bool]:
     """Per chunk: no row of it wrote a non-finite key or value (a chunk without rows: True)."""
     bad = np.bincount(flat.chunk_of_row, weights=nonfinite_rows, minlength=flat.num_chunks)
-    return (bad == 0).tolist()
+    finite: list[bool] = (bad == 0).tolist()
+    return finite
