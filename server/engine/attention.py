@@ -109,7 +109,7 @@ class PaddedBatch:
 class AttentionMetadata:
     """Everything attention needs for one forward; built once per step, read by every layer.
 
-    Invariant: each flat-batch row is in exactly one of ``decode`` (complete) or ``suffix``;
+    Invariant: each flat-batch row is in exactly one of ``decode`` (complete) or one batch of ``suffix``;
     a ``suffix`` row is in at most one unit of ``shared``, whose segment lies before it.
     The cache holds finite values only: a row whose new K or V is not finite is written as
     zeros and flagged in ``nonfinite`` (a masked key's weight is exactly 0, but 0 x inf is NaN,
@@ -120,7 +120,10 @@ class AttentionMetadata:
     kv_cache: torch.Tensor  # [L, 2, Hkv, num_slots, D]
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
     decode: PaddedBatch | None  # one-row chunks: a unit per group (segment + suffixes), or alone
-    suffix: PaddedBatch | None  # multi-row chunks: causal attention to their own suffix
+    # Multi-row chunks: causal attention to their own suffix, one padded batch per size class
+    # (chunks of 2^(k-1) < rows <= 2^k together), so a 40-row question never pads to the
+    # 300 rows of a system prompt computed in the same step.
+    suffix: list[PaddedBatch]
     shared: PaddedBatch | None  # grouped multi-row chunks: their group's segment, merged by LSE
     nonfinite: torch.Tensor  # [T] bool, or-ed over layers: the row's K/V was not finite
     backend: str = "fused"  # "fused": torch's fused SDPA kernel; "reference": ``attend``
@@ -148,7 +151,7 @@ def build_metadata(
         kv_cache=kv_cache,
         slot_mapping=torch.from_numpy(flat.slot_mapping).to(device),
         decode=_to_torch(_decode_units(flat, one), device) if len(one) else None,
-        suffix=_to_torch(_suffix_batch(flat, many), device) if len(many) else None,
+        suffix=[_to_torch(_suffix_batch(flat, c), device) for c in _size_classes(flat, many)],
         shared=_to_torch(_segment_batch(flat, grouped), device) if len(grouped) else None,
         nonfinite=torch.zeros(len(flat.positions), dtype=torch.bool, device=device),
         backend=backend,
@@ -226,6 +229,14 @@ def _decode_units(flat: FlatBatch, chunks: np.ndarray) -> _Padded:
     k = np.arange(slots.shape[1])[None, None, :]
     sees = ((k >= lo[:, :, None]) & (k < hi[:, :, None])) | (k < seg_len[:, None, None])
     return q_len, q_index, valid, rows, slots, ~sees
+
+
+def _size_classes(flat: FlatBatch, chunks: np.ndarray) -> list[np.ndarray]:
+    """``chunks`` split by row count into classes (2^(k-1), 2^k], each in the given order."""
+    if not len(chunks):
+        return []
+    size_class = np.ceil(np.log2(flat.rows_per_chunk[chunks])).astype(np.int64)
+    return [chunks[size_class == k] for k in np.unique(size_class)]
 
 
 def _suffix_batch(flat: FlatBatch, chunks: np.ndarray) -> _Padded:
@@ -339,14 +350,17 @@ def prefix_attention(
     if meta.decode is not None:
         o, _ = attend_batch(q, k_cache, v_cache, meta.decode, scale)
         out.index_copy_(1, meta.decode.rows, o)
-    if meta.suffix is None:
+    # Shared-segment rows are suffix rows too: keep the suffix LSEs for their merge.
+    full_lse = None
+    if meta.shared is not None:
+        full_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    for pb in meta.suffix:
+        o, lse = attend_batch(q, k_cache, v_cache, pb, scale)
+        out.index_copy_(1, pb.rows, o)
+        if full_lse is not None:
+            full_lse.index_copy_(1, pb.rows, lse)
+    if meta.shared is None or full_lse is None:
         return out
-    o, lse = attend_batch(q, k_cache, v_cache, meta.suffix, scale)
-    out.index_copy_(1, meta.suffix.rows, o)
-    if meta.shared is None:
-        return out
-    full_lse = torch.empty(q.shape[:2], dtype=lse.dtype, device=q.device)
-    full_lse.index_copy_(1, meta.suffix.rows, lse)
     rows = meta.shared.rows
     og, lg = attend_batch(q, k_cache, v_cache, meta.shared, scale)
     merged, _ = merge(out.index_select(1, rows), full_lse.index_select(1, rows), og, lg)

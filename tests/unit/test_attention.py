@@ -83,6 +83,7 @@ def test_grouped_paged_batch_equals_plain_attention(backend: str, dtype: torch.d
         ([3, 4, 6], 11, [10]),
         ([3, 11, 8, 10], 15, [12, 13, 14]),
         ([12, 13], 6, [5]),
+        ([14, 15], 8, [2, 3, 4, 5, 6, 7]),  # a loner of 6 rows: a size class of its own
     ]
     chunks = []
     for i, (table, total, qpos) in enumerate(cases):
@@ -91,9 +92,15 @@ def test_grouped_paged_batch_equals_plain_attention(backend: str, dtype: torch.d
         chunks.append(Chunk(seq, qpos[0], total))
     plan = build_plan(chunks, bs)
     assert plan.groups == (SharedGroup(2, (0, 1, 2)), SharedGroup(1, (3, 4)))
-    assert plan.group_of == (0, 0, 0, 1, 1, -1)
+    assert plan.group_of == (0, 0, 0, 1, 1, -1, -1)
     meta = build_metadata(flatten(plan), cache, "cpu", backend)
     assert meta.decode.slots.shape == (3, 8 + 6 + 2)  # group 0: segment + two suffixes
+    # Multi-row chunks by size class: chunks 1 and 4 (3 rows each), then chunk 6 (6 rows).
+    assert [pb.rows.tolist() for pb in meta.suffix] == [
+        list(range(plan.row_starts[1], plan.row_starts[2]))
+        + list(range(plan.row_starts[4], plan.row_starts[5])),
+        list(range(plan.row_starts[6], plan.row_starts[7])),
+    ]
     q = torch.randn(HQ, plan.num_rows, D, generator=g).to(dtype)
     out = prefix_attention(q, cache[0, 0], cache[0, 1], meta, scale)
     assert out.dtype == dtype
