@@ -13,8 +13,9 @@ matrix product per group, not once per sequence:
   single softmax, complete, no merge needed.
 
 The metadata comes from the step's flat arrays (``server.engine.flat``, what a fused kernel
-would take) in one numpy pass per step; each layer then runs three padded batches at most,
-whatever the number of sequences. Everything equals plain causal attention over each
+would take) in one numpy pass per step; each layer then runs a few padded batches (decode
+units, one per size class of multi-row chunks, shared segments), whatever the number of
+sequences. Everything equals plain causal attention over each
 sequence's keys; ``tests/unit/test_attention.py`` checks it. Cache layout:
 ``kv_cache[layer, 0 | 1]`` is ``[kv_heads, num_slots, head_dim]``, slot = ``block_id *
 block_size + offset``. Query heads are grouped GQA-style: query head ``h`` reads kv head
@@ -109,8 +110,9 @@ class PaddedBatch:
 class AttentionMetadata:
     """Everything attention needs for one forward; built once per step, read by every layer.
 
-    Invariant: each flat-batch row is in exactly one of ``decode`` (complete) or one batch of ``suffix``;
-    a ``suffix`` row is in at most one unit of ``shared``, whose segment lies before it.
+    Invariant: each flat-batch row is in exactly one of ``decode`` (complete) or one batch of
+    ``suffix``; a ``suffix`` row is in at most one unit of ``shared``, whose segment lies
+    before it.
     The cache holds finite values only: a row whose new K or V is not finite is written as
     zeros and flagged in ``nonfinite`` (a masked key's weight is exactly 0, but 0 x inf is NaN,
     so one request's overflow would otherwise reach every query of its decode unit and every
@@ -138,7 +140,7 @@ def build_metadata(
     device: torch.device | str,
     backend: str = "fused",
 ) -> AttentionMetadata:
-    """A step's view for attention: at most three padded batches, derived from the flat
+    """A step's view for attention: a few padded batches, derived from the flat
     metadata with numpy in one pass per step (no loop over sequences, none per layer).
     ``backend`` picks how each batch is computed (``BACKENDS``); both give the same result up
     to float rounding."""
