@@ -37,7 +37,7 @@ from server.api import degraded
 from server.api.archive import archive_budget, read_archive
 from server.api.context import Caller, context
 from server.api.errors import APIError, to_api_error
-from server.api.json_body import load_json
+from server.api.json_body import read_json
 from server.api.schemas import TextAdapterBody
 from server.api.upload_budget import Lease
 from server.engine_client import EngineClient
@@ -143,10 +143,11 @@ async def _text_upload(
 ) -> tuple[str, CanonicalAdapter]:
     """A JSON ``{"name", "text"}`` body. It is a JSON request like any other, so it is bounded
     by ``--max-request-bytes`` (a text prefix is at most 100,000 characters), not by the upload
-    limit; ``load_json`` refuses nesting past its depth and lone surrogates with 400."""
+    limit; ``read_json`` refuses nesting past its depth, bodies of millions of values and lone
+    surrogates with 400."""
     raw = await _json_body(request, body_limit)
     await lease.acquire(len(raw))
-    data = load_json(raw)
+    data = await read_json(context(request).json_lane, raw)
     try:
         body = TextAdapterBody.model_validate(data)
     except ValidationError as exc:

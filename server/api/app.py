@@ -51,7 +51,7 @@ def create_app(
             yield
         finally:
             engine.stop()
-            ctx.close()
+            await ctx.close()
 
     app = FastAPI(
         title="prefix-serve",

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 from fastapi import Depends, Request
 
 from server.api.errors import APIError
+from server.api.json_body import JsonLane
 from server.api.prompt_limits import PromptLimits
 from server.api.resolver import AdapterResolver
 from server.api.upload_budget import UploadBudget
@@ -49,6 +50,7 @@ class AppContext:
     inflight: int = 0  # HTTP requests being handled (ops routes excluded)
     registry_seen: bool = False  # /ready found the registry answering once (ops.ready)
     cpu: ThreadPoolExecutor = field(default_factory=_cpu_pool)
+    json_lane: JsonLane = field(default_factory=JsonLane)  # bodies of many values parse there
     prompt_limits: PromptLimits | None = None  # set at the first generation request
 
     async def run_store(self, fn: Callable[..., T], *args: Any) -> T:
@@ -65,9 +67,11 @@ class AppContext:
         tokenizers' Rust code and jinja are not torch, and return plain lists here."""
         return await asyncio.get_running_loop().run_in_executor(self.cpu, fn, *args)
 
-    def close(self) -> None:
-        """Stop the pool; jobs not started are dropped (their requests are gone)."""
+    async def close(self) -> None:
+        """Stop the pool and the JSON parser process; jobs not started are dropped (their
+        requests are gone)."""
         self.cpu.shutdown(wait=False, cancel_futures=True)
+        await self.json_lane.close()
 
     def model(self) -> ServedModel:
         """The loaded model, or 503 while it is loading. Handlers read its ``facts`` and its

@@ -17,7 +17,7 @@ from server.api import degraded, streaming
 from server.api.context import AppContext, Caller, context
 from server.api.errors import APIError, not_found
 from server.api.jobs import ClientGone, Job, usage
-from server.api.json_body import load_json
+from server.api.json_body import read_json
 from server.api.logprobs import CompletionLogprobs, TokenTexts, chat_logprobs, merge
 from server.api.prompt_limits import PromptLimits, check_text_bytes, prompt_limits
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, _Generation
@@ -101,8 +101,8 @@ async def _prepare(
     """The parts both generation routes start with, in order: the body parsed (after auth),
     the loaded model (or 503), the body validated against the model's limits, a cheap 429
     before any costly work, the caller's adapters."""
-    data = load_json(await _raw_body(request))
     ctx = context(request)
+    data = await read_json(ctx.json_lane, await _raw_body(request))
     served = ctx.model()
     limits = await _prompt_limits(ctx, served)
     body = _validate(model, data, limits)

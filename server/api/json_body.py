@@ -1,114 +1,141 @@
-"""JSON request bodies: parsed with bounded nesting and checked to be valid Unicode text.
+"""JSON request bodies, parsed without holding the event loop.
 
-Python's ``json`` accepts two things the rest of the server cannot take: nesting deep enough
-to exhaust the interpreter's recursion limit (``RecursionError``, at a depth that depends on
-the caller's stack), and ``"\\ud800"``-style escapes (or raw UTF-8 surrogate bytes, which
-``json`` decodes with ``surrogatepass``) that become lone UTF-16 surrogates, which no
-tokenizer, database or UTF-8 encoder accepts. Both are the client's mistake and answer 400.
-A fixed ``MAX_DEPTH`` makes the first one deterministic.
+What a body may hold, and why, is ``server.json_parse``'s: nesting up to ``MAX_DEPTH``,
+at most ``MAX_VALUES`` values and ``MAX_CONTAINERS`` arrays and objects, valid Unicode text;
+anything else is a 400 naming the field at fault where one is known.
 
-This runs on the event loop once per request, so its cost must stay well below the parse's
-own for any body up to ``--max-request-bytes`` (8 MiB: four million integers): the checks are
-scans in C over the text (``str.count``, ``re``, ``str.replace``/``split``, numpy), never a
-Python step per value; the exact checks run only when a cheap scan says they might fail.
+Where it is parsed is decided here. ``json.loads`` is one C call holding the GIL, and its cost
+grows with the number of values, not the bytes: 8 MiB of text parses in about 15 ms, 8 MiB of
+``[[7],[7],...]`` (four million values) in 0.6 s, and while it runs nothing else on the event
+loop is answered (``/health`` included). So a body that may hold more than ``INLINE_VALUES``
+values (the commas and opening brackets of its bytes say so, in a few milliseconds) goes to
+the parser process of ``JsonLane``, and only its bounded result is loaded back here (a
+million token ids in about 20 ms); every other body is parsed on the loop.
 """
 
 from __future__ import annotations
 
-import gc
-import json
-import re
-from collections.abc import Callable
-from itertools import islice
+import asyncio
+import logging
+import marshal
+import sys
 from typing import Any
 
-import numpy as np
-
 from server.api.errors import APIError
+from server.json_parse import BodyError, parse
+from server.json_worker import HEADER
 
-MAX_DEPTH = 64  # arrays and objects open at once; far beyond any OpenAI-shaped body
-MAX_MEMBERS = 64  # top-level fields searched for the one at fault (OpenAI bodies have ~30)
-_TOO_DEEP = f"the request body nests arrays or objects deeper than {MAX_DEPTH} levels"
-_NOT_BRACKETS = bytes(sorted(set(range(128)) - set(b"[]{}")))
-# A surrogate escape (a pair too: the exact check tells them apart) or a decoded surrogate.
-_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+log = logging.getLogger(__name__)
+
+INLINE_VALUES = 1 << 15  # at most ~5 ms of parsing on the event loop, whatever their shape
+LANE_TIMEOUT_S = 30.0  # one body's parse takes under a second; past this the process is stuck
+LANE_WAITING = 8  # bodies queued for the parser process before 429s (each holds its bytes)
 
 
 def load_json(raw: bytes) -> Any:
-    """The parsed body, or ``APIError(400)``: invalid JSON, nested deeper than ``MAX_DEPTH``,
-    or a string (key or value) holding a lone surrogate. Empty bytes parse to None."""
-    if not raw:
-        return None
+    """The parsed body, parsed here (on the calling thread), or ``APIError(400)``."""
     try:
-        # What ``json.loads(bytes)`` does, kept as text for the scans below.
-        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
-    except UnicodeDecodeError:
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-    collecting = gc.isenabled()
-    gc.disable()  # a body of a million small lists would trigger hundreds of collections
-    try:
-        data = json.loads(text)
-    except RecursionError:
-        raise _too_deep(None) from None
-    except ValueError:  # JSONDecodeError
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
-    finally:
-        if collecting:
-            gc.enable()
-    # Fewer openers than the limit cannot nest past it (the common case: nothing to measure).
-    if text.count("[") + text.count("{") > MAX_DEPTH and _depth(text) > MAX_DEPTH:
-        raise _too_deep(_first_member(data, _nests_past_the_limit))
-    if _MAYBE_SURROGATE.search(text) and not _is_text(data):
-        param = _first_member(data, lambda v: not _is_text(v))
+        return parse(raw)
+    except BodyError as exc:
+        raise _refused(exc.message, exc.code, exc.param) from None
+
+
+async def read_json(lane: JsonLane, raw: bytes) -> Any:
+    """The parsed body, or ``APIError``: on the event loop when it holds few values, else in
+    ``lane``'s parser process."""
+    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") < INLINE_VALUES:
+        return load_json(raw)
+    return await lane.parse(raw)
+
+
+class JsonLane:
+    """One parser process (``server.json_worker``), started at the first body that needs it,
+    taking one body at a time. At most ``waiting`` bodies wait their turn; more answer 429 with
+    ``Retry-After``. A process that dies, falls out of step (its caller gave up mid-answer) or
+    takes longer than ``timeout`` seconds is killed, and the next body starts a fresh one; the
+    body it failed on is tried once more on a fresh process, then answers 503."""
+
+    def __init__(self, timeout: float = LANE_TIMEOUT_S, waiting: int = LANE_WAITING) -> None:
+        self.timeout = timeout
+        self.waiting = waiting
+        self._queued = 0
+        self._lock: asyncio.Lock | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self.started = 0  # parser processes started, for tests and logs
+
+    async def parse(self, raw: bytes) -> Any:
+        if self._queued >= self.waiting:
+            raise APIError(
+                429,
+                f"{self._queued} large request bodies are waiting to be parsed; retry shortly",
+                code="too_many_large_bodies",
+                retry_after=1,
+            )
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        self._queued += 1
+        try:
+            async with self._lock:
+                answer = await self._exchange(raw)
+        finally:
+            self._queued -= 1
+        if answer[0] == "ok":
+            return answer[1]
+        _, message, code, param = answer
+        raise _refused(message, code, param)
+
+    async def _exchange(self, raw: bytes) -> tuple[Any, ...]:
+        """The parser's answer for ``raw``. A process that fails is replaced and asked once
+        more (it may have died idle, between bodies); a second failure answers 503."""
+        for attempt in (1, 2):
+            process = await self._running()
+            try:
+                return await self._ask(process, raw)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                await self.close()
+                why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                log.error("the JSON parser process failed (%s), attempt %d", why, attempt)
+            except BaseException:  # cancelled mid-answer: the process is out of step
+                await asyncio.shield(self.close())
+                raise
         raise APIError(
-            400,
-            f"{param or 'the body'}: holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape "
-            "or its raw bytes), which is not valid Unicode text",
-            code="invalid_request",
-            param=param,
+            503,
+            "the request body could not be parsed: the parser process failed; retry",
+            code="parser_unavailable",
+            retry_after=1,
         )
-    return data
+
+    async def _ask(self, process: asyncio.subprocess.Process, raw: bytes) -> tuple[Any, ...]:
+        assert process.stdin is not None and process.stdout is not None
+        async with asyncio.timeout(self.timeout):
+            process.stdin.write(HEADER.pack(len(raw)))
+            process.stdin.write(raw)
+            await process.stdin.drain()
+            (size,) = HEADER.unpack(await process.stdout.readexactly(HEADER.size))
+            frame = await process.stdout.readexactly(size)
+        answer: tuple[Any, ...] = marshal.loads(frame)
+        return answer
+
+    async def _running(self) -> asyncio.subprocess.Process:
+        if self._process is None or self._process.returncode is not None:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "server.json_worker",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            self.started += 1
+        return self._process
+
+    async def close(self) -> None:
+        """Kill the parser process, if one runs, and reap it (the next body starts another)."""
+        process, self._process = self._process, None
+        if process is not None:
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
 
 
-def _too_deep(param: str | None) -> APIError:
-    return APIError(400, _TOO_DEEP, code="invalid_json", param=param)
-
-
-def _depth(text: str) -> int:
-    """How deep the arrays and objects of valid JSON ``text`` nest (0 for a scalar). In C: the
-    escapes that could hide a quote go first (``\\\\`` pairs, then ``\\"``), so every quote
-    left delimits a string; outside strings only the brackets are kept, and numpy takes the
-    maximum of their running count."""
-    plain = text.replace("\\\\", "").replace('\\"', "")
-    brackets = "".join(plain.split('"')[::2]).encode("ascii").translate(None, _NOT_BRACKETS)
-    if not brackets:
-        return 0
-    steps = np.zeros(256, dtype=np.int8)
-    steps[list(b"[{")], steps[list(b"]}")] = 1, -1
-    return int(np.cumsum(steps[np.frombuffer(brackets, dtype=np.uint8)], dtype=np.int32).max())
-
-
-def _nests_past_the_limit(member: Any) -> bool:
-    """Whether a member of the top-level object (one level down) nests past ``MAX_DEPTH``."""
-    try:
-        return _depth(json.dumps(member)) >= MAX_DEPTH
-    except RecursionError:
-        return True
-
-
-def _is_text(data: Any) -> bool:
-    """Whether every string in ``data`` (keys included) is valid Unicode: serialising it as
-    UTF-8 fails exactly on a lone surrogate. One C pass."""
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _first_member(data: Any, bad: Callable[[Any], bool]) -> str | None:
-    """The first top-level field, among the first ``MAX_MEMBERS``, whose value is ``bad``;
-    None when the body is not an object, or the fault is in a key or further on."""
-    if not isinstance(data, dict):
-        return None
-    return next((k for k, v in islice(data.items(), MAX_MEMBERS) if bad(v)), None)
+def _refused(message: str, code: str, param: str | None) -> APIError:
+    return APIError(400, message, code=code, param=param)
