@@ -98,8 +98,9 @@ def test_values_and_containers_are_bounded_exactly():
 PAD = ', "pad": "' + "," * (2 * INLINE_VALUES) + '"'
 REFUSED = {
     "not JSON": b'{"model": "m", "prompt": [1, 2' + PAD.encode(),
-    "too deep": ('{"model": "m"' + PAD + ', "prompt": ' + "[" * MAX_DEPTH + "]" * MAX_DEPTH + "}")
-    .encode(),
+    "too deep": (
+        '{"model": "m"' + PAD + ', "prompt": ' + "[" * MAX_DEPTH + "]" * MAX_DEPTH + "}"
+    ).encode(),
     "lone surrogate escape": ('{"model": "m"' + PAD + ', "user": "\\ud800x"}').encode(),
     "raw surrogate bytes": b'{"model": "m"' + PAD.encode() + b', "user": "\xed\xa0\x80"}',
     "too many values": _values(MAX_VALUES + 1),
