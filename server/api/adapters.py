@@ -118,7 +118,7 @@ async def _store_upload(
     ctx = context(request)
     if media == "application/json":
         body_limit = ctx.config.max_request_bytes
-        name, adapter = await _text_upload(request, limits, lease, body_limit)
+        name, adapter = await _text_upload(request, tenant, limits, lease, body_limit)
     else:
         name, adapter = await _file_upload(request, shape, limits, ctx.engine, lease)
     if adapter.kind == "text":  # its size in tokens, as the engine will place it
@@ -139,7 +139,7 @@ def _count_tokens(tokenizer: Any, text: str) -> int:
 
 
 async def _text_upload(
-    request: Request, limits: AdapterLimits, lease: Lease, body_limit: int
+    request: Request, tenant: str, limits: AdapterLimits, lease: Lease, body_limit: int
 ) -> tuple[str, CanonicalAdapter]:
     """A JSON ``{"name", "text"}`` body. It is a JSON request like any other, so it is bounded
     by ``--max-request-bytes`` (a text prefix is at most 100,000 characters), not by the upload
@@ -147,7 +147,7 @@ async def _text_upload(
     surrogates with 400."""
     raw = await _json_body(request, body_limit)
     await lease.acquire(len(raw))
-    data = await read_json(context(request).json_lane, raw)
+    data = await read_json(context(request).json_lane, raw, tenant)
     try:
         body = TextAdapterBody.model_validate(data)
     except ValidationError as exc:

@@ -102,7 +102,7 @@ async def _prepare(
     the loaded model (or 503), the body validated against the model's limits, a cheap 429
     before any costly work, the caller's adapters."""
     ctx = context(request)
-    data = await read_json(ctx.json_lane, await _raw_body(request))
+    data = await read_json(ctx.json_lane, await _raw_body(request), who.tenant)
     served = ctx.model()
     limits = await _prompt_limits(ctx, served)
     body = _validate(model, data, limits)

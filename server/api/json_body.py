@@ -19,6 +19,7 @@ import asyncio
 import logging
 import marshal
 import sys
+from collections import Counter
 from typing import Any
 
 from server.api.errors import APIError
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 INLINE_VALUES = 1 << 15  # at most ~5 ms of parsing on the event loop, whatever their shape
 LANE_TIMEOUT_S = 30.0  # one body's parse takes under a second; past this the process is stuck
 LANE_WAITING = 8  # bodies queued for the parser process before 429s (each holds its bytes)
+LANE_TENANT_WAITING = 2  # of them, one tenant's: another tenant waits for at most two of its
 
 
 def load_json(raw: bytes) -> Any:
@@ -40,45 +42,57 @@ def load_json(raw: bytes) -> Any:
         raise _refused(exc.message, exc.code, exc.param) from None
 
 
-async def read_json(lane: JsonLane, raw: bytes) -> Any:
-    """The parsed body, or ``APIError``: on the event loop when it holds few values, else in
-    ``lane``'s parser process."""
+async def read_json(lane: JsonLane, raw: bytes, tenant: str) -> Any:
+    """``tenant``'s body parsed, or ``APIError``: on the event loop when it holds few values,
+    else in ``lane``'s parser process."""
     if raw.count(b",") + raw.count(b"[") + raw.count(b"{") < INLINE_VALUES:
         return load_json(raw)
-    return await lane.parse(raw)
+    return await lane.parse(raw, tenant)
 
 
 class JsonLane:
     """One parser process (``server.json_worker``), started at the first body that needs it,
-    taking one body at a time. At most ``waiting`` bodies wait their turn; more answer 429 with
-    ``Retry-After``. A process that dies, falls out of step (its caller gave up mid-answer) or
-    takes longer than ``timeout`` seconds is killed, and the next body starts a fresh one; the
-    body it failed on is tried once more on a fresh process, then answers 503."""
+    taking one body at a time. At most ``waiting`` bodies wait their turn, at most
+    ``per_tenant`` of them one tenant's; more answer 429 with ``Retry-After``, so a tenant that
+    floods the lane is refused while the others' bodies still get in. A process that dies,
+    falls out of step (its caller gave up mid-answer) or takes longer than ``timeout`` seconds
+    is killed, and the next body starts a fresh one; the body it failed on is tried once more
+    on a fresh process, then answers 503."""
 
-    def __init__(self, timeout: float = LANE_TIMEOUT_S, waiting: int = LANE_WAITING) -> None:
+    def __init__(
+        self,
+        timeout: float = LANE_TIMEOUT_S,
+        waiting: int = LANE_WAITING,
+        per_tenant: int = LANE_TENANT_WAITING,
+    ) -> None:
         self.timeout = timeout
         self.waiting = waiting
-        self._queued = 0
+        self.per_tenant = per_tenant
+        self._queued: Counter[str] = Counter()
         self._lock: asyncio.Lock | None = None
         self._process: asyncio.subprocess.Process | None = None
         self.started = 0  # parser processes started, for tests and logs
 
-    async def parse(self, raw: bytes) -> Any:
-        if self._queued >= self.waiting:
+    async def parse(self, raw: bytes, tenant: str) -> Any:
+        mine, everyone = self._queued[tenant], self._queued.total()
+        if mine >= self.per_tenant or everyone >= self.waiting:
+            whose = f"{mine} of this tenant's" if mine >= self.per_tenant else f"{everyone}"
             raise APIError(
                 429,
-                f"{self._queued} large request bodies are waiting to be parsed; retry shortly",
+                f"{whose} large request bodies are waiting to be parsed; retry shortly",
                 code="too_many_large_bodies",
                 retry_after=1,
             )
         if self._lock is None:
             self._lock = asyncio.Lock()
-        self._queued += 1
+        self._queued[tenant] += 1
         try:
             async with self._lock:
                 answer = await self._exchange(raw)
         finally:
-            self._queued -= 1
+            self._queued[tenant] -= 1
+            if not self._queued[tenant]:
+                del self._queued[tenant]
         if answer[0] == "ok":
             return answer[1]
         _, message, code, param = answer

@@ -26,7 +26,7 @@ def _refusal(call, *args) -> tuple[int, str, str | None, str | None]:
 def _lane_refusal(lane: JsonLane, raw: bytes) -> tuple[int, str, str | None, str | None]:
     async def go():
         try:
-            await lane.parse(raw)
+            await lane.parse(raw, "acme")
         except APIError as e:
             return e.status, e.message, e.code, e.param
         raise AssertionError("not refused")
@@ -59,7 +59,7 @@ def test_in_place_and_in_the_lane_equal_json_loads(name):
     async def go():
         lane = JsonLane()
         try:
-            return await read_json(lane, raw), await lane.parse(raw), lane.started
+            return await read_json(lane, raw, "acme"), await lane.parse(raw, "acme"), lane.started
         finally:
             await lane.close()
 
@@ -133,10 +133,10 @@ def test_a_dead_process_is_replaced_and_its_body_tried_again():
     async def go():
         lane = JsonLane()
         try:
-            first = await lane.parse(OK)
+            first = await lane.parse(OK, "acme")
             lane._process.kill()  # died idle: the next body must not pay for it
             await lane._process.wait()
-            second = await lane.parse(OK)
+            second = await lane.parse(OK, "acme")
             return first, second, lane.started
         finally:
             await lane.close()
@@ -151,11 +151,11 @@ def test_a_timeout_kills_the_process_and_answers_503():
         lane = JsonLane(timeout=0.05)
         try:
             try:
-                await lane.parse(BIG)
+                await lane.parse(BIG, "acme")
             except APIError as e:
                 refused = (e.status, e.code, e.retry_after)
             lane.timeout = 30.0
-            return refused, await lane.parse(OK), lane.started
+            return refused, await lane.parse(OK, "acme"), lane.started
         finally:
             await lane.close()
 
@@ -169,12 +169,12 @@ def test_a_caller_that_gives_up_leaves_the_lane_in_step():
     async def go():
         lane = JsonLane()
         try:
-            task = asyncio.create_task(lane.parse(BIG))
+            task = asyncio.create_task(lane.parse(BIG, "acme"))
             await asyncio.sleep(0.2)  # written, not yet answered
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
-            return await lane.parse(OK), lane.started
+            return await lane.parse(OK, "acme"), lane.started
         finally:
             await lane.close()
 
@@ -184,21 +184,32 @@ def test_a_caller_that_gives_up_leaves_the_lane_in_step():
 
 
 def test_past_its_queue_the_lane_answers_429():
+    """Four waiting at most here, two of them one tenant's: a tenant that floods the lane gets
+    429s while the others' bodies still get in, until the lane as a whole is full."""
+
     async def go():
-        lane = JsonLane(waiting=2)
+        lane = JsonLane(waiting=4, per_tenant=2)
         try:
-            return await asyncio.gather(*(lane.parse(OK) for _ in range(3)), return_exceptions=True)
+            bodies = ["acme"] * 3 + ["globex"] * 2 + ["initech"] * 2
+            return await asyncio.gather(
+                *(lane.parse(OK, t) for t in bodies), return_exceptions=True
+            )
         finally:
             await lane.close()
 
     answers = asyncio.run(go())
-    assert answers[:2] == [json.loads(OK)] * 2
-    assert isinstance(answers[2], APIError)
-    assert (answers[2].status, answers[2].code, answers[2].retry_after) == (
-        429,
-        "too_many_large_bodies",
-        1,
-    )
+    parsed = json.loads(OK)
+    refused = [(a.status, a.code, a.retry_after, a.message) for a in answers if a != parsed]
+    # acme's third is over its share; initech's two find the lane full (acme 2 + globex 2).
+    assert [a == parsed for a in answers] == [True, True, False, True, True, False, False]
+    assert refused == [
+        (429, "too_many_large_bodies", 1, msg)
+        for msg in [
+            "2 of this tenant's large request bodies are waiting to be parsed; retry shortly",
+            "4 large request bodies are waiting to be parsed; retry shortly",
+            "4 large request bodies are waiting to be parsed; retry shortly",
+        ]
+    ]
 
 
 def test_the_event_loop_runs_while_the_lane_parses():
@@ -208,7 +219,7 @@ def test_the_event_loop_runs_while_the_lane_parses():
 
     async def go():
         lane = JsonLane()
-        await lane.parse(OK)  # the process is started: its start is not measured
+        await lane.parse(OK, "acme")  # the process is started: its start is not measured
         gaps: list[float] = []
         done = asyncio.Event()
 
@@ -223,7 +234,7 @@ def test_the_event_loop_runs_while_the_lane_parses():
         ticker = asyncio.create_task(tick())
         start = time.perf_counter()
         try:
-            await read_json(lane, BIG)
+            await read_json(lane, BIG, "acme")
         except APIError as e:
             refused = (e.status, e.param)
         took = time.perf_counter() - start
