@@ -22,8 +22,10 @@ uses) and multiplies against the packed copy when a call has at most ``PACKED_MA
 measured on a 2-core Xeon, 16 rows against the 1536x576 MLP weight took 0.18 ms packed and 0.43
 ms through ``nn.Linear``. Above that size ``nn.Linear`` is as fast or faster and is used. The
 packed product runs the same kernel as ``sgemm`` from about eight rows up (equal to the last
-bit in the measurements); below that ``sgemm`` takes a matrix-vector path and the two differ by
-float32 rounding. The packed copy costs the weights' size again in memory (float32 only).
+bit for most shapes and row counts measured); below that ``sgemm`` takes a matrix-vector path
+and the two differ by float32 rounding. The packed copies cost memory: measured on
+SmolLM2-135M, resident memory grew by 1.0 GB (the float32 weights are 0.54 GB) and packing took
+0.9 s at load. ``linear_backend="torch"`` turns every route off.
 """
 
 from __future__ import annotations
@@ -53,20 +55,20 @@ def mkl_packing_available() -> bool:
     )
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` ``[out, in]`` in MKL's packed layout, checked against ``torch.nn.functional
-    .linear`` at several row counts (the layout must not depend on the rows it was packed for:
-    every call passes its own). Raises ``RuntimeError`` if this MKL disagrees."""
-    packed: torch.Tensor = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACKED_MAX_ROWS)
+def packing_agrees(shape: tuple[int, int]) -> bool:
+    """Whether MKL's packed product of a random ``shape`` (``[out, in]``) weight equals
+    ``torch.nn.functional.linear`` up to float32 rounding at several row counts. Every call
+    passes its own row count against one packing, so the packed layout must not depend on the
+    rows it was packed for; this checks that on this machine's MKL, once per shape."""
     gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=gen)
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, PACKED_MAX_ROWS)
     for rows in (1, 5, 16, PACKED_MAX_ROWS):
-        x = torch.randn(rows, weight.shape[1], generator=gen)
+        x = torch.randn(rows, shape[1], generator=gen)
         got = torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
-        want = torch.nn.functional.linear(x.double(), weight.double())
-        tol = 1e-5 * float(x.abs().sum(1).max()) * float(weight.abs().max()) + 1e-6
-        if not float((got.double() - want).abs().max()) <= tol:
-            raise RuntimeError(f"MKL's packed GEMM disagrees with linear at {rows} rows")
-    return packed
+        if not torch.allclose(got, torch.nn.functional.linear(x, weight), rtol=1e-4, atol=1e-4):
+            return False
+    return True
 
 
 def _route_packed(module: torch.nn.Linear, packed: torch.Tensor) -> None:
@@ -118,20 +120,26 @@ def route_linears(model: torch.nn.Module, backend: str = "auto") -> int:
                 "built with oneDNN"
             )
         return 0
-    packing = param.dtype == torch.float32 and mkl_packing_available()
+    linears = [
+        (name, module) for name, module in model.named_modules() if type(module) is torch.nn.Linear
+    ]
+    packing = (
+        param.dtype == torch.float32
+        and mkl_packing_available()
+        and all(
+            packing_agrees(shape) for shape in {(m.out_features, m.in_features) for _, m in linears}
+        )
+    )
     routed = 0
-    for name, module in model.named_modules():
-        if type(module) is not torch.nn.Linear:
-            continue
+    for name, module in linears:
         if name.endswith("lm_head"):
             forward: Any = types.MethodType(_onednn_forward, module)
             setattr(module, "forward", forward)  # noqa: B010 (mypy: no method assignment)
         if packing:
-            try:
-                packed = pack_weight(module.weight.detach())
-            except RuntimeError:
-                packing = False  # this MKL's layout is not what we rely on: use none of it
-            else:
-                _route_packed(module, packed)
-        routed += 1 if packing or name.endswith("lm_head") else 0
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(
+                module.weight.detach(), PACKED_MAX_ROWS
+            )
+            _route_packed(module, packed)
+        if packing or name.endswith("lm_head"):
+            routed += 1
     return routed
