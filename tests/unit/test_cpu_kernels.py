@@ -1,11 +1,18 @@
-"""The CPU linear routes: MKL's packed GEMM for float32 decode-sized calls, oneDNN for the LM
-head. Each is held to the float64 product of the same inputs, at every row count a step can
-give (below, at and above ``PACKED_MAX_ROWS``)."""
+"""The CPU linear routes: MKL's packed GEMM for float32 decode-sized calls, oneDNN's packed
+weights for bfloat16 ones, oneDNN for the LM head. Each is held to the float64 product of the
+same inputs, at every row count a step can give (below, at and above ``PACKED_MAX_ROWS``)."""
 
 import pytest
 import torch
 
-from server.engine.cpu_kernels import PACKED_MAX_ROWS, mkl_packing_available, route_linears
+from server.engine import cpu_kernels
+from server.engine.cpu_kernels import (
+    PACKED_MAX_ROWS,
+    bf16_packing_available,
+    mkl_packing_available,
+    packing_agrees,
+    route_linears,
+)
 
 pytestmark = pytest.mark.skipif(
     not mkl_packing_available(), reason="this torch build has no MKL packed GEMM"
@@ -40,10 +47,52 @@ def test_routed_layers_give_the_product(rows: int) -> None:
             h = got
 
 
-def test_bfloat16_and_torch_backend_pack_nothing() -> None:
+@pytest.mark.skipif(not bf16_packing_available(), reason="this torch build cannot pack bf16")
+@pytest.mark.parametrize("rows", [1, 3, 16, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 200])
+def test_bfloat16_routed_layers_give_the_product(rows: int) -> None:
+    """Bfloat16 in, float32 accumulation, one rounding to bfloat16 out: each output is within
+    half a bfloat16 step (2**-8 relative) of the float64 product of the same bfloat16 inputs."""
+    model = _model().to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(rows)
+    with torch.no_grad():
+        assert route_linears(model, "auto") == 3
+        assert all(hasattr(getattr(model, n), "_ps_packed") for n in ("up", "proj", "lm_head"))
+        for name in ("up", "proj", "lm_head"):
+            layer = getattr(model, name)
+            x = torch.randn(1, rows, layer.in_features, generator=gen).to(torch.bfloat16)
+            want = x.double() @ layer.weight.double().T
+            if layer.bias is not None:
+                want += layer.bias.double()
+            got = layer(x)
+            assert got.shape == (1, rows, layer.out_features)
+            assert got.dtype == torch.bfloat16
+            assert bool(((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-4).all())
+
+
+def test_packing_check_rejects_a_wrong_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``packing_agrees`` is what keeps a library whose packed product is wrong here from being
+    used: it holds for the real product and fails once the product's columns come out of
+    order, and then nothing is routed to packed weights."""
+    assert packing_agrees((96, 48), torch.float32)
+    if bf16_packing_available():
+        assert packing_agrees((96, 48), torch.bfloat16)
+    real = cpu_kernels._packed_linear
+
+    def shuffled(*args: torch.Tensor | None) -> torch.Tensor:
+        out = real(*args)  # type: ignore[arg-type]
+        return out[:, torch.arange(out.shape[1] - 1, -1, -1)]
+
+    monkeypatch.setattr(cpu_kernels, "_packed_linear", shuffled)
+    assert not packing_agrees((96, 48), torch.float32)
+    model = _model()
+    assert route_linears(model, "auto") == 1  # the LM head to oneDNN only
+    assert not hasattr(model.up, "_ps_packed")
+
+
+def test_torch_backend_packs_nothing() -> None:
     model = _model()
     assert route_linears(model, "torch") == 0
     assert not hasattr(model.up, "_ps_packed")
     bf16 = _model().to(torch.bfloat16)
-    assert route_linears(bf16, "auto") == 1  # the LM head to oneDNN only
+    assert route_linears(bf16, "torch") == 0
     assert not hasattr(bf16.up, "_ps_packed")
