@@ -104,6 +104,9 @@ class PaddedBatch:
     # The fused backend's additive mask [U, 1, g * q_len | 1, S] (0 or -inf) for g query heads
     # per kv head, made by the first layer that needs it and reused by the others.
     bias: torch.Tensor | None = None
+    # ``slots`` as rows of a layer's cache seen as one [Hkv * num_slots, D] matrix, every kv
+    # head in turn (see ``_gather``); made by the first layer, reused by the others.
+    cache_rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -279,15 +282,29 @@ def _segment_batch(flat: FlatBatch, chunks: np.ndarray) -> _Padded:
     return q_len, q_index, valid, rows, slots, ~is_key[:, None, :]
 
 
+def _gather(cache: torch.Tensor, pb: PaddedBatch) -> torch.Tensor:
+    """The keys (or values) of ``pb``'s units from one layer's ``cache [Hkv, num_slots, D]``:
+    ``[Hkv, U, S, D]``. Gathered as whole rows of the cache seen as a matrix (one index per
+    head and slot), which torch copies row by row; ``index_select`` on the slot dimension of
+    the 3-D cache takes a slower strided path."""
+    hkv, num_slots, d = cache.shape
+    n_units, width = pb.slots.shape
+    if not cache.is_contiguous():
+        return cache.index_select(1, pb.slots.view(-1)).view(hkv, n_units, width, d)
+    if pb.cache_rows is None or pb.cache_rows.numel() != hkv * n_units * width:
+        heads = torch.arange(hkv, device=pb.slots.device).mul_(num_slots)
+        pb.cache_rows = (heads[:, None] + pb.slots.view(1, -1)).view(-1)
+    return cache.view(-1, d).index_select(0, pb.cache_rows).view(hkv, n_units, width, d)
+
+
 def _attend_padded(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pb: PaddedBatch, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``pb``'s units: ``out [Hq, R, D]`` and ``lse [Hq, R]`` for ``pb.rows``."""
     hq, _, d = q.shape
-    n_units, width = pb.slots.shape
-    flat = pb.slots.view(-1)
-    ks = k_cache.index_select(1, flat).view(-1, n_units, width, d)  # [Hkv, U, S, D]
-    vs = v_cache.index_select(1, flat).view(-1, n_units, width, d)
+    n_units = pb.slots.shape[0]
+    ks = _gather(k_cache, pb)  # [Hkv, U, S, D]
+    vs = _gather(v_cache, pb)
     qu = q.index_select(1, pb.q_index).view(hq, n_units, pb.q_len, d)
     o, lse = attend(qu, ks, vs, scale, pb.hidden)  # [Hq, U, q_len, D], [Hq, U, q_len]
     o = o.reshape(hq, -1, d).index_select(1, pb.valid)
@@ -323,10 +340,9 @@ def _attend_fused(
     hq, _, d = q.shape
     hkv = k_cache.shape[0]
     g = hq // hkv
-    n_units, width = pb.slots.shape
-    flat = pb.slots.view(-1)
-    ks = k_cache.index_select(1, flat).view(hkv, n_units, width, d).transpose(0, 1)
-    vs = v_cache.index_select(1, flat).view(hkv, n_units, width, d).transpose(0, 1)
+    n_units = pb.slots.shape[0]
+    ks = _gather(k_cache, pb).transpose(0, 1)  # [U, Hkv, S, D]
+    vs = _gather(v_cache, pb).transpose(0, 1)
     qu = q.index_select(1, pb.q_index).view(hkv, g, n_units, pb.q_len, d)
     qu = qu.permute(2, 0, 1, 3, 4).reshape(n_units, hkv, g * pb.q_len, d)
     kernel = _fused_kernel(q.device)
@@ -389,13 +405,27 @@ def paged_attention_forward(
     k_cache = meta.kv_cache[layer, 0]
     v_cache = meta.kv_cache[layer, 1]
     new_k, new_v = key[0], value[0]  # [Hkv, T, D]
-    bad = ~(_finite_rows(new_k) & _finite_rows(new_v))
-    meta.nonfinite |= bad
-    k_cache.index_copy_(1, meta.slot_mapping, new_k.masked_fill(bad[None, :, None], 0.0))
-    v_cache.index_copy_(1, meta.slot_mapping, new_v.masked_fill(bad[None, :, None], 0.0))
+    if not _all_finite(new_k, new_v):
+        bad = ~(_finite_rows(new_k) & _finite_rows(new_v))
+        meta.nonfinite |= bad
+        new_k = new_k.masked_fill(bad[None, :, None], 0.0)
+        new_v = new_v.masked_fill(bad[None, :, None], 0.0)
+    k_cache.index_copy_(1, meta.slot_mapping, new_k)
+    v_cache.index_copy_(1, meta.slot_mapping, new_v)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = prefix_attention(query[0], k_cache, v_cache, meta, scale)
     return out.transpose(0, 1).unsqueeze(0), None
+
+
+def _all_finite(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True only if every value of ``k`` and ``v`` is finite, from two sums (an inf or NaN
+    carries into a sum): on the CPU, where reading the answer costs nothing, this spares the
+    per-row check in the common case. False means "check row by row" (a sum of finite values
+    can overflow), and is always the answer on other devices, where reading it would stall
+    the step until the device catches up."""
+    if k.device.type != "cpu":
+        return False
+    return bool(torch.isfinite(k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32)))
 
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:

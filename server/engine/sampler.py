@@ -74,6 +74,19 @@ NON_FINITE = (
 )
 
 
+def finite_rows(x: torch.Tensor) -> list[bool]:
+    """Per row of ``x`` ([N, V]): every value is finite. A row's sum is finite only if all its
+    values are (an inf or NaN carries into the sum), so one sum settles most rows; the rows
+    whose sum is not finite (a non-finite value, or finite values whose sum overflows) are
+    checked value by value."""
+    ok = torch.isfinite(x.sum(dim=-1))
+    if not bool(ok.all()):
+        unsure = (~ok).nonzero().view(-1)
+        ok[unsure] = torch.isfinite(x[unsure]).all(dim=-1)
+    result: list[bool] = ok.tolist()
+    return result
+
+
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]
 ) -> list[int | RequestError]:
@@ -81,20 +94,23 @@ def sample(
     one (non-finite logits, a sampling error) gives a ``RequestError`` for that request only.
     Runs on the CPU, where the per-request generators live (N x vocab floats: small next to a
     forward)."""
-    logits = logits.float().cpu().clone()  # ours to edit (the runner's are inference tensors)
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    logits = logits.float().cpu()
+    finite = finite_rows(logits)
     tokens: list[int | RequestError] = [
         0 if ok else RequestError("non_finite", NON_FINITE) for ok in finite
     ]
+    banned = [_banned_ids(seq, eos_ids) for seq in seqs]
+    if any(banned) or any(seq.params.adjusts_logits for seq in seqs):
+        logits = logits.clone()  # ours to edit (the runner's are inference tensors)
     for i, seq in enumerate(seqs):
-        banned = _banned_ids(seq, eos_ids)
-        if banned:
-            logits[i, banned] = float("-inf")
+        if banned[i]:
+            logits[i, banned[i]] = float("-inf")
         if seq.params.adjusts_logits and finite[i]:
             adjust_logits(logits[i], seq)
     greedy = [i for i, s in enumerate(seqs) if s.params.temperature == 0 and finite[i]]
     if greedy:
-        picks = logits[greedy].argmax(dim=-1).tolist()
+        picked = logits if len(greedy) == len(logits) else logits[greedy]
+        picks = picked.argmax(dim=-1).tolist()
         for i, tok in zip(greedy, picks, strict=True):
             tokens[i] = tok
     for i, seq in enumerate(seqs):

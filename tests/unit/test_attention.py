@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from server.engine.attention import attend, build_metadata, merge, prefix_attention
+from server.engine.attention import (
+    _gather,
+    attend,
+    build_metadata,
+    merge,
+    paged_attention_forward,
+    prefix_attention,
+)
 from server.engine.batch import Chunk, SharedGroup, build_plan
 from server.engine.flat import flatten
 from server.engine.request import SamplingParams, Sequence
@@ -114,3 +122,61 @@ def test_grouped_paged_batch_equals_plain_attention(backend: str, dtype: torch.d
         expect = plain_attention(q[:, rows], cache[0, 0][:, s], cache[0, 1][:, s], qpos, scale)
         err = (out[:, rows] - expect).abs().max()
         assert err < tol, (table, err)
+
+
+def _one_step(cache: torch.Tensor, n: int) -> tuple[object, list[int]]:
+    """Metadata for ``n`` one-row chunks (positions 0) in blocks 0..n-1 of ``cache``."""
+    chunks = []
+    for i in range(n):
+        seq = Sequence(f"s{i}", "t", [1], [], SamplingParams(), 0.0)
+        seq.block_table = [i]
+        chunks.append(Chunk(seq, 0, 1))
+    plan = build_plan(chunks, 4)
+    return build_metadata(flatten(plan), cache, "cpu"), [i * 4 for i in range(n)]
+
+
+def test_gather_reads_the_same_keys_from_a_strided_cache():
+    """Units' keys come out of a contiguous cache as rows of one matrix, and out of any other
+    layout by slot; both give the keys of ``slots``, head by head."""
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(1, 2, HKV, 16, D, generator=g)
+    meta, _ = _one_step(cache, 3)
+    pb = meta.decode
+    want = cache[0, 0][:, pb.slots.view(-1)].view(HKV, *pb.slots.shape, D)
+    assert torch.equal(_gather(cache[0, 0], pb), want)
+    strided = cache[0, 0].transpose(0, 1).contiguous().transpose(0, 1)  # same values
+    assert not strided.is_contiguous()
+    assert torch.equal(_gather(strided, pb), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cache_writes_zero_only_the_rows_that_are_not_finite(dtype: torch.dtype):
+    """A row whose K or V holds an inf or NaN is written as zeros and flagged; rows of large
+    finite values (whose sum overflows) are written as they are and not flagged."""
+    big = torch.finfo(dtype).max
+    cache = torch.zeros(1, 2, HKV, 16, D, dtype=dtype)
+    meta, slots = _one_step(cache, 4)
+    key = torch.ones(1, HKV, 4, D, dtype=dtype)
+    value = torch.ones(1, HKV, 4, D, dtype=dtype)
+    key[0, :, 0] = big  # finite, sums to inf
+    value[0, 1, 1, 3] = float("nan")
+    key[0, 0, 2, 0] = float("-inf")
+    query = torch.zeros(1, HQ, 4, D, dtype=dtype)
+    paged_attention_forward(SimpleNamespace(layer_idx=0), query, key, value, None, ps_meta=meta)
+    assert meta.nonfinite.tolist() == [False, True, True, False]
+    assert torch.equal(cache[0, 0][:, slots[0]], key[0, :, 0])
+    assert torch.equal(cache[0, 0][:, slots[3]], key[0, :, 3])
+    for row in (1, 2):
+        assert not cache[0, :, :, slots[row]].any()
+    # All finite: nothing flagged, everything written as given.
+    meta, slots = _one_step(cache, 2)
+    paged_attention_forward(
+        SimpleNamespace(layer_idx=0),
+        query[:, :, :2],
+        torch.full((1, HKV, 2, D), 3.0, dtype=dtype),
+        torch.full((1, HKV, 2, D), 3.0, dtype=dtype),
+        None,
+        ps_meta=meta,
+    )
+    assert meta.nonfinite.tolist() == [False, False]
+    assert bool((cache[0, :, :, slots] == 3).all())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from server.engine.request import InvalidRequest, SamplingParams, Sequence
-from server.engine.sampler import filter_logits, make_generator, sample
+from server.engine.sampler import filter_logits, finite_rows, make_generator, sample
 
 EOS = 2
 
@@ -112,6 +112,41 @@ def test_min_tokens_bans_apply_to_sampling_too():
     seq = make_seq(params, [1])
     draws = sample(logits.repeat(300, 1), [seq] * 300, (EOS,))
     assert set(draws) == {0, 1, 3, 4}
+
+
+def test_finite_rows_settles_overflowing_sums_value_by_value():
+    """A row is finite exactly when each of its values is: the sum that settles most rows at
+    once must not call a row of large finite values (whose sum overflows) non-finite."""
+    big = torch.finfo(torch.float32).max
+    logits = torch.tensor(
+        [
+            [0.0, 1.0, -2.0],
+            [big, big, 1.0],  # finite values, sum +inf
+            [-big, -big, big],  # finite values, sum -inf
+            [0.0, float("inf"), 1.0],
+            [float("-inf"), 0.0, 0.0],
+            [0.0, float("nan"), 0.0],
+            [float("inf"), float("-inf"), 0.0],  # sum NaN
+        ]
+    )
+    want = torch.isfinite(logits).all(dim=-1).tolist()
+    assert want == [True, True, True, False, False, False, False]
+    assert finite_rows(logits) == want
+    seqs = [make_seq(SamplingParams(temperature=0)) for _ in range(len(logits))]
+    picks = sample(logits, seqs, eos_ids=())
+    assert picks[:3] == [1, 0, 2]
+    assert all(getattr(p, "kind", None) == "non_finite" for p in picks[3:])
+
+
+def test_sample_leaves_the_callers_logits_as_they_were():
+    logits = torch.tensor([[0.0, 1.0, 9.0, 0.5], [3.0, 0.0, 0.0, 0.0]])
+    before = logits.clone()
+    params = SamplingParams(temperature=0, min_tokens=1, logit_bias=((3, 100.0),))
+    assert sample(logits, [make_seq(params), make_seq(SamplingParams(temperature=0))], (EOS,)) == [
+        3,
+        0,
+    ]
+    assert torch.equal(logits, before)
 
 
 def test_sample_accepts_the_runners_inference_mode_logits():
