@@ -32,7 +32,8 @@ Bfloat16 projections at decode sizes go through oneDNN's packed weights the same
 the packed copy): ``nn.Linear`` in bfloat16 reorders the weight into oneDNN's blocked layout on
 every call. Measured on a 2-core Xeon with AMX, the packed product equals ``nn.Linear``'s to the
 last bit at every row count up to ``PACKED_MAX_ROWS`` for every SmolLM2 shape (it can differ by a
-bfloat16 rounding at prefill sizes, which is why those stay on ``nn.Linear``).
+bfloat16 rounding at prefill sizes, which is why those stay on ``nn.Linear``). Resident memory
+grew by 0.30 GB on SmolLM2-135M in bfloat16 (its weights are 0.27 GB).
 ``linear_backend="torch"`` turns every route off.
 """
 
