@@ -46,6 +46,12 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--dtypes", default="float32,bfloat16", help="the engine's dtypes, comma-separated"
     )
     w1.add_argument("--no-peers", action="store_true", help="skip the text-only peers")
+    w1.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every system this many times and keep its fastest (for shared hosts)",
+    )
     w1.add_argument("--llama-gguf", default=None, help="GGUF file for llama-server, if installed")
     profile = which.add_parser("profile", help="where a W1 engine step's time goes, by part")
     profile.add_argument("--tenants", type=int, default=4)
@@ -104,6 +110,9 @@ def _bench(args: argparse.Namespace) -> int:
             print(BENCH_MISSING, file=sys.stderr)
         return 2
     if args.workload == "w1":
+        if args.rounds < 1:
+            print("prefix-serve bench w1: --rounds must be at least 1", file=sys.stderr)
+            return 2
         run(
             args.tenants,
             args.requests,
@@ -116,6 +125,7 @@ def _bench(args: argparse.Namespace) -> int:
             tuple(d.strip() for d in args.dtypes.split(",") if d.strip()),
             not args.no_peers,
             args.llama_gguf,
+            args.rounds,
         )
     elif args.workload == "profile":
         result = profile_w1(
