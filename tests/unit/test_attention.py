@@ -180,3 +180,40 @@ def test_cache_writes_zero_only_the_rows_that_are_not_finite(dtype: torch.dtype)
     )
     assert meta.nonfinite.tolist() == [False, False]
     assert bool((cache[0, :, :, slots] == 3).all())
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize(
+    "cases",
+    [
+        # Two groups of two: full units, rows in order (nothing selected or scattered).
+        [([0, 1, 5], 11, 10), ([0, 1, 6], 10, 9), ([2, 3, 7], 12, 11), ([2, 3, 8], 9, 8)],
+        # A group of three and a loner: the loner's unit is padded to three queries.
+        [([0, 1, 5], 11, 10), ([0, 1, 6], 10, 9), ([0, 1, 9], 12, 11), ([4, 8], 7, 6)],
+        # A loner before a group: units are not in row order.
+        [([4, 8], 7, 6), ([0, 1, 5], 11, 10), ([0, 1, 6], 10, 9)],
+    ],
+)
+def test_decode_only_steps_equal_plain_attention(backend: str, cases: list) -> None:
+    """Steps made only of one-row chunks, laid out the ways that decide whether attention can
+    hand its result back as it is (full units in row order) or must select and scatter."""
+    g = torch.Generator().manual_seed(7)
+    bs = 4
+    cache = torch.randn(1, 2, HKV, 16 * bs, D, generator=g)
+    chunks = []
+    for i, (table, total, qpos) in enumerate(cases):
+        seq = Sequence(f"s{i}", "t", list(range(total)), [], SamplingParams(), 0.0)
+        seq.block_table = list(table)
+        chunks.append(Chunk(seq, qpos, total))
+    plan = build_plan(chunks, bs)
+    meta = build_metadata(flatten(plan), cache, "cpu", backend)
+    assert meta.decode is not None and not meta.suffix and meta.shared is None
+    q = torch.randn(HQ, plan.num_rows, D, generator=g)
+    out = prefix_attention(q, cache[0, 0], cache[0, 1], meta, 1 / math.sqrt(D))
+    for i, (table, total, qpos) in enumerate(cases):
+        t, p = torch.tensor(table), torch.arange(total)
+        s = t[p // bs] * bs + p % bs
+        want = plain_attention(
+            q[:, [i]], cache[0, 0][:, s], cache[0, 1][:, s], [qpos], 1 / math.sqrt(D)
+        )
+        assert (out[:, [i]] - want).abs().max() < 1e-5, i
