@@ -105,7 +105,7 @@ class PaddedBatch:
     # per kv head, made by the first layer that needs it and reused by the others.
     bias: torch.Tensor | None = None
     # ``slots`` as rows of a layer's cache seen as one [Hkv * num_slots, D] matrix, every kv
-    # head in turn (see ``_gather``); made by the first layer, reused by the others.
+    # head in turn (see ``_gather``), for the cache the metadata was built for.
     cache_rows: torch.Tensor | None = None
 
 
@@ -155,9 +155,13 @@ def build_metadata(
     return AttentionMetadata(
         kv_cache=kv_cache,
         slot_mapping=torch.from_numpy(flat.slot_mapping).to(device),
-        decode=_to_torch(_decode_units(flat, one), device) if len(one) else None,
-        suffix=[_to_torch(_suffix_batch(flat, c), device) for c in _size_classes(flat, many)],
-        shared=_to_torch(_segment_batch(flat, grouped), device) if len(grouped) else None,
+        decode=_to_torch(_decode_units(flat, one), kv_cache, device) if len(one) else None,
+        suffix=[
+            _to_torch(_suffix_batch(flat, c), kv_cache, device) for c in _size_classes(flat, many)
+        ],
+        shared=(
+            _to_torch(_segment_batch(flat, grouped), kv_cache, device) if len(grouped) else None
+        ),
         nonfinite=torch.zeros(len(flat.positions), dtype=torch.bool, device=device),
         backend=backend,
     )
@@ -167,9 +171,12 @@ def build_metadata(
 _Padded = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
-def _to_torch(parts: _Padded, device: torch.device | str) -> PaddedBatch:
+def _to_torch(parts: _Padded, kv_cache: torch.Tensor, device: torch.device | str) -> PaddedBatch:
     q_len, q_index, valid, rows, slots, hidden = parts
+    hkv, num_slots = kv_cache.shape[2], kv_cache.shape[3]
+    cache_rows = (np.arange(hkv)[:, None] * num_slots + slots.reshape(1, -1)).ravel()
     return PaddedBatch(
+        cache_rows=torch.from_numpy(cache_rows).to(device),
         q_len=q_len,
         q_index=torch.from_numpy(q_index.ravel()).to(device),
         valid=torch.from_numpy(valid).to(device),
@@ -287,13 +294,10 @@ def _gather(cache: torch.Tensor, pb: PaddedBatch) -> torch.Tensor:
     ``[Hkv, U, S, D]``. Gathered as whole rows of the cache seen as a matrix (one index per
     head and slot), which torch copies row by row; ``index_select`` on the slot dimension of
     the 3-D cache takes a slower strided path."""
-    hkv, num_slots, d = cache.shape
+    hkv, _, d = cache.shape
     n_units, width = pb.slots.shape
-    if not cache.is_contiguous():
+    if pb.cache_rows is None or not cache.is_contiguous():
         return cache.index_select(1, pb.slots.view(-1)).view(hkv, n_units, width, d)
-    if pb.cache_rows is None or pb.cache_rows.numel() != hkv * n_units * width:
-        heads = torch.arange(hkv, device=pb.slots.device).mul_(num_slots)
-        pb.cache_rows = (heads[:, None] + pb.slots.view(1, -1)).view(-1)
     return cache.view(-1, d).index_select(0, pb.cache_rows).view(hkv, n_units, width, d)
 
 
