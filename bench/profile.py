@@ -64,8 +64,7 @@ def instrument(llm: LLM, timers: Timers) -> None:
     for module in llm.engine.runner.model.modules():
         if isinstance(module, torch.nn.Linear):
             timers.wrap(module, "forward", "weights")
-    timers.wrap(attention, "paged_attention_forward", "attention")
-    attention.register()  # the interface now calls the timed function
+    timers.wrap(attention, "write_and_attend", "attention")
     timers.wrap(model_runner, "flatten", "metadata")
     timers.wrap(model_runner, "build_metadata", "metadata")
     timers.wrap(scheduler, "build_plan", "plan")

@@ -24,6 +24,7 @@ block_size + offset``. Query heads are grouped GQA-style: query head ``h`` reads
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -406,19 +407,32 @@ def paged_attention_forward(
     """
     meta: AttentionMetadata = kwargs["ps_meta"]
     layer = int(module.layer_idx)  # type: ignore[arg-type]  # transformers sets it untyped
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = write_and_attend(meta, layer, query[0], key[0], value[0], scale)
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
+def write_and_attend(
+    meta: AttentionMetadata,
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One layer's attention for the flat batch: write the step's keys and values (``[Hkv, T,
+    D]``, post-RoPE) into the layer's cache, zeroing and flagging rows that are not finite,
+    then attend. query: ``[Hq, T, D]`` -> ``[Hq, T, D]``."""
     k_cache = meta.kv_cache[layer, 0]
     v_cache = meta.kv_cache[layer, 1]
-    new_k, new_v = key[0], value[0]  # [Hkv, T, D]
-    if not _all_finite(new_k, new_v):
-        bad = ~(_finite_rows(new_k) & _finite_rows(new_v))
+    if not _all_finite(key, value):
+        bad = ~(_finite_rows(key) & _finite_rows(value))
         meta.nonfinite |= bad
-        new_k = new_k.masked_fill(bad[None, :, None], 0.0)
-        new_v = new_v.masked_fill(bad[None, :, None], 0.0)
-    k_cache.index_copy_(1, meta.slot_mapping, new_k)
-    v_cache.index_copy_(1, meta.slot_mapping, new_v)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = prefix_attention(query[0], k_cache, v_cache, meta, scale)
-    return out.transpose(0, 1).unsqueeze(0), None
+        key = key.masked_fill(bad[None, :, None], 0.0)
+        value = value.masked_fill(bad[None, :, None], 0.0)
+    k_cache.index_copy_(1, meta.slot_mapping, key)
+    v_cache.index_copy_(1, meta.slot_mapping, value)
+    return prefix_attention(query, k_cache, v_cache, meta, scale)
 
 
 def _all_finite(k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -429,7 +443,7 @@ def _all_finite(k: torch.Tensor, v: torch.Tensor) -> bool:
     the step until the device catches up."""
     if k.device.type != "cpu":
         return False
-    return bool(torch.isfinite(k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32)))
+    return math.isfinite(float(k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32)))
 
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:

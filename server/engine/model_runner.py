@@ -1,9 +1,12 @@
 """The only module that runs the model: a step's ``BatchPlan`` in, logits out.
 
-The base model's layers come from transformers; attention is routed to
-``server.engine.attention`` (transformers' attention interface), which reads and writes the
-paged KV cache owned here. Prefix-tuning virtual tokens never pass through the model: their
-K/V is copied into the cache. Prompt/P-tuning virtual tokens enter as input embeddings.
+The base model's layers come from transformers. For Llama-family layers the stack is run as a
+plain loop over the model's modules (``server.engine.decoder``, same bits as transformers'
+forward, less Python); any other model runs transformers' forward, with attention routed to
+``server.engine.attention`` through transformers' attention interface. Either way attention
+reads and writes the paged KV cache owned here. Prefix-tuning virtual tokens never pass
+through the model: their K/V is copied into the cache. Prompt/P-tuning virtual tokens enter as
+input embeddings.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ import numpy as np
 import torch
 
 from adapters_store.tiers import LRUTier
-from server.engine import attention
+from server.engine import attention, decoder
 from server.engine.attention import build_metadata
 from server.engine.batch import BatchPlan
 from server.engine.cpu_kernels import route_linears
+from server.engine.decoder import run_decoder
 from server.engine.flat import FlatBatch, flatten
 from server.engine.logprobs import wants_prompt_logits
 from server.engine.request import AdapterSegment
@@ -78,6 +82,7 @@ class ModelRunner:
         adapter_cache_bytes: int | None = None,
         attention_backend: str = "fused",
         linear_backend: str = "auto",
+        direct_decoder: bool = True,
     ) -> None:
         if attention_backend not in attention.BACKENDS:
             raise ValueError(
@@ -85,6 +90,9 @@ class ModelRunner:
             )
         self.attention_backend = attention_backend
         self.routed_linears = route_linears(model, linear_backend)
+        # The decoder stack as a plain loop over the model's modules (same bits, less Python);
+        # transformers' forward for any other architecture, or when asked.
+        self.direct_decoder = direct_decoder and decoder.supports(model)
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
         cfg = decoder_config(model)
@@ -150,13 +158,17 @@ class ModelRunner:
                 span.offset : span.offset + span.length
             ]
         meta = build_metadata(flat, self.kv_cache, dev, self.attention_backend)
-        decoder = cast(torch.nn.Module, self.model.model)  # the *ForCausalLM's decoder stack
-        hidden = decoder(
-            inputs_embeds=embeds.unsqueeze(0),
-            position_ids=torch.from_numpy(flat.positions).to(dev).unsqueeze(0),
-            use_cache=False,
-            ps_meta=meta,
-        ).last_hidden_state[0]
+        positions = torch.from_numpy(flat.positions).to(dev)
+        if self.direct_decoder:
+            hidden = run_decoder(self.model, embeds, positions, meta)
+        else:
+            decoder = cast(torch.nn.Module, self.model.model)  # the *ForCausalLM's decoder stack
+            hidden = decoder(
+                inputs_embeds=embeds.unsqueeze(0),
+                position_ids=positions.unsqueeze(0),
+                use_cache=False,
+                ps_meta=meta,
+            ).last_hidden_state[0]
         finite = _finite_chunks(meta.nonfinite.cpu().numpy(), flat)
         # Logits only where they are used: each sampling chunk's last row, and every row of a
         # chunk whose sequence scores its prompt (echo), after them.

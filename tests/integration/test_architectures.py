@@ -154,3 +154,74 @@ def test_sliding_window_shorter_than_the_sequence(model_dir, tmp_path):
         assert exc.param == "prompt"  # 16 prompt tokens, a context of 8
         return
     compare(out.token_ids, want, "mistral sliding_window=8")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_direct_decoder_equals_transformers_forward(arch, dtype, model_dir, tmp_path):
+    """The engine's own loop over the decoder layers (``server.engine.decoder``) gives the same
+    bits as the model's transformers forward: every step of a run with chunked prefill, decode,
+    a shared adapter block and prompt tuning is computed both ways, and the logits, the
+    prompt logits and the whole KV cache are equal, not close."""
+    path = write_model(CONFIGS[arch], tmp_path / f"tiny-{arch}", model_dir)
+    ref = load_ref(path)
+    adapters = {
+        "pre": make_prefix_tuning(ref, tmp_path / "pre", num_virtual_tokens=10, seed=1),
+        "pro": make_prompt_tuning(ref, tmp_path / "pro", num_virtual_tokens=6, seed=2),
+    }
+    llm = LLM(
+        str(path),
+        data_dir=tmp_path / "data",
+        device="cpu",
+        dtype=dtype,
+        engine_config=EngineConfig(block_size=8, max_num_batched_tokens=32),
+    )
+    for name, adapter_dir in adapters.items():
+        llm.add_adapter(name, adapter_dir)
+    runner = llm.engine.runner
+    assert runner.direct_decoder
+    run = runner.run
+    kinds = set()
+
+    def both_ways(plan):
+        runner.direct_decoder = False
+        want = run(plan)
+        want_cache = runner.kv_cache.clone()
+        runner.direct_decoder = True
+        got = run(plan)
+        assert torch.equal(got.logits, want.logits)
+        assert got.finite == want.finite
+        assert got.prompt_logits.keys() == want.prompt_logits.keys()
+        for i, logits in want.prompt_logits.items():
+            assert torch.equal(got.prompt_logits[i], logits)
+        assert torch.equal(runner.kv_cache, want_cache)
+        rows = [b - a for a, b in zip(plan.row_starts, plan.row_starts[1:], strict=False)]
+        kinds.update("decode" if n == 1 else "prefill" for n in rows)
+        return got
+
+    runner.run = both_ways
+    p1, p2, p3 = random_prompts([13, 21, 30], seed=5)
+    cases = [(["pre"], p1), (["pre"], p2), (["pro"], p3), ([], p1)]
+    outs = llm.generate(
+        [p for _, p in cases],
+        SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, prompt_logprobs=1),
+        adapters=[n for n, _ in cases],
+        use_tqdm=False,
+    )
+    assert [len(o.token_ids) for o in outs] == [6] * len(cases)
+    assert kinds == {"decode", "prefill"}
+
+
+def test_direct_decoder_only_for_known_layers(model_dir, tmp_path):
+    """Layers whose forward the engine does not know (Qwen3's q/k norms), or a known layer
+    with a module added, run through transformers' forward."""
+    from transformers import Qwen3Config
+
+    from server.engine import decoder
+
+    qwen3 = AutoModelForCausalLM.from_config(Qwen3Config(**COMMON, head_dim=16))
+    assert not decoder.supports(qwen3)
+    llama = AutoModelForCausalLM.from_config(CONFIGS["llama"])
+    assert decoder.supports(llama)
+    llama.model.layers[1].self_attn.q_norm = torch.nn.Identity()
+    assert not decoder.supports(llama)

@@ -1,0 +1,117 @@
+"""The decoder stack of a Llama-family model, run directly on the model's own modules.
+
+transformers' ``LlamaModel.forward`` wraps each step in output capturing, mask building,
+keyword plumbing and one ``nn.Module`` call (with its hook checks) per norm, projection and
+layer: on the CPU, at decode sizes, that Python costs about as much as the model's elementwise
+work. ``run_decoder`` runs the same stack as a plain loop over the layers, with the same
+torch operators in the same order on the same weights, so its result has the same bits as
+transformers' (``tests/unit/test_decoder.py`` checks every supported architecture, in float32
+and bfloat16, against the model's own forward). Where it does less work, it does so without
+changing a value:
+
+- RMSNorm skips the casts to and from float32 when the model is float32 (they would return
+  the tensor itself);
+- rotary embedding multiplies by a sine whose first half is negated and by the input rolled
+  by half a head, which is ``rotate_half(x) * sin`` term by term (a negation is exact);
+- the finiteness of a layer's new keys and values is settled by one sum (``attention``).
+
+Only layer classes whose forward is known to be this computation are run here
+(``DECODER_LAYERS``, with exactly the modules that forward uses, and RMSNorms); any other
+model goes through transformers' forward unchanged. The rotary embedding is the model's own
+module, called as transformers calls it, so every RoPE scaling type gives what it gives there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from server.engine import attention
+from server.engine.attention import AttentionMetadata
+
+# Decoder layers whose forward is: RMSNorm, q/k/v projections, rotary embedding, attention,
+# o projection, residual; RMSNorm, gated MLP, residual (transformers 5's Llama, Mistral and
+# Qwen2; Qwen2's projection biases live in its ``nn.Linear`` modules).
+DECODER_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+_ATTENTION_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj"}
+_MLP_MODULES = {"gate_proj", "up_proj", "down_proj", "act_fn"}
+_LAYER_MODULES = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
+def supports(model: torch.nn.Module) -> bool:
+    """Whether ``run_decoder`` computes ``model``'s decoder stack (else use its forward)."""
+    decoder = getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    norm = getattr(decoder, "norm", None)
+    if layers is None or not hasattr(decoder, "rotary_emb") or not _is_rms_norm(norm):
+        return False
+    for layer in layers:
+        if type(layer).__name__ not in DECODER_LAYERS:
+            return False
+        children = {name for name, _ in layer.named_children()}
+        attn = {name for name, _ in layer.self_attn.named_children()}
+        mlp = {name for name, _ in layer.mlp.named_children()}
+        if children != _LAYER_MODULES or attn != _ATTENTION_MODULES or mlp != _MLP_MODULES:
+            return False
+        if not (
+            _is_rms_norm(layer.input_layernorm) and _is_rms_norm(layer.post_attention_layernorm)
+        ):
+            return False
+    return True
+
+
+def _is_rms_norm(norm: object) -> bool:
+    return type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
+
+
+def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
+    """transformers' RMSNorm: float32 statistics, the weight applied in the input's dtype."""
+    dtype = x.dtype
+    h = x if dtype == torch.float32 else x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    if dtype != torch.float32:
+        h = h.to(dtype)
+    out: torch.Tensor = norm.weight * h
+    return out
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x [T, H, D]``: ``rotate_half(x)`` is ``x``
+    rolled by half a head with its first half negated, and the negation is moved onto the sine
+    (``signed_sin``), which gives the same products exactly."""
+    half = x.shape[-1] // 2
+    return x * cos + x.roll(half, dims=-1) * signed_sin
+
+
+def run_decoder(
+    model: torch.nn.Module,
+    embeds: torch.Tensor,
+    positions: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """The decoder stack over a flat batch: ``embeds [T, hidden]`` at ``positions [T]`` ->
+    the final-norm hidden states ``[T, hidden]``, writing each layer's keys and values into
+    ``meta``'s cache (as ``attention.paged_attention_forward`` does)."""
+    decoder: Any = model.model
+    rows = embeds.shape[0]
+    cos, sin = decoder.rotary_emb(embeds, positions.unsqueeze(0))  # [1, T, D] each
+    cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
+    half = sin.shape[-1] // 2
+    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    x = embeds
+    for index, layer in enumerate(decoder.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        d = attn.head_dim
+        h = _rms_norm(x, layer.input_layernorm)
+        q = _rotate(attn.q_proj.forward(h).view(rows, -1, d), cos, signed_sin)
+        k = _rotate(attn.k_proj.forward(h).view(rows, -1, d), cos, signed_sin)
+        v = attn.v_proj.forward(h).view(rows, -1, d)
+        out = attention.write_and_attend(
+            meta, index, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn.scaling
+        )  # [Hq, T, D]
+        x = x + attn.o_proj.forward(out.transpose(0, 1).reshape(rows, -1))
+        h = _rms_norm(x, layer.post_attention_layernorm)
+        gated = mlp.act_fn.forward(mlp.gate_proj.forward(h)) * mlp.up_proj.forward(h)
+        x = x + mlp.down_proj.forward(gated)
+    return _rms_norm(x, decoder.norm)
