@@ -6,10 +6,11 @@ Parts, each wall time summed over the run (CPU operators are synchronous, so tim
 them are exact; the timers themselves cost ~1 us each):
 
 - weights: every ``nn.Linear`` of the model (projections, MLP, LM head);
-- attention: the paged attention function (the step's K/V written to the cache, then the
-  shared-prefix attention);
+- attention: each layer's ``attention.write_and_attend`` (the step's K/V written to the cache,
+  then the shared-prefix attention), whichever path calls it;
 - other model work: the rest of the forward (embedding, RMSNorm, rotary embedding, SiLU,
-  residual adds, and transformers' Python around them);
+  residual adds, and the Python around them: the engine's decoder loop, or transformers'
+  forward for layers the loop does not run);
 - plan and metadata: the scheduler's plan, its flat arrays, the attention metadata;
 - scheduler: ``schedule`` and ``update_from_output`` less the plan;
 - sampler and text: token choice, detokenizing, stop checks and outputs;
