@@ -57,6 +57,9 @@ class EngineConfig:
     # "auto": the CPU's linear layers through oneDNN (``engine/cpu_kernels.py``); "torch":
     # as the model defines them; "onednn": required.
     linear_backend: str = "auto"
+    # True: Llama, Mistral and Qwen2 layers run as the engine's own loop over the model's
+    # modules (``engine/decoder.py``, same bits); False: always transformers' forward.
+    direct_decoder: bool = True
 
 
 @dataclass
@@ -103,6 +106,7 @@ class LLMEngine:
             config.adapter_cache_bytes,
             attention_backend=config.attention_backend,
             linear_backend=config.linear_backend,
+            direct_decoder=config.direct_decoder,
         )
         self.max_model_len = min(
             getattr(model.config, "max_position_embeddings", 1 << 30),

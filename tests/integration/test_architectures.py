@@ -218,10 +218,14 @@ def test_direct_decoder_only_for_known_layers(model_dir, tmp_path):
     from transformers import Qwen3Config
 
     from server.engine import decoder
+    from server.engine.model_runner import ModelRunner
 
     qwen3 = AutoModelForCausalLM.from_config(Qwen3Config(**COMMON, head_dim=16))
     assert not decoder.supports(qwen3)
     llama = AutoModelForCausalLM.from_config(CONFIGS["llama"])
     assert decoder.supports(llama)
+    assert ModelRunner(llama, 4, 8).direct_decoder
+    assert not ModelRunner(llama, 4, 8, direct_decoder=False).direct_decoder  # asked off
+    assert not ModelRunner(qwen3, 4, 8).direct_decoder
     llama.model.layers[1].self_attn.q_norm = torch.nn.Identity()
     assert not decoder.supports(llama)
