@@ -2,12 +2,13 @@
 
 transformers' ``LlamaModel.forward`` wraps each step in output capturing, mask building,
 keyword plumbing and one ``nn.Module`` call (with its hook checks) per norm, projection and
-layer: on the CPU, at decode sizes, that Python costs about as much as the model's elementwise
-work. ``run_decoder`` runs the same stack as a plain loop over the layers, with the same
+layer. ``run_decoder`` runs the same stack as a plain loop over the layers, with the same
 torch operators in the same order on the same weights, so its result has the same bits as
-transformers' (``tests/unit/test_decoder.py`` checks every supported architecture, in float32
-and bfloat16, against the model's own forward). Where it does less work, it does so without
-changing a value:
+transformers' (``tests/integration/test_architectures.py`` checks every supported
+architecture, in float32 and bfloat16, against the model's own forward). Measured with
+``prefix-serve bench profile`` on a 2-core Xeon, the decode steps' work outside the weights
+and attention fell from 1.19 to 0.80 s (float32) and from 0.95 to 0.72 s (bfloat16). Where
+it does less work than transformers, it does so without changing a value:
 
 - RMSNorm skips the casts to and from float32 when the model is float32 (they would return
   the tensor itself);

@@ -92,28 +92,36 @@ def compare(got: list[int], ref: GreedyResult, label: str) -> int:
     return len(want)
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_prefix_and_prompt_tuning_match_the_reference(arch, model_dir, tmp_path):
-    config = CONFIGS[arch]
-    path = write_model(config, tmp_path / f"tiny-{arch}", model_dir)
+def tiny_engine(arch: str, dtype: str, model_dir: Path, tmp_path: Path):
+    """A tiny random ``arch`` model served by ``LLM`` at ``dtype`` with two adapters, "pre"
+    (prefix tuning, 10 virtual tokens) and "pro" (prompt tuning, 6): ``(llm, ref, adapters)``,
+    ``ref`` the float32 transformers model. Blocks of 8 and a 32-token budget: chunked prefill
+    across steps, decode mixed in, and two "pre" requests share the adapter's first cached
+    block (group attention)."""
+    path = write_model(CONFIGS[arch], tmp_path / f"tiny-{arch}", model_dir)
     ref = load_ref(path)
-    assert ref.config.model_type == arch
     adapters = {
         "pre": make_prefix_tuning(ref, tmp_path / "pre", num_virtual_tokens=10, seed=1),
         "pro": make_prompt_tuning(ref, tmp_path / "pro", num_virtual_tokens=6, seed=2),
     }
-    # Blocks of 8 and a 32-token budget: chunked prefill across steps, decode mixed in, and
-    # the two "pre" requests share the adapter's first cached block (group attention).
     llm = LLM(
         str(path),
         data_dir=tmp_path / "data",
         device="cpu",
-        dtype="float32",
+        dtype=dtype,
         engine_config=EngineConfig(block_size=8, max_num_batched_tokens=32),
     )
-    assert llm.model_id == f"tiny-{arch}"
     for name, adapter_dir in adapters.items():
         llm.add_adapter(name, adapter_dir)
+    return llm, ref, adapters
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_prefix_and_prompt_tuning_match_the_reference(arch, model_dir, tmp_path):
+    config = CONFIGS[arch]
+    llm, ref, adapters = tiny_engine(arch, "float32", model_dir, tmp_path)
+    assert ref.config.model_type == arch
+    assert llm.model_id == f"tiny-{arch}"
     p1, p2, p3 = random_prompts([13, 21, 30], seed=5)
     cases = [(["pre"], p1), (["pre"], p2), (["pro"], p1), (["pro"], p3), ([], p1), ([], p3)]
     window = getattr(config, "sliding_window", None)
@@ -163,21 +171,7 @@ def test_direct_decoder_equals_transformers_forward(arch, dtype, model_dir, tmp_
     bits as the model's transformers forward: every step of a run with chunked prefill, decode,
     a shared adapter block and prompt tuning is computed both ways, and the logits, the
     prompt logits and the whole KV cache are equal, not close."""
-    path = write_model(CONFIGS[arch], tmp_path / f"tiny-{arch}", model_dir)
-    ref = load_ref(path)
-    adapters = {
-        "pre": make_prefix_tuning(ref, tmp_path / "pre", num_virtual_tokens=10, seed=1),
-        "pro": make_prompt_tuning(ref, tmp_path / "pro", num_virtual_tokens=6, seed=2),
-    }
-    llm = LLM(
-        str(path),
-        data_dir=tmp_path / "data",
-        device="cpu",
-        dtype=dtype,
-        engine_config=EngineConfig(block_size=8, max_num_batched_tokens=32),
-    )
-    for name, adapter_dir in adapters.items():
-        llm.add_adapter(name, adapter_dir)
+    llm, _, _ = tiny_engine(arch, dtype, model_dir, tmp_path)
     runner = llm.engine.runner
     assert runner.direct_decoder
     run = runner.run
