@@ -115,6 +115,7 @@ def agreement(
 def run_engine(llm: LLM, workload: Workload, rounds: int = 1) -> tuple[list[list[int]], float]:
     """The workload's tokens and the fastest of ``rounds`` timed runs, each from a cold prefix
     cache. Every round must give the same tokens."""
+    _check_rounds(rounds)
     params = SamplingParams(max_tokens=workload.new_tokens, temperature=0, ignore_eos=True)
     names = [[f"tenant-{r.tenant}"] for r in workload.requests]
     prompts = [r.prompt_ids for r in workload.requests]
@@ -136,6 +137,12 @@ def run_engine(llm: LLM, workload: Workload, rounds: int = 1) -> tuple[list[list
     return tokens, best
 
 
+def _check_rounds(rounds: int) -> None:
+    """The one check of a round count: every timed system runs at least once."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+
+
 class _Timed(Protocol):
     seconds: float
 
@@ -145,7 +152,8 @@ T = TypeVar("T", bound=_Timed)
 
 def fastest(runs: Callable[[], T], rounds: int) -> T:
     """The result of ``runs()`` with the fewest ``seconds`` over ``rounds`` calls."""
-    results = [runs() for _ in range(max(rounds, 1))]
+    _check_rounds(rounds)
+    results = [runs() for _ in range(rounds)]
     return min(results, key=lambda r: r.seconds)
 
 
@@ -211,6 +219,7 @@ def run(
 ) -> dict:
     """W1 once; with ``rounds`` > 1 every timed system (engine, baselines, peers) runs that
     many times and keeps its fastest, so a slow moment of a shared host hits no one system."""
+    _check_rounds(rounds)
     if threads:
         torch.set_num_threads(threads)
     model_dir = _model_path(model, data_dir)

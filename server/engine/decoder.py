@@ -14,7 +14,11 @@ it does less work than transformers, it does so without changing a value:
   the tensor itself);
 - rotary embedding multiplies by a sine whose first half is negated and by the input rolled
   by half a head, which is ``rotate_half(x) * sin`` term by term (a negation is exact);
-- the finiteness of a layer's new keys and values is settled by one sum (``attention``).
+- the finiteness of a layer's new keys and values is settled by one sum (``attention``);
+- products and sums whose operand is a fresh tensor of this step (a projection's output, a
+  norm's or rotary's intermediate) are written into it in place (``a * b`` is ``b * a`` and
+  ``a + b`` is ``b + a`` to the last bit), so each layer allocates, and writes to cold
+  memory, fewer activation-sized tensors.
 
 Only layer classes whose forward is known to be this computation are run here
 (``DECODER_LAYERS``, with exactly the modules that forward uses, and RMSNorms); any other
@@ -73,8 +77,7 @@ def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     if dtype != torch.float32:
         h = h.to(dtype)
-    out: torch.Tensor = norm.weight * h
-    return out
+    return h.mul_(norm.weight)  # h is this call's own tensor: multiply in place
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     rolled by half a head with its first half negated, and the negation is moved onto the sine
     (``signed_sin``), which gives the same products exactly."""
     half = x.shape[-1] // 2
-    return x * cos + x.roll(half, dims=-1) * signed_sin
+    return torch.mul(x, cos).add_(x.roll(half, dims=-1).mul_(signed_sin))
 
 
 def run_decoder(
@@ -111,8 +114,8 @@ def run_decoder(
         out = attention.write_and_attend(
             meta, index, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn.scaling
         )  # [Hq, T, D]
-        x = x + attn.o_proj.forward(out.transpose(0, 1).reshape(rows, -1))
+        x = attn.o_proj.forward(out.transpose(0, 1).reshape(rows, -1)).add_(x)
         h = _rms_norm(x, layer.post_attention_layernorm)
-        gated = mlp.act_fn.forward(mlp.gate_proj.forward(h)) * mlp.up_proj.forward(h)
-        x = x + mlp.down_proj.forward(gated)
+        gated = mlp.act_fn.forward(mlp.gate_proj.forward(h)).mul_(mlp.up_proj.forward(h))
+        x = mlp.down_proj.forward(gated).add_(x)
     return _rms_norm(x, decoder.norm)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import pytest
+
 from bench.floor import _rate
 from bench.w1 import fastest
+from bench.w1 import run as run_w1
 
 
 @dataclass
@@ -27,7 +30,14 @@ def test_fastest_calls_every_round_and_keeps_the_quickest() -> None:
     best = fastest(one, 3)
     assert len(calls) == 3
     assert best == Run(1.5, 2)
-    assert fastest(lambda: Run(4.0, 9), 0) == Run(4.0, 9)  # at least one run
+    with pytest.raises(ValueError, match="at least 1"):
+        fastest(one, 0)
+    assert len(calls) == 3  # refused before any run
+
+
+def test_w1_refuses_zero_rounds_before_loading_anything() -> None:
+    with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
+        run_w1(rounds=0, model="no-such-model", data_dir="/nonexistent")
 
 
 def test_rate_is_the_best_window_not_the_average() -> None:
