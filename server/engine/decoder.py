@@ -17,8 +17,9 @@ it does less work than transformers, it does so without changing a value:
 - the finiteness of a layer's new keys and values is settled by one sum (``attention``);
 - products and sums whose operand is a fresh tensor of this step (a projection's output, a
   norm's or rotary's intermediate) are written into it in place (``a * b`` is ``b * a`` and
-  ``a + b`` is ``b + a`` to the last bit), so each layer allocates, and writes to cold
-  memory, fewer activation-sized tensors.
+  ``a + b`` is ``b + a`` to the last bit), so each layer allocates fewer activation-sized
+  tensors (W1 end to end on the same Xeon: unchanged within its noise, medians 7.72 against
+  7.70 s).
 
 Only layer classes whose forward is known to be this computation are run here
 (``DECODER_LAYERS``, with exactly the modules that forward uses, and RMSNorms); any other

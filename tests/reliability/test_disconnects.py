@@ -311,12 +311,14 @@ def test_sigterm_under_load_drains_then_exits_0(tiny_model_dir, tmp_path):
             time.sleep(0.05)
         time.sleep(scale(1.0, 20.0))
         # Signal while the seats are full and a queue waits (clients that got a 429 back off,
-        # so on a slow host the queue can be empty at the end of the sleep).
-        deadline = time.monotonic() + 30
-        while server.metrics()["prefix_serve_requests_waiting"] < 2:
-            assert time.monotonic() < deadline and loader.is_alive()
-            time.sleep(0.01)
+        # so on a slow host the queue can be empty at the end of the sleep). The client is
+        # opened first, so the signal follows the queue's reading at once: a stream that
+        # finishes in between leaves one fewer in flight than the reading showed.
         with server.http("acme", timeout=10) as http:
+            deadline = time.monotonic() + 30
+            while server.metrics()["prefix_serve_requests_waiting"] < 2:
+                assert time.monotonic() < deadline and loader.is_alive()
+                time.sleep(0.01)
             signalled = time.monotonic()
             server.signal(signal.SIGTERM)
             stop.set()
