@@ -1,4 +1,4 @@
-"""Shared-prefix attention over the paged KV cache (PyTorch reference backend).
+"""Shared-prefix attention over the paged KV cache.
 
 A step's tokens form one flat, unpadded batch. Every sequence reads its KV from the cache:
 an optional *shared* segment (blocks it has in common with the other members of its group) and
@@ -15,8 +15,13 @@ matrix product per group, not once per sequence:
 The metadata comes from the step's flat arrays (``server.engine.flat``, what a fused kernel
 would take) in one numpy pass per step; each layer then runs a few padded batches (decode
 units, one per size class of multi-row chunks, shared segments), whatever the number of
-sequences. Everything equals plain causal attention over each
-sequence's keys; ``tests/unit/test_attention.py`` checks it. Cache layout:
+sequences. Three backends compute the batches (``BACKENDS``): ``native``, a C kernel that
+reads each unit's keys and values where they lie in the paged cache (``native.py``,
+``paged_attention.c``; the CPU's default where it builds); ``fused``, torch's flash kernel
+over keys and values gathered out of the cache; ``reference``, plain torch products
+(``attend``), the test oracle. Everything equals plain causal attention over each
+sequence's keys; ``tests/unit/test_attention.py`` and ``tests/unit/test_native_attention.py``
+check it. Cache layout:
 ``kv_cache[layer, 0 | 1]`` is ``[kv_heads, num_slots, head_dim]``, slot = ``block_id *
 block_size + offset``. Query heads are grouped GQA-style: query head ``h`` reads kv head
 ``h // (q_heads // kv_heads)``, as transformers' ``repeat_kv`` does.
@@ -32,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from server.engine import native
 from server.engine.flat import FlatBatch, concat_ranges, ranks
 
 ATTENTION_NAME = "prefix_serve"
@@ -108,6 +114,10 @@ class PaddedBatch:
     # ``slots`` as rows of a layer's cache seen as one [Hkv * num_slots, D] matrix, every kv
     # head in turn (see ``_gather``), for the cache the metadata was built for.
     cache_rows: torch.Tensor | None = None
+    # The native kernel's argument block for this batch (its per-layer pointers are filled
+    # in by each call), and the padded queries' destination rows it reads (-1: padding).
+    native_job: native.Job | None = None
+    dest: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,10 +142,12 @@ class AttentionMetadata:
     suffix: list[PaddedBatch]
     shared: PaddedBatch | None  # grouped multi-row chunks: their group's segment, merged by LSE
     nonfinite: torch.Tensor  # [T] bool, or-ed over layers: the row's K/V was not finite
-    backend: str = "fused"  # "fused": torch's fused SDPA kernel; "reference": ``attend``
+    # "native": the C kernel over the paged cache (``native.py``); "fused": torch's fused SDPA
+    # kernel over gathered keys and values; "reference": ``attend``, the test oracle
+    backend: str = "fused"
 
 
-BACKENDS = ("fused", "reference")
+BACKENDS = ("native", "fused", "reference")
 
 
 def build_metadata(
@@ -146,7 +158,7 @@ def build_metadata(
 ) -> AttentionMetadata:
     """A step's view for attention: a few padded batches, derived from the flat
     metadata with numpy in one pass per step (no loop over sequences, none per layer).
-    ``backend`` picks how each batch is computed (``BACKENDS``); both give the same result up
+    ``backend`` picks how each batch is computed (``BACKENDS``); all give the same result up
     to float rounding."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r}: expected one of {BACKENDS}")
@@ -359,6 +371,47 @@ def _attend_fused(
     return out.index_select(1, pb.valid), lse.index_select(1, pb.valid).float()
 
 
+def _attend_native(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pb: PaddedBatch,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor | None = None,
+) -> None:
+    """``pb``'s units through the native kernel, reading keys and values where they lie in
+    the cache (no gather): each real query's result goes straight to its row of ``out``
+    (``[Hq, T, D]``, q's layout) and, when given, its log-sum-exp to ``lse`` (float32
+    ``[Hq, T]``, contiguous)."""
+    job = pb.native_job
+    if job is None:
+        dest = torch.full((pb.q_index.numel(),), -1, dtype=torch.int64)
+        dest[pb.valid] = pb.rows
+        hidden = pb.hidden
+        job = native.Job(
+            slots=pb.slots.data_ptr(),
+            width=pb.slots.shape[1],
+            hidden=hidden.data_ptr(),
+            hidden_unit_stride=hidden.stride(0),
+            hidden_query_stride=hidden.stride(1) if hidden.shape[1] > 1 else 0,
+            q_index=pb.q_index.data_ptr(),
+            dest=dest.data_ptr(),
+            q_len=pb.q_len,
+            units=pb.slots.shape[0],
+            threads=torch.get_num_threads(),
+        )
+        pb.native_job, pb.dest = job, dest
+    job.q, job.q_head_stride, job.q_row_stride = q.data_ptr(), q.stride(0), q.stride(1)
+    job.k, job.v, job.cache_head_stride = k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0)
+    job.out, job.out_head_stride, job.out_row_stride = out.data_ptr(), out.stride(0), out.stride(1)
+    job.lse = lse.data_ptr() if lse is not None else None
+    job.lse_head_stride = lse.stride(0) if lse is not None else 0
+    job.q_heads, job.kv_heads, job.head_dim = q.shape[0], k_cache.shape[0], q.shape[2]
+    job.scale, job.bf16 = scale, int(q.dtype == torch.bfloat16)
+    native.run(job)
+
+
 def prefix_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -367,28 +420,68 @@ def prefix_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention for the flat batch. q: ``[Hq, T, D]`` -> ``[Hq, T, D]``."""
-    fused = meta.backend == "fused" and _fused_kernel(q.device) is not None
-    attend_batch = _attend_fused if fused else _attend_padded
+    attend_into = _batch_runner(meta.backend, q, k_cache, v_cache, scale)
     out = torch.empty_like(q)
     if meta.decode is not None:
-        o, _ = attend_batch(q, k_cache, v_cache, meta.decode, scale)
-        out.index_copy_(1, meta.decode.rows, o)
+        attend_into(meta.decode, out, None)
     # Shared-segment rows are suffix rows too: keep the suffix LSEs for their merge.
     full_lse = None
     if meta.shared is not None:
         full_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     for pb in meta.suffix:
-        o, lse = attend_batch(q, k_cache, v_cache, pb, scale)
-        out.index_copy_(1, pb.rows, o)
-        if full_lse is not None:
-            full_lse.index_copy_(1, pb.rows, lse)
+        attend_into(pb, out, full_lse)
     if meta.shared is None or full_lse is None:
         return out
     rows = meta.shared.rows
-    og, lg = attend_batch(q, k_cache, v_cache, meta.shared, scale)
-    merged, _ = merge(out.index_select(1, rows), full_lse.index_select(1, rows), og, lg)
+    shared_out = torch.empty_like(q)
+    shared_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    attend_into(meta.shared, shared_out, shared_lse)
+    merged, _ = merge(
+        out.index_select(1, rows),
+        full_lse.index_select(1, rows),
+        shared_out.index_select(1, rows),
+        shared_lse.index_select(1, rows),
+    )
     out.index_copy_(1, rows, merged.to(out.dtype))
     return out
+
+
+# Attention of one padded batch, written into its rows of ``out [Hq, T, D]`` and, when given,
+# of a float32 ``lse [Hq, T]``.
+_BatchRunner = Callable[[PaddedBatch, torch.Tensor, torch.Tensor | None], None]
+
+
+def _batch_runner(
+    backend: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+) -> _BatchRunner:
+    """How this layer's batches are computed: the native kernel writes rows in place; torch's
+    backends compute each batch's rows, then scatter them."""
+    if backend == "native" and _native_fits(q, k_cache, v_cache):
+        return lambda pb, out, lse: _attend_native(q, k_cache, v_cache, pb, scale, out, lse)
+    fused = backend != "reference" and _fused_kernel(q.device) is not None
+    attend_batch = _attend_fused if fused else _attend_padded
+
+    def attend_into(pb: PaddedBatch, out: torch.Tensor, lse: torch.Tensor | None) -> None:
+        o, batch_lse = attend_batch(q, k_cache, v_cache, pb, scale)
+        out.index_copy_(1, pb.rows, o)
+        if lse is not None:
+            lse.index_copy_(1, pb.rows, batch_lse)
+
+    return attend_into
+
+
+def _native_fits(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether the native kernel can read these tensors as they are: CPU memory, one storage
+    type it knows, unit stride along the head dimension, caches laid out as allocated (the
+    runner settles the backend once; this guards what reaches the kernel's raw pointers)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and k_cache.dtype == q.dtype == v_cache.dtype
+        and q.stride(-1) == 1
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+    )
 
 
 def paged_attention_forward(

@@ -51,9 +51,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     kv_cache_memory: int = 1 << 30  # bytes for the KV block pool
     adapter_cache_bytes: int | None = 1 << 30  # device tier of adapter tensors; None: unbounded
-    # "fused": torch's fused attention kernel where the device has one (the CPU's flash
-    # kernel); "reference": the plain torch matmul backend, the test oracle.
-    attention_backend: str = "fused"
+    # "auto": "native" where it can run (a CPU model in float32 or bfloat16, and the kernel
+    # built on this machine), else "fused". "native": the engine's C kernel over the paged
+    # cache (``engine/native.py``), required; "fused": torch's fused attention kernel where
+    # the device has one (the CPU's flash kernel); "reference": the plain torch matmul
+    # backend, the test oracle.
+    attention_backend: str = "auto"
     # "auto": the CPU's linear layers through oneDNN (``engine/cpu_kernels.py``); "torch":
     # as the model defines them; "onednn": required.
     linear_backend: str = "auto"

@@ -11,13 +11,14 @@ input embeddings.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, NamedTuple, Protocol, cast
 
 import numpy as np
 import torch
 
 from adapters_store.tiers import LRUTier
-from server.engine import attention, decoder
+from server.engine import attention, decoder, native
 from server.engine.attention import build_metadata
 from server.engine.batch import BatchPlan
 from server.engine.cpu_kernels import route_linears
@@ -28,6 +29,8 @@ from server.engine.request import AdapterSegment
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteAdapter(ValueError):
@@ -63,12 +66,17 @@ def decoder_config(model: PreTrainedModel) -> DecoderConfig:
     return cast(DecoderConfig, model.config)
 
 
-def kv_bytes_per_token(config: DecoderConfig, dtype: torch.dtype) -> int:
+def head_dim_of(config: DecoderConfig) -> int:
+    """The model's head dimension: its ``head_dim`` where it sets one, else hidden / heads."""
     head_dim: int = (
         getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     )
+    return head_dim
+
+
+def kv_bytes_per_token(config: DecoderConfig, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * elem
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim_of(config) * elem
 
 
 class ModelRunner:
@@ -80,15 +88,11 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         adapter_cache_bytes: int | None = None,
-        attention_backend: str = "fused",
+        attention_backend: str = "auto",
         linear_backend: str = "auto",
         direct_decoder: bool = True,
     ) -> None:
-        if attention_backend not in attention.BACKENDS:
-            raise ValueError(
-                f"attention backend {attention_backend!r}: expected one of {attention.BACKENDS}"
-            )
-        self.attention_backend = attention_backend
+        self.attention_backend = _attention_backend(model, attention_backend)
         self.routed_linears = route_linears(model, linear_backend)
         # The decoder stack as a plain loop over the model's modules (same bits, less Python);
         # transformers' forward for any other architecture, or when asked.
@@ -101,7 +105,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = head_dim_of(cfg)
         self.kv_cache = torch.zeros(
             cfg.num_hidden_layers,
             2,
@@ -196,6 +200,26 @@ class ModelRunner:
             slots = torch.from_numpy(flat.slots(copy.chunk, copy.start, copy.length))
             src = kv[:, :, :, copy.offset : copy.offset + copy.length]
             self.kv_cache.index_copy_(3, slots.to(self.device), src)
+
+
+def _attention_backend(model: PreTrainedModel, asked: str) -> str:
+    """The attention backend to run: ``asked``, with "auto" settled for this model and
+    machine ("native" where its kernel can run, else "fused"). Raises ValueError for an
+    unknown name, or for "native" where it cannot run (saying why)."""
+    if asked != "auto" and asked not in attention.BACKENDS:
+        choices = ("auto", *attention.BACKENDS)
+        raise ValueError(f"attention backend {asked!r}: expected one of {choices}")
+    if asked not in ("auto", "native"):
+        return asked
+    param = next(model.parameters())
+    why = native.usable(param.device, param.dtype, head_dim_of(decoder_config(model)))
+    if not why:
+        return "native"
+    if asked == "native":
+        raise ValueError(f"attention backend 'native': {why}")
+    if param.device.type == "cpu":
+        log.info("%s; attention runs on torch's fused kernel", why)
+    return "fused"
 
 
 def _finite_chunks(nonfinite_rows: np.ndarray, flat: FlatBatch) -> list[bool]:

@@ -69,7 +69,7 @@ def test_merge_of_two_halves_is_whole():
     assert torch.allclose(mlse, lse, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "fused", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_paged_batch_equals_plain_attention(backend: str, dtype: torch.dtype):
     """Two groups and a loner, one-row (decode) and multi-row chunks mixed, laid out by the
@@ -182,7 +182,7 @@ def test_cache_writes_zero_only_the_rows_that_are_not_finite(dtype: torch.dtype)
     assert bool((cache[0, :, :, slots] == 3).all())
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("backend", ["reference", "fused", "native"])
 @pytest.mark.parametrize(
     "cases",
     [

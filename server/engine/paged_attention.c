@@ -1,0 +1,254 @@
+/* Attention of padded query units straight over the paged KV cache, on the CPU.
+ *
+ * torch's backends copy every unit's keys and values out of the paged cache (a gather per
+ * layer) and then run a kernel over the copy. This kernel reads each key and value row where
+ * it lies in the cache, through the unit's slot list, once per unit and kv head: all of the
+ * unit's queries (every member of a shared-prefix group, every query head of the kv head) are
+ * scored against a block of keys while it sits in the core's cache, so a group's shared
+ * segment is read once for the group (Hydragen's batching), not once per member.
+ *
+ * Layout, as in server/engine/attention.py: q [Hq, T, D] and out [Hq, T, D] with any head and
+ * row strides (unit stride along D); the caches [Hkv, num_slots, D] with a head stride and row
+ * stride D; slots [U, S]; hidden [U, q_len | 1, S] (1 where the query must not see the key);
+ * q_index [U * q_len] (the flat row of each padded query); dest [U * q_len] (the flat row its
+ * result goes to, or -1 for padding: not computed). Query head h reads kv head h / (Hq / Hkv).
+ * Scores, softmax and the weighted sum are float32 whatever the storage type (float32 or
+ * bfloat16), with the online softmax of flash attention over blocks of keys. A query that sees
+ * no key gets zeros and a log-sum-exp of -inf.
+ *
+ * Work is split over (unit, kv head) tasks by OpenMP. The library is linked against libgomp
+ * by its soname, which the loader resolves to the copy torch has already loaded, so the tasks
+ * run on torch's own worker threads (a second OpenMP runtime's threads would compete with
+ * torch's for the same cores).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define VLEN 16                /* floats per vector */
+#define SUB 4                  /* vectors of keys per block */
+#define BLOCK (SUB * VLEN)     /* keys per block */
+#define MAX_HEAD_DIM 256
+
+typedef struct {
+    const void *q;
+    int64_t q_head_stride, q_row_stride;
+    const void *k, *v;
+    int64_t cache_head_stride;
+    const int64_t *slots;
+    int64_t width; /* S */
+    const uint8_t *hidden;
+    int64_t hidden_unit_stride, hidden_query_stride; /* query stride 0: one row for the unit */
+    const int64_t *q_index, *dest;
+    int64_t q_len;
+    void *out;
+    int64_t out_head_stride, out_row_stride;
+    float *lse; /* [Hq, T] float32, or NULL */
+    int64_t lse_head_stride;
+    int64_t units, q_heads, kv_heads, head_dim;
+    float scale;
+    int32_t bf16, threads;
+} Job;
+
+typedef float vf __attribute__((vector_size(4 * VLEN)));
+typedef int32_t vi __attribute__((vector_size(4 * VLEN)));
+
+static inline float bf16_load(const uint16_t *p) {
+    uint32_t bits = (uint32_t)(*p) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t bf16_round(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest, ties to even */
+    return (uint16_t)(bits >> 16);
+}
+
+/* n values of a float32 or bfloat16 array from element `offset`, as float32 into dst. */
+static inline void load_row(float *dst, const void *base, int64_t offset, int64_t n, int bf16) {
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)base + offset;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_load(src + i);
+    } else {
+        memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
+    }
+}
+
+/* Lane by lane: a where `mask` is -1, b where it is 0 (what a vector comparison gives). */
+static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* exp(x) lane by lane for x <= 0 (a score minus the running maximum), to about 2 ulp (libm's
+ * expf takes one value at a time); 0 below -87, so a masked score's -inf gives exactly 0. */
+static inline vf exp_v(vf x) {
+    const vi under = x < -87.0f;
+    const vf lo = select(under, (vf){0} - 87.0f, x);
+    const vf t = lo * 1.44269504f;
+    const vf k = (t + 12582912.0f) - 12582912.0f; /* round to the nearest integer */
+    const vf r = (lo - k * 0.693145752f) - k * 1.42860677e-6f; /* |r| <= ln2 / 2 */
+    vf p = r * 1.98756912e-4f + 1.39819994e-3f;
+    p = p * r + 8.33345205e-3f;
+    p = p * r + 4.16657962e-2f;
+    p = p * r + 1.66666672e-1f;
+    p = p * r + 5.00000000e-1f;
+    p = p * r * r + r + 1.0f;
+    const vi two = (__builtin_convertvector(k, vi) + 127) << 23;
+    const vf y = p * (vf)two;
+    return (vf)((vi)y & ~under);
+}
+
+/* One (unit, kv head): every live query of the unit under each of the kv head's query heads,
+ * against blocks of BLOCK keys. Head dimensions are padded with zeros to a multiple of
+ * SUB * VLEN in the task's own buffers, so the inner loops run on whole vectors. */
+static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
+    const int64_t d = job->head_dim, group = job->q_heads / job->kv_heads;
+    const int64_t dp = (d + SUB * VLEN - 1) / (SUB * VLEN) * (SUB * VLEN);
+    const int64_t n = job->q_len * group; /* query rows, query-major: row = j * group + gi */
+    const size_t floats = (size_t)(n * (2 * dp + 3) + 2 * BLOCK * dp);
+    float *buf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+    if (!buf) return 1;
+    memset(buf, 0, floats * sizeof(float));
+    float *keys_t = buf;                  /* [dp][BLOCK]: the block's keys, transposed */
+    float *values = keys_t + BLOCK * dp;  /* [BLOCK][dp] */
+    float *qs = values + BLOCK * dp;      /* [n][dp], scaled */
+    float *acc = qs + n * dp;             /* [n][dp]: the running weighted sums of values */
+    float *m = acc + n * dp, *l = m + n, *live = l + n; /* running max, running total */
+    for (int64_t j = 0; j < job->q_len; j++) {
+        const int64_t at = job->q_index[unit * job->q_len + j];
+        const int on = job->dest[unit * job->q_len + j] >= 0;
+        for (int64_t gi = 0; gi < group; gi++) {
+            const int64_t r = j * group + gi, head = kv_head * group + gi;
+            live[r] = (float)on;
+            m[r] = -INFINITY;
+            if (!on) continue;
+            load_row(qs + r * dp, job->q, head * job->q_head_stride + at * job->q_row_stride, d,
+                     job->bf16);
+            for (int64_t i = 0; i < d; i++) qs[r * dp + i] *= job->scale;
+        }
+    }
+    const int64_t *slots = job->slots + unit * job->width;
+    const uint8_t *hidden = job->hidden + unit * job->hidden_unit_stride;
+    const int64_t cache_base = kv_head * job->cache_head_stride, elem = job->bf16 ? 2 : 4;
+    float row[MAX_HEAD_DIM];
+    for (int64_t start = 0; start < job->width; start += BLOCK) {
+        const int64_t count = job->width - start < BLOCK ? job->width - start : BLOCK;
+        /* The next block's rows are fetched while this one is computed: the cache is
+         * usually cold here (each layer's weights have just streamed through). */
+        const int64_t left = job->width - start - count, ahead = left < BLOCK ? left : BLOCK;
+        for (int64_t b = 0; b < ahead; b++) {
+            const int64_t at = (cache_base + slots[start + count + b] * d) * elem;
+            for (int64_t byte = 0; byte < d * elem; byte += 64) {
+                __builtin_prefetch((const char *)job->k + at + byte);
+                __builtin_prefetch((const char *)job->v + at + byte);
+            }
+        }
+        for (int64_t b = 0; b < count; b++) {
+            const int64_t at = cache_base + slots[start + b] * d;
+            load_row(row, job->k, at, d, job->bf16);
+            for (int64_t i = 0; i < d; i++) keys_t[i * BLOCK + b] = row[i];
+            load_row(values + b * dp, job->v, at, d, job->bf16);
+        }
+        for (int64_t r = 0; r < n; r++) {
+            if (live[r] == 0.0f) continue;
+            const uint8_t *mask = hidden + (r / group) * job->hidden_query_stride + start;
+            vi masked[SUB];
+            int any = 0;
+            for (int s = 0; s < SUB; s++) {
+                for (int b = 0; b < VLEN; b++) {
+                    const int64_t key = s * VLEN + b;
+                    masked[s][b] = key < count && !mask[key] ? 0 : -1;
+                    any |= !masked[s][b];
+                }
+            }
+            if (!any) continue; /* no visible key in this block */
+            const float *qr = qs + r * dp;
+            vf score[SUB] = {{0}};
+            for (int64_t i = 0; i < dp; i++) {
+                const float qi = qr[i];
+                const vf *kt = (const vf *)(keys_t + i * BLOCK);
+                for (int s = 0; s < SUB; s++) score[s] += qi * kt[s];
+            }
+            vf most = (vf){0} - INFINITY;
+            for (int s = 0; s < SUB; s++) {
+                score[s] = select(masked[s], (vf){0} - INFINITY, score[s]);
+                most = select(score[s] > most, score[s], most);
+            }
+            float top = m[r];
+            for (int b = 0; b < VLEN; b++) top = most[b] > top ? most[b] : top;
+            float *a = acc + r * dp;
+            if (top > m[r]) {
+                const float shrink = m[r] == -INFINITY ? 0.0f : expf(m[r] - top);
+                l[r] *= shrink;
+                for (int64_t i = 0; i < dp; i++) a[i] *= shrink;
+                m[r] = top;
+            }
+            float w[BLOCK] __attribute__((aligned(64)));
+            vf total = {0};
+            for (int s = 0; s < SUB; s++) {
+                const vf e = exp_v(score[s] - top);
+                *(vf *)(w + s * VLEN) = e;
+                total += e;
+            }
+            for (int b = 0; b < VLEN; b++) l[r] += total[b];
+            /* Four vectors of the row's sum at a time, each its own chain of additions. */
+            for (int64_t c = 0; c < dp; c += SUB * VLEN) {
+                vf *sum = (vf *)(a + c);
+                vf s0 = sum[0], s1 = sum[1], s2 = sum[2], s3 = sum[3];
+                for (int64_t b = 0; b < count; b++) {
+                    const float wb = w[b];
+                    const vf *vb = (const vf *)(values + b * dp + c);
+                    s0 += wb * vb[0];
+                    s1 += wb * vb[1];
+                    s2 += wb * vb[2];
+                    s3 += wb * vb[3];
+                }
+                sum[0] = s0, sum[1] = s1, sum[2] = s2, sum[3] = s3;
+            }
+        }
+    }
+    for (int64_t j = 0; j < job->q_len; j++) {
+        const int64_t at = job->dest[unit * job->q_len + j];
+        if (at < 0) continue;
+        for (int64_t gi = 0; gi < group; gi++) {
+            const int64_t r = j * group + gi, head = kv_head * group + gi;
+            const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+            const int64_t o_at = head * job->out_head_stride + at * job->out_row_stride;
+            if (job->bf16) {
+                uint16_t *o = (uint16_t *)job->out + o_at;
+                for (int64_t i = 0; i < d; i++) o[i] = bf16_round(acc[r * dp + i] * inv);
+            } else {
+                float *o = (float *)job->out + o_at;
+                for (int64_t i = 0; i < d; i++) o[i] = acc[r * dp + i] * inv;
+            }
+            if (job->lse)
+                job->lse[head * job->lse_head_stride + at] =
+                    l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* Returns 0 on success, 1 if memory for a task's buffers could not be had, 2 for shapes the
+ * kernel does not take (nothing is read or written then). */
+int paged_attention(const Job *job) {
+    if (job->head_dim < 1 || job->head_dim > MAX_HEAD_DIM || job->kv_heads < 1 ||
+        job->q_heads % job->kv_heads != 0 || job->q_len < 0 || job->width < 0 || job->units < 0)
+        return 2;
+    const int64_t tasks = job->units * job->kv_heads;
+    const int threads = job->threads < 1 ? 1 : job->threads;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : failed)
+    for (int64_t t = 0; t < tasks; t++) failed |= run_task(job, t / job->kv_heads, t % job->kv_heads);
+    return failed;
+}
+
+/* The size of Job as compiled, for the loader to check its own layout against. */
+int64_t paged_attention_job_size(void) { return (int64_t)sizeof(Job); }
+
+/* The largest head dimension the kernel takes. */
+int64_t paged_attention_max_head_dim(void) { return MAX_HEAD_DIM; }
