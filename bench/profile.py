@@ -1,6 +1,7 @@
 """Where a W1 step's time goes: the engine's run of W1, timed by part.
 
     prefix-serve bench profile [--tenants 4] [--requests 4] [--new-tokens 32] [--dtype float32]
+        [--attention auto|native|fused|reference]
 
 Parts, each wall time summed over the run (CPU operators are synchronous, so timers around
 them are exact; the timers themselves cost ~1 us each):
@@ -21,6 +22,7 @@ Decode and prefill steps are reported apart (a step with any multi-row chunk is 
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections import defaultdict
@@ -94,11 +96,18 @@ def instrument(llm: LLM, timers: Timers) -> None:
 
 
 def profile_w1(
-    tenants: int, requests: int, new_tokens: int, dtype: str, model: str, data_dir: str
+    tenants: int,
+    requests: int,
+    new_tokens: int,
+    dtype: str,
+    model: str,
+    data_dir: str,
+    attention: str = "auto",
 ) -> dict:
     model_dir = _model_path(model, data_dir)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    llm = LLM(str(model_dir), data_dir=data_dir, device="cpu", dtype=dtype, engine_config=W1_ENGINE)
+    config = dataclasses.replace(W1_ENGINE, attention_backend=attention)
+    llm = LLM(str(model_dir), data_dir=data_dir, device="cpu", dtype=dtype, engine_config=config)
     with tempfile.TemporaryDirectory() as tmp:
         wl = build_w1(base, llm.tokenizer, tmp, tenants, requests, new_tokens)
         for t, path in enumerate(wl.adapter_dirs):
@@ -116,6 +125,7 @@ def profile_w1(
         wall = time.perf_counter() - start
     return {
         "dtype": dtype,
+        "attention": llm.engine.runner.attention_backend,
         "steps": llm.engine.stats.steps - steps_before,
         "wall_s": wall,
         "parts_s": dict(timers.totals),
@@ -125,7 +135,8 @@ def profile_w1(
 def format_profile(result: dict) -> str:
     parts = result["parts_s"]
     lines = [
-        f"W1 engine profile, {result['dtype']}: {result['steps']} steps, {result['wall_s']:.2f} s"
+        f"W1 engine profile, {result['dtype']}, {result['attention']} attention: "
+        f"{result['steps']} steps, {result['wall_s']:.2f} s"
     ]
     for kind in ("prefill", "decode"):
         t = {name.split(":", 1)[1]: v for name, v in parts.items() if name.startswith(kind + ":")}

@@ -158,20 +158,30 @@ def fastest(runs: Callable[[], T], rounds: int) -> T:
 
 
 def engine_row(
-    model_dir: Path, data_dir: str, wl: Workload, dtype: str, rounds: int = 1
+    model_dir: Path,
+    data_dir: str,
+    wl: Workload,
+    dtype: str,
+    rounds: int = 1,
+    attention: str = "auto",
 ) -> tuple[Row, dict, list[GreedyResult]]:
-    """The engine at ``dtype``, checked against the reference at ``dtype`` (returned too),
-    with its floor."""
-    llm = LLM(str(model_dir), data_dir=data_dir, device="cpu", dtype=dtype, engine_config=W1_ENGINE)
+    """The engine at ``dtype`` with the ``attention`` backend, checked against the reference
+    at ``dtype`` (returned too), with its floor."""
+    config = replace(W1_ENGINE, attention_backend=attention)
+    llm = LLM(str(model_dir), data_dir=data_dir, device="cpu", dtype=dtype, engine_config=config)
     for t, path in enumerate(wl.adapter_dirs):
         llm.add_adapter(f"tenant-{t}", path)
     cached_before = llm.engine.scheduler.cached_prompt_tokens
     tokens, seconds = run_engine(llm, wl, rounds)
     # Per round: every round starts from an empty prefix cache and does the same work.
     cached = (llm.engine.scheduler.cached_prompt_tokens - cached_before) // rounds
+    attention = llm.engine.runner.attention_backend
     name = "prefix-serve" + ("" if dtype == "float32" else f" {dtype}")
     generated = sum(map(len, tokens))
-    progress(f"{name}: {generated / seconds:.1f} tok/s ({seconds:.1f} s); checking it")
+    progress(
+        f"{name}: {generated / seconds:.1f} tok/s ({seconds:.1f} s, {attention} attention); "
+        "checking it"
+    )
     # Untimed: the same requests again with the chosen tokens' log probabilities.
     scored = llm.generate(
         [r.prompt_ids for r in wl.requests],
@@ -194,6 +204,7 @@ def engine_row(
     row = Row(name, generated, seconds, 0.0, dtype, agree, floor.seconds)
     extra = {
         "dtype": dtype,
+        "attention": attention,
         "cached_prompt_tokens": cached,
         "agreement": close,
         **asdict(rates),
@@ -216,6 +227,7 @@ def run(
     peers: bool = True,
     llama_gguf: str | None = None,
     rounds: int = 1,
+    attention: str = "auto",
 ) -> dict:
     """W1 once; with ``rounds`` > 1 every timed system (engine, baselines, peers) runs that
     many times and keeps its fastest, so a slow moment of a shared host hits no one system."""
@@ -235,7 +247,9 @@ def run(
         progress(f"workload built: {len(wl.requests)} requests")
         refs_at: dict[str, list[GreedyResult]] = {}
         for dtype in dtypes:
-            row, floor, refs_at[dtype] = engine_row(model_dir, data_dir, wl, dtype, rounds)
+            row, floor, refs_at[dtype] = engine_row(
+                model_dir, data_dir, wl, dtype, rounds, attention
+            )
             rows.append(row)
             floors.append(floor)
         refs = refs_at.get("float32") or reference_results(base, wl)

@@ -53,6 +53,7 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="time every system this many times and keep its fastest (for shared hosts)",
     )
     w1.add_argument("--llama-gguf", default=None, help="GGUF file for llama-server, if installed")
+    _add_attention_flag(w1)
     profile = which.add_parser("profile", help="where a W1 engine step's time goes, by part")
     profile.add_argument("--tenants", type=int, default=4)
     profile.add_argument("--requests", type=int, default=4, help="requests per tenant")
@@ -61,6 +62,7 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     profile.add_argument("--model", default="default")
     profile.add_argument("--data-dir", default="./data")
     profile.add_argument("--json", default=None, help="where to write the JSON")
+    _add_attention_flag(profile)
     w2 = which.add_parser("w2", help="W1's tenants served over HTTP at concurrency 1, 4, 16")
     w2.add_argument("--tenants", type=int, default=4)
     w2.add_argument("--requests", type=int, default=4, help="requests per tenant")
@@ -88,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     return _bench(args)
+
+
+def _add_attention_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "native", "fused", "reference"],
+        help="the engine's attention backend (EngineConfig.attention_backend; default auto)",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -126,10 +137,17 @@ def _bench(args: argparse.Namespace) -> int:
             not args.no_peers,
             args.llama_gguf,
             args.rounds,
+            args.attention,
         )
     elif args.workload == "profile":
         result = profile_w1(
-            args.tenants, args.requests, args.new_tokens, args.dtype, args.model, args.data_dir
+            args.tenants,
+            args.requests,
+            args.new_tokens,
+            args.dtype,
+            args.model,
+            args.data_dir,
+            args.attention,
         )
         print(format_profile(result))
         if args.json:
