@@ -332,6 +332,10 @@ class RedisRegistry(Registry):
                 reply = pubsub.get_message(timeout=self._timeout_s)
                 if not reply or reply["type"] != "subscribe":
                     raise redis.ConnectionError("no subscription confirmation")
+                # Redis answers again: close the breaker before "reset" empties the callers'
+                # caches, or a name held a moment ago would be refused until the breaker's
+                # interval ran out (its cached record gone, its lookup not tried).
+                self._down_until = 0.0
                 _deliver(handler, Change("reset"))  # before watching(): no stale cache hit
                 self._watching = True
                 self._relay(pubsub, handler)

@@ -83,6 +83,31 @@ def test_stopped_redis_fails_calls_within_2s_and_keeps_serving_held_adapters(
         store.close()
 
 
+def test_held_adapters_keep_serving_through_the_reconnection(
+    redis_server: LocalRedis, tmp_path: Path
+) -> None:
+    """When the watcher resubscribes it empties the name cache ("reset": announcements may
+    have been missed). A call that failed just before Redis came back has opened the breaker
+    for a retry interval; a held name looked up after the reset must reach Redis, not be
+    refused for the rest of that interval."""
+    store = open_replica(redis_server, tmp_path, "a")
+    try:
+        held = store.put("acme", "held", prefix_adapter(seed=1))
+        assert store.get("acme", "held") == held
+        wait_for(store.registry.watching, timeout=5)
+        redis_server.pause()
+        try:
+            wait_for(lambda: not store.registry.watching(), timeout=5)
+            fails_fast(lambda: store.list("acme"))  # the breaker opens for one interval
+        finally:
+            redis_server.resume()
+        wait_for(store.registry.watching, timeout=5)  # resubscribed: the cache was reset
+        assert store.get("acme", "held") == held
+        assert store.lookup("acme", "held") == (held, False)  # from Redis, not stale
+    finally:
+        store.close()
+
+
 def test_killed_redis_restarts_from_its_aof_and_replicas_reconnect(
     redis_server: LocalRedis, tmp_path: Path
 ) -> None:
