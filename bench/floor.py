@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.workloads import VIRTUAL_TOKENS, Workload
+from server.engine.model_runner import head_dim_of, kv_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def model_sizes(config, dtype: torch.dtype) -> tuple[float, float, float, float]
     """(dense FLOPs per position, attention FLOPs per context position, LM-head FLOPs,
     weight bytes read per decode step) of a Llama-family config."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    head_dim = head_dim_of(config)
     q_width = config.num_attention_heads * head_dim
     kv_width = config.num_key_value_heads * head_dim
     per_layer = hidden * (2 * q_width + 2 * kv_width) + 3 * hidden * config.intermediate_size
@@ -87,15 +88,9 @@ def model_sizes(config, dtype: torch.dtype) -> tuple[float, float, float, float]
     )
 
 
-def kv_bytes_per_position(config, dtype: torch.dtype) -> float:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    elem = torch.empty((), dtype=dtype).element_size()
-    return config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * elem
-
-
 def w1_floor(config, workload: Workload, dtype: torch.dtype, rates: MachineRates) -> Floor:
     dense, attn, head, weight_bytes = model_sizes(config, dtype)
-    kv = kv_bytes_per_position(config, dtype)
+    kv = kv_bytes_per_token(config, dtype)  # what the engine's cache holds per position
     p = VIRTUAL_TOKENS
     prefill = 0.0
     for tenant, requests in enumerate(workload.by_tenant()):
