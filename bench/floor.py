@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.workloads import VIRTUAL_TOKENS, Workload
+from server.engine.cpu_kernels import route_linears
 from server.engine.model_runner import head_dim_of, kv_bytes_per_token
 
 
@@ -59,13 +60,23 @@ def _rate(fn, work: float, seconds: float, windows: int = 5) -> float:
 def measure_rates(hidden: int, dtype: torch.dtype, seconds: float = 2.0) -> MachineRates:
     """Matmul rates at the model's width and the read bandwidth of a 512 MiB tensor (a sum:
     one pass, little arithmetic), with the threads torch is set to use; each the best of five
-    short windows."""
+    short windows. The matmul rate is the faster of torch's product and, where it runs here
+    (float32, the native kernels built), the engine's own native product: the floor must not
+    be slower than a product this machine is known to run."""
     big = torch.randn(512, hidden).to(dtype)
     w = torch.randn(hidden, 3 * hidden).to(dtype)
+    work = 2 * 512 * hidden * 3 * hidden
+    matmul = _rate(lambda: big @ w, work, seconds)
+    layer = torch.nn.Linear(hidden, 3 * hidden, bias=False).to(dtype)
+    holder = torch.nn.Module()
+    holder.layer = layer
+    if route_linears(holder, "auto") and hasattr(layer, "_ps_native"):
+        with torch.no_grad():
+            matmul = max(matmul, _rate(lambda: layer(big), work, seconds))
     buffer = torch.ones(512 << 20 >> 2, dtype=torch.float32)
     return MachineRates(
         dtype=str(dtype).removeprefix("torch."),
-        matmul_flops_per_s=_rate(lambda: big @ w, 2 * 512 * hidden * 3 * hidden, seconds),
+        matmul_flops_per_s=matmul,
         read_bytes_per_s=_rate(buffer.sum, buffer.numel() * 4, seconds),
     )
 

@@ -1,8 +1,8 @@
-"""The CPU's paged attention kernel (``paged_attention.c``), built on first use, loaded with
-ctypes.
+"""The CPU's native kernels, built on first use, loaded with ctypes: the paged attention kernel
+(``paged_attention.c``) and the decode steps' linear product (``linear.c``).
 
-The kernel is one C file that needs only libc, libm and OpenMP, so it is compiled on the
-machine that runs it rather than shipped compiled: the first engine start runs the C compiler
+The kernels are plain C files that need only libc, libm and OpenMP, so they are compiled on the
+machine that runs them rather than shipped compiled: the first engine start runs the C compiler
 (``$CC``, else ``cc``) once, with ``-O3 -march=native`` (this CPU's vector instructions), and
 keeps the library under ``$PREFIX_SERVE_CACHE`` (default ``~/.cache/prefix-serve``), named by
 a hash of the source, the flags and the CPU's feature flags, so a changed kernel or another
@@ -27,6 +27,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.c", "linear.c"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 
@@ -73,6 +74,23 @@ class Job(ctypes.Structure):
     ]
 
 
+class LinearJob(ctypes.Structure):
+    """The linear product's argument block (``LinearJob`` in ``linear.c``)."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("x_stride", ctypes.c_int64),
+        ("packed", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("y", ctypes.c_void_p),
+        ("y_stride", ctypes.c_int64),
+        ("m", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("threads", ctypes.c_int32),
+    ]
+
+
 @dataclass(frozen=True)
 class Kernel:
     """The loaded library, or why there is none (``lib`` None and ``reason`` set)."""
@@ -80,6 +98,7 @@ class Kernel:
     lib: ctypes.CDLL | None
     reason: str = ""
     max_head_dim: int = 0
+    panel_width: int = 0  # output columns per packed panel of the linear product
 
 
 def cache_dir() -> Path:
@@ -98,13 +117,13 @@ def _cpu_flags() -> str:
 
 
 def _build(compiler: str, target: Path) -> str:
-    """Compile SOURCE into ``target`` (atomically); returns "" or why it failed."""
+    """Compile SOURCES into ``target`` (atomically); returns "" or why it failed."""
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=BUILD_TIMEOUT_S,
@@ -143,12 +162,14 @@ def load() -> Kernel:
     if compiler is None:
         return Kernel(None, f"no C compiler ({name}) on PATH")
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()
+        b"".join(source.read_bytes() for source in SOURCES)
+        + " ".join(FLAGS).encode()
+        + _cpu_flags().encode()
     ).hexdigest()[:16]
-    target = cache_dir() / f"paged_attention-{key}.so"
+    target = cache_dir() / f"kernels-{key}.so"
     try:
         if not target.exists():
-            log.info("building the CPU attention kernel into %s (once)", target)
+            log.info("building the CPU kernels into %s (once)", target)
             why = _build(compiler, target)
             if why:
                 return Kernel(None, why)
@@ -162,9 +183,19 @@ def load() -> Kernel:
     lib.paged_attention.restype = ctypes.c_int
     lib.paged_attention_job_size.restype = ctypes.c_int64
     lib.paged_attention_max_head_dim.restype = ctypes.c_int64
-    if lib.paged_attention_job_size() != ctypes.sizeof(Job):
+    lib.linear_product.argtypes = [ctypes.POINTER(LinearJob)]
+    lib.linear_product.restype = None
+    lib.linear_job_size.restype = ctypes.c_int64
+    lib.linear_panel_width.restype = ctypes.c_int64
+    if lib.paged_attention_job_size() != ctypes.sizeof(
+        Job
+    ) or lib.linear_job_size() != ctypes.sizeof(LinearJob):
         return Kernel(None, f"{target} was built for another argument layout")
-    return Kernel(lib, max_head_dim=int(lib.paged_attention_max_head_dim()))
+    return Kernel(
+        lib,
+        max_head_dim=int(lib.paged_attention_max_head_dim()),
+        panel_width=int(lib.linear_panel_width()),
+    )
 
 
 def usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
@@ -180,6 +211,15 @@ def usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     if head_dim > kernel.max_head_dim:
         return f"the native attention kernel takes head dimensions up to {kernel.max_head_dim}"
     return ""
+
+
+def linear_runner(job: LinearJob) -> Callable[[], None]:
+    """A call that runs the linear product on ``job`` as its fields are at the time of the
+    call (the caller sets the input, output and rows before each)."""
+    lib = load().lib
+    assert lib is not None, "native.linear_runner needs a loaded kernel"
+    function, ref = lib.linear_product, ctypes.byref(job)
+    return lambda: function(ref)
 
 
 def run(job: Job) -> None:

@@ -1,5 +1,7 @@
-"""The CPU linear routes: MKL's packed GEMM for float32 decode-sized calls, oneDNN's packed
-weights for bfloat16 ones, oneDNN for the LM head. Each is held to the float64 product of the
+"""The CPU linear routes without the native product (``linear_backend="onednn"``, and what
+``auto`` takes in bfloat16): MKL's packed GEMM for float32 decode-sized calls, oneDNN's packed
+weights for bfloat16 ones, oneDNN for the LM head (the native product:
+``test_native_linear.py``). Each is held to the float64 product of the
 same inputs, at every row count a step can give (below, at and above ``PACKED_MAX_ROWS``)."""
 
 import pytest
@@ -33,7 +35,7 @@ def test_routed_layers_give_the_product(rows: int) -> None:
     model = _model()
     x = torch.randn(1, rows, 48, generator=torch.Generator().manual_seed(rows))
     with torch.no_grad():
-        assert route_linears(model, "auto") == 3
+        assert route_linears(model, "onednn") == 3
         assert all(hasattr(getattr(model, n), "_ps_packed") for n in ("up", "proj", "lm_head"))
         h = x
         for name in ("up", "proj", "lm_head"):
@@ -85,7 +87,7 @@ def test_packing_check_rejects_a_wrong_layout(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(cpu_kernels, "_packed_linear", shuffled)
     assert not packing_agrees((96, 48), torch.float32)
     model = _model()
-    assert route_linears(model, "auto") == 1  # the LM head to oneDNN only
+    assert route_linears(model, "onednn") == 1  # the LM head to oneDNN only
     assert not hasattr(model.up, "_ps_packed")
 
 

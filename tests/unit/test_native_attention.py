@@ -185,7 +185,7 @@ def test_build_is_cached_and_a_library_others_can_write_is_refused(
     monkeypatch.setenv("PREFIX_SERVE_CACHE", str(cache))
     assert native.load().lib is not None
     (built,) = cache.iterdir()
-    assert built.name.startswith("paged_attention-") and built.suffix == ".so"
+    assert built.name.startswith("kernels-") and built.suffix == ".so"
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     first = built.stat().st_mtime_ns
     native.load.cache_clear()

@@ -141,8 +141,9 @@ def test_product_wheel_holds_only_server_and_adapters_store(tmp_path):
         top = {n.split("/")[0] for n in names}
         assert top == {"server", "adapters_store", "prefix_serve-0.1.0.dist-info"}, top
         assert not [n for n in names if re.search(r"local_redis|bench_registry", n)]
-        # The native attention kernel's source travels with the engine (built where it runs).
+        # The native kernels' sources travel with the engine (built where they run).
         assert "server/engine/paged_attention.c" in names
+        assert "server/engine/linear.c" in names
         metadata = wheel.read("prefix_serve-0.1.0.dist-info/METADATA").decode()
         entry_points = wheel.read("prefix_serve-0.1.0.dist-info/entry_points.txt").decode()
     assert "prefix-serve = server.cli:main" in entry_points

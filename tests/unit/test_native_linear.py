@@ -1,0 +1,165 @@
+"""The native float32 linear product (``engine/linear.c``, routed by ``cpu_kernels``) against
+exact and float64 products, and its routing's refusals.
+
+The kernel packs the weight into panels of 32 output columns (the last padded with zeros),
+takes rows in register tiles of 8 and blocks of 256, and sums each output over blocks of 64
+terms; the shapes below cross each of those edges (row counts around 8 and 256, column counts
+that are not a multiple of 32, inner sizes that are not a multiple of 64, a bias, inputs whose
+rows are not contiguous).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from server.engine import cpu_kernels, native
+from server.engine.cpu_kernels import route_linears
+
+ROWS = [1, 3, 7, 8, 9, 16, 64, 255, 256, 257, 600]
+SHAPES = [(40, 48), (300, 96), (33, 100), (64, 1), (576, 576)]  # (out, in)
+
+
+@pytest.fixture
+def fresh_loader():
+    """``native.load`` forgets its result before and after the test (it caches it)."""
+    native.load.cache_clear()
+    yield
+    native.load.cache_clear()
+
+
+def route(layer: torch.nn.Linear) -> torch.nn.Linear:
+    """``layer`` routed to the native product (its weight packed as it is now)."""
+    holder = torch.nn.Module()
+    holder.layer = layer
+    assert route_linears(holder, "native") == 1
+    assert hasattr(layer, "_ps_native")
+    return layer
+
+
+def routed(out_features: int, in_features: int, bias: bool, seed: int) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return route(torch.nn.Linear(in_features, out_features, bias=bias))
+
+
+def error_bound(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """A bound on a float32 sum in blocks of 64 terms (each block's sum started fresh, the
+    blocks' sums then added in order), then the bias: at most 64 + ceil(K/64) + 1 roundings
+    stand between any partial sum and the output, each of at most 2**-24 relative to the sum
+    of the terms' magnitudes."""
+    k = layer.in_features
+    steps = 64 + math.ceil(k / 64) + 1
+    magnitude = x.double().abs() @ layer.weight.double().abs().T
+    if layer.bias is not None:
+        magnitude += layer.bias.double().abs()
+    return steps * 2.0**-24 * magnitude + 1e-30
+
+
+def exact(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    want = x.double() @ layer.weight.double().T
+    if layer.bias is not None:
+        want += layer.bias.double()
+    return want
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize(("out_features", "in_features"), SHAPES)
+def test_product_within_the_float32_bound(rows: int, out_features: int, in_features: int):
+    layer = routed(out_features, in_features, bias=True, seed=rows)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    with torch.no_grad():
+        got = layer(x)
+    assert got.shape == (rows, out_features) and got.dtype == torch.float32
+    err = (got.double() - exact(x, layer)).abs()
+    assert bool((err <= error_bound(x, layer)).all()), float(err.max())
+
+
+@pytest.mark.parametrize("rows", [1, 9, 257])
+def test_integer_products_are_exact(rows: int) -> None:
+    """Small integers multiply and add exactly in float32 (every partial sum stays below
+    2**24), so the product must equal the integer product to the last bit, whatever order
+    the kernel adds in: a dropped, repeated or misplaced term cannot hide in rounding."""
+    gen = torch.Generator().manual_seed(rows)
+    layer = torch.nn.Linear(130, 70)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-8, 9, (70, 130), generator=gen).float())
+        layer.bias.copy_(torch.randint(-100, 101, (70,), generator=gen).float())
+    route(layer)
+    x = torch.randint(-8, 9, (rows, 130), generator=gen).float()
+    want = (x.long() @ layer.weight.long().T + layer.bias.long()).float()
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
+
+
+def test_inputs_of_any_layout_and_batch_shape() -> None:
+    """Rows a stride apart (a slice of a wider tensor) are read in place; a leading batch
+    shape is kept; an input whose last dimension is not contiguous takes the layer's own
+    forward. Each gives the product within the bound."""
+    layer = routed(50, 64, bias=False, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    wide = torch.randn(20, 100, generator=gen)
+    sliced = wide[:, 10:74]
+    assert sliced.stride() == (100, 1)
+    transposed = torch.randn(64, 12, generator=gen).T
+    batched = torch.randn(2, 3, 64, generator=gen)
+    with torch.no_grad():
+        for x in (sliced, transposed, batched):
+            got = layer(x)
+            assert got.shape == (*x.shape[:-1], 50)
+            flat = x.reshape(-1, 64)
+            err = (got.reshape(-1, 50).double() - exact(flat, layer)).abs()
+            assert bool((err <= error_bound(flat, layer)).all())
+        assert layer(torch.empty(0, 64)).shape == (0, 50)
+
+
+def test_same_bits_whatever_the_thread_count() -> None:
+    """Each output is summed by one task in a fixed order, so the threads torch runs with
+    change which task computes it, never its value."""
+    layer = routed(300, 96, bias=True, seed=2)
+    x = torch.randn(300, 96, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        try:
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(max(2, threads))
+            many = layer(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def test_auto_routes_float32_to_native_and_bfloat16_to_onednn() -> None:
+    model = tiny_llama()
+    assert route_linears(model, "auto") == 8  # seven projections and the LM head
+    assert all(hasattr(m, "_ps_native") for m in model.modules() if type(m) is torch.nn.Linear)
+    bf16 = tiny_llama(torch.bfloat16)
+    route_linears(bf16, "auto")
+    assert not any(hasattr(m, "_ps_native") for m in bf16.modules())
+    with pytest.raises(ValueError, match="linear backend 'native': .*takes float32"):
+        route_linears(tiny_llama(torch.bfloat16), "native")
+
+
+def test_without_the_kernels_auto_keeps_the_blas_routes(fresh_loader, monkeypatch) -> None:
+    monkeypatch.setenv("PREFIX_SERVE_NATIVE", "0")
+    model = tiny_llama()
+    route_linears(model, "auto")
+    assert not any(hasattr(m, "_ps_native") for m in model.modules())
+    assert hasattr(model.lm_head, "_ps_packed") == cpu_kernels.mkl_packing_available()
+    with pytest.raises(ValueError, match="not available: turned off by PREFIX_SERVE_NATIVE=0"):
+        route_linears(tiny_llama(), "native")
