@@ -53,6 +53,7 @@ typedef struct {
 
 typedef float vf __attribute__((vector_size(4 * VLEN)));
 typedef int32_t vi __attribute__((vector_size(4 * VLEN)));
+typedef uint8_t vb __attribute__((vector_size(VLEN)));
 
 static inline float bf16_load(const uint16_t *p) {
     uint32_t bits = (uint32_t)(*p) << 16;
@@ -82,6 +83,30 @@ static inline void load_row(float *dst, const void *base, int64_t offset, int64_
 /* Lane by lane: a where `mask` is -1, b where it is 0 (what a vector comparison gives). */
 static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
+/* The block's mask as vector lanes (-1: hidden, or past the block's `count` keys; 0: seen);
+ * returns whether any key is seen. A full block's 64 flags are read as whole vectors. */
+static inline int block_mask(const uint8_t *mask, int64_t count, vi masked[SUB]) {
+    vi seen = {0};
+    if (count == BLOCK) {
+        for (int s = 0; s < SUB; s++) {
+            vb flags;
+            memcpy(&flags, mask + s * VLEN, sizeof flags);
+            masked[s] = __builtin_convertvector(flags, vi) != 0;
+            seen |= ~masked[s];
+        }
+    } else {
+        for (int s = 0; s < SUB; s++)
+            for (int b = 0; b < VLEN; b++) {
+                const int64_t key = s * VLEN + b;
+                masked[s][b] = key < count && !mask[key] ? 0 : -1;
+                seen[b] |= !masked[s][b];
+            }
+    }
+    for (int b = 0; b < VLEN; b++)
+        if (seen[b]) return 1;
+    return 0;
+}
+
 /* exp(x) lane by lane for x <= 0 (a score minus the running maximum), to about 2 ulp (libm's
  * expf takes one value at a time); 0 below -87, so a masked score's -inf gives exactly 0. */
 static inline vf exp_v(vf x) {
@@ -101,6 +126,23 @@ static inline vf exp_v(vf x) {
     return (vf)((vi)y & ~under);
 }
 
+/* The calling thread's working buffer, at least `floats` long (64-byte aligned), kept for the
+ * thread's next task: a layer runs dozens of tasks per step, and allocating and clearing a
+ * fresh buffer for each cost more than a small task's arithmetic. NULL if out of memory. */
+static float *task_buffer(size_t floats) {
+    static _Thread_local float *buffer = NULL;
+    static _Thread_local size_t capacity = 0;
+    if (floats > capacity) {
+        const size_t want = floats < 65536 ? 65536 : floats;
+        float *grown = aligned_alloc(64, (want * sizeof(float) + 63) / 64 * 64);
+        if (!grown) return NULL;
+        free(buffer);
+        buffer = grown;
+        capacity = want;
+    }
+    return buffer;
+}
+
 /* One (unit, kv head): every live query of the unit under each of the kv head's query heads,
  * against blocks of BLOCK keys. Head dimensions are padded with zeros to a multiple of
  * SUB * VLEN in the task's own buffers, so the inner loops run on whole vectors. */
@@ -109,14 +151,21 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
     const int64_t dp = (d + SUB * VLEN - 1) / (SUB * VLEN) * (SUB * VLEN);
     const int64_t n = job->q_len * group; /* query rows, query-major: row = j * group + gi */
     const size_t floats = (size_t)(n * (2 * dp + 3) + 2 * BLOCK * dp);
-    float *buf = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+    float *buf = task_buffer(floats);
     if (!buf) return 1;
-    memset(buf, 0, floats * sizeof(float));
     float *keys_t = buf;                  /* [dp][BLOCK]: the block's keys, transposed */
     float *values = keys_t + BLOCK * dp;  /* [BLOCK][dp] */
     float *qs = values + BLOCK * dp;      /* [n][dp], scaled */
     float *acc = qs + n * dp;             /* [n][dp]: the running weighted sums of values */
     float *m = acc + n * dp, *l = m + n, *live = l + n; /* running max, running total */
+    /* Zeros where a task reads before it writes: the padding past d (keys, values, queries),
+     * the sums and totals. The rest is written before it is read. */
+    memset(acc, 0, (size_t)(n * dp + 2 * n) * sizeof(float));
+    if (dp > d) {
+        memset(keys_t + d * BLOCK, 0, (size_t)((dp - d) * BLOCK) * sizeof(float));
+        for (int64_t b = 0; b < BLOCK; b++) memset(values + b * dp + d, 0, (dp - d) * sizeof(float));
+        for (int64_t r = 0; r < n; r++) memset(qs + r * dp + d, 0, (dp - d) * sizeof(float));
+    }
     for (int64_t j = 0; j < job->q_len; j++) {
         const int64_t at = job->q_index[unit * job->q_len + j];
         const int on = job->dest[unit * job->q_len + j] >= 0;
@@ -152,17 +201,13 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
             for (int64_t i = 0; i < d; i++) keys_t[i * BLOCK + b] = row[i];
             load_row(values + b * dp, job->v, at, d, job->bf16);
         }
+        vi masked[SUB];
+        int any = 0;
         for (int64_t r = 0; r < n; r++) {
             if (live[r] == 0.0f) continue;
-            const uint8_t *mask = hidden + (r / group) * job->hidden_query_stride + start;
-            vi masked[SUB];
-            int any = 0;
-            for (int s = 0; s < SUB; s++) {
-                for (int b = 0; b < VLEN; b++) {
-                    const int64_t key = s * VLEN + b;
-                    masked[s][b] = key < count && !mask[key] ? 0 : -1;
-                    any |= !masked[s][b];
-                }
+            if (r % group == 0) { /* a query's heads share its mask row */
+                const uint8_t *mask = hidden + (r / group) * job->hidden_query_stride + start;
+                any = block_mask(mask, count, masked);
             }
             if (!any) continue; /* no visible key in this block */
             const float *qr = qs + r * dp;
@@ -229,7 +274,6 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
                     l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
         }
     }
-    free(buf);
     return 0;
 }
 
