@@ -53,6 +53,7 @@ more in memory.
 
 from __future__ import annotations
 
+import logging
 import threading
 import types
 from typing import Any
@@ -60,6 +61,8 @@ from typing import Any
 import torch
 
 from server.engine import native
+
+log = logging.getLogger(__name__)
 
 LINEAR_BACKENDS = ("auto", "native", "onednn", "torch")
 PACKED_MAX_ROWS = 64
@@ -231,6 +234,8 @@ def route_linears(model: torch.nn.Module, backend: str = "auto") -> int:
         why = native_linear_usable(param)
         if why and backend == "native":
             raise ValueError(f"linear backend 'native': {why}")
+        if why and param.device.type == "cpu" and param.dtype == torch.float32:
+            log.info("%s; linear layers run on MKL and oneDNN", why)
         if not why:
             width = native.load().panel_width
             for _, module in linears:

@@ -1,17 +1,18 @@
 """The CPU's native kernels, built on first use, loaded with ctypes: the paged attention kernel
-(``paged_attention.c``) and the decode steps' linear product (``linear.c``).
+(``paged_attention.c``) and the float32 linear product (``linear.c``).
 
 The kernels are plain C files that need only libc, libm and OpenMP, so they are compiled on the
 machine that runs them rather than shipped compiled: the first engine start runs the C compiler
 (``$CC``, else ``cc``) once, with ``-O3 -march=native`` (this CPU's vector instructions), and
 keeps the library under ``$PREFIX_SERVE_CACHE`` (default ``~/.cache/prefix-serve``), named by
-a hash of the source, the flags and the CPU's feature flags, so a changed kernel or another
+a hash of the sources, the flags and the CPU's feature flags, so a changed kernel or another
 CPU gets its own build. A build lands by atomic rename, so concurrent starts never load a
 half-written file; the directory is created private to the user, and a library that another
 user could have written or swapped (the file or its directory writable by others, or not
 ours) is not loaded. Where there is no compiler or the build fails,
-``load`` says why and the engine keeps torch's attention (``attention_backend="auto"``);
-``PREFIX_SERVE_NATIVE=0`` turns the kernel off.
+``load`` says why and the engine keeps torch's attention and the BLAS products
+(``attention_backend`` and ``linear_backend`` "auto"); ``PREFIX_SERVE_NATIVE=0`` turns the
+kernels off.
 
 OpenMP comes from torch's own libgomp: torch is imported first, and the library names
 libgomp by its soname, which the loader resolves to the copy already in the process.
