@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_native_attention import tiny_llama
 
 from server.engine import cpu_kernels, native
 from server.engine.cpu_kernels import route_linears
@@ -130,18 +130,6 @@ def test_same_bits_whatever_the_thread_count() -> None:
         finally:
             torch.set_num_threads(threads)
     assert torch.equal(one, many)
-
-
-def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def test_auto_routes_float32_to_native_and_bfloat16_to_onednn() -> None:
