@@ -1,5 +1,20 @@
 """The linear layers on the CPU: the native product, MKL's packed GEMM, oneDNN.
 
+In float32, where the native kernels build (``native.py``), every linear layer, the LM head
+included, goes to the native product (``linear.c``), against a copy of its weight
+packed once at load in the kernel's panel layout; the routes below are then not used. On a
+2-core AMD EPYC it streamed the weights of a 16-row step at 17-23 GB/s against MKL's packed
+product's 6 GB/s, and ran prefill-sized products 5-25% faster than MKL. It sums each output in
+blocks of 64 terms: against float64, its error on the model's shapes is about half of MKL's,
+and prompt log probabilities echoed from the default model came out closer to the
+reference's than through MKL (largest difference over prompts of 8 to 700 tokens: 2.5e-5,
+against 3.7e-5), so the 1e-4 that evaluation promises holds with room; oneDNN's product, by
+contrast, moved them 1.3-1.6e-4 (below). The packed copy costs the weights' size once
+more in memory.
+
+Without the native product (no compiler, ``PREFIX_SERVE_NATIVE=0``, or
+``linear_backend="onednn"``), and always in bfloat16, the BLAS routes below serve.
+
 ``torch.nn.Linear`` on the CPU goes to MKL's GEMM for float32. At the engine's decode shapes (a
 few rows per step against a whole weight matrix) that path is slow on CPUs where MKL does not
 use its widest instructions: measured on a 2-core AMD EPYC with AVX-512, the 49,152-row LM head
@@ -34,17 +49,6 @@ every call. Measured on a 2-core Xeon with AMX, the packed product equals ``nn.L
 last bit at every row count up to ``PACKED_MAX_ROWS`` for every SmolLM2 shape (it can differ by a
 bfloat16 rounding at prefill sizes, which is why those stay on ``nn.Linear``). Resident memory
 grew by 0.30 GB on SmolLM2-135M in bfloat16 (its weights are 0.27 GB).
-In float32, where the native kernels build (``native.py``), every linear layer, the LM head
-included, goes to the native product instead (``linear.c``), against a copy of its weight
-packed once at load in the kernel's panel layout; the routes above are then not used. On a
-2-core AMD EPYC it streamed the weights of a 16-row step at 17-23 GB/s against MKL's packed
-product's 6 GB/s, and ran prefill-sized products 5-25% faster than MKL. It sums each output in
-blocks of 64 terms: against float64, its error on the model's shapes is about half of MKL's,
-and prompt log probabilities echoed from the default model came out closer to the
-reference's than through MKL (largest difference over prompts of 8 to 700 tokens: 2.5e-5,
-against 3.7e-5), so the 1e-4 that evaluation promises holds with room; oneDNN's product, by
-contrast, moved them 1.3-1.6e-4 (see above). The packed copy costs the weights' size once
-more in memory.
 
 ``linear_backend="onednn"`` keeps the MKL and oneDNN routes without the native product;
 ``linear_backend="native"`` requires it (an error says why it cannot run);
