@@ -30,6 +30,7 @@
 #define SUB 4                  /* vectors of keys per block */
 #define BLOCK (SUB * VLEN)     /* keys per block */
 #define MAX_HEAD_DIM 256
+#define ROWS 4                 /* query rows per tile */
 
 typedef struct {
     const void *q;
@@ -143,29 +144,112 @@ static float *task_buffer(size_t floats) {
     return buffer;
 }
 
+/* Two vectors' lanes picked by index (0-15: a's lanes, 16-31: b's), as the compiler spells it. */
+#if defined(__clang__)
+#define PICK(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define PICK(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
+#endif
+
+/* One stage of a 16 x 16 transpose: rows i and i + step (i's `step` bit clear) trade the
+ * lanes where the row's and the lane's `step` bits differ. After the stages 8, 4, 2, 1 lane j
+ * of row i holds what lane i of row j held. */
+#define TRADE(r, step, lo, hi)                                   \
+    for (int i = 0; i < VLEN; i++)                               \
+        if (!(i & (step))) {                                     \
+            const vf a = r[i], b = r[i + (step)];                \
+            r[i] = lo;                                           \
+            r[i + (step)] = hi;                                  \
+        }
+
+static inline void transpose16(vf r[VLEN]) {
+    TRADE(r, 8, PICK(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+          PICK(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
+    TRADE(r, 4, PICK(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+          PICK(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31));
+    TRADE(r, 2, PICK(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+          PICK(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31));
+    TRADE(r, 1, PICK(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+          PICK(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31));
+}
+
+typedef uint16_t vh __attribute__((vector_size(2 * VLEN)));
+
+/* VLEN values from element `offset` of a float32 or bfloat16 array, as float32 lanes. */
+static inline vf load_vec(const void *base, int64_t offset, int bf16) {
+    if (bf16) {
+        vh h;
+        memcpy(&h, (const uint16_t *)base + offset, sizeof h);
+        return (vf)(__builtin_convertvector(h, vi) << 16);
+    }
+    vf x;
+    memcpy(&x, (const float *)base + offset, sizeof x);
+    return x;
+}
+
+/* The block's keys, transposed into keys_t [dp][BLOCK], and values into values [BLOCK][dp];
+ * keys past `count` are zeros in keys_t (their values are never read). A head dimension of
+ * whole vectors is moved as 16 x 16 tiles, any other key by key. */
+static inline void load_block(const Job *job, const int64_t *slots, int64_t count,
+                              int64_t cache_base, float *keys_t, float *values, int64_t dp) {
+    const int64_t d = job->head_dim;
+    if (d % VLEN == 0) {
+        for (int s = 0; s < SUB; s++)
+            for (int64_t c = 0; c < d; c += VLEN) {
+                vf tile[VLEN];
+                for (int b = 0; b < VLEN; b++) {
+                    const int64_t key = s * VLEN + b;
+                    tile[b] = key < count
+                                  ? load_vec(job->k, cache_base + slots[key] * d + c, job->bf16)
+                                  : (vf){0};
+                }
+                transpose16(tile);
+                for (int i = 0; i < VLEN; i++) *(vf *)(keys_t + (c + i) * BLOCK + s * VLEN) = tile[i];
+            }
+        for (int64_t b = 0; b < count; b++)
+            for (int64_t c = 0; c < d; c += VLEN)
+                *(vf *)(values + b * dp + c) = load_vec(job->v, cache_base + slots[b] * d + c, job->bf16);
+        return;
+    }
+    float row[MAX_HEAD_DIM];
+    for (int64_t b = 0; b < count; b++) {
+        const int64_t at = cache_base + slots[b] * d;
+        load_row(row, job->k, at, d, job->bf16);
+        for (int64_t i = 0; i < d; i++) keys_t[i * BLOCK + b] = row[i];
+        load_row(values + b * dp, job->v, at, d, job->bf16);
+    }
+}
+
 /* One (unit, kv head): every live query of the unit under each of the kv head's query heads,
- * against blocks of BLOCK keys. Head dimensions are padded with zeros to a multiple of
- * SUB * VLEN in the task's own buffers, so the inner loops run on whole vectors. */
+ * against blocks of BLOCK keys, ROWS query rows at a time (they share each load of a key or a
+ * value). Head dimensions are padded with zeros to a multiple of SUB * VLEN in the task's own
+ * buffers, and the rows to a multiple of ROWS with dead ones, so the inner loops run on whole
+ * vectors and whole tiles. Each row's arithmetic is its own, in the same order as one row
+ * alone: a NaN stays in its row. */
 static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
     const int64_t d = job->head_dim, group = job->q_heads / job->kv_heads;
     const int64_t dp = (d + SUB * VLEN - 1) / (SUB * VLEN) * (SUB * VLEN);
     const int64_t n = job->q_len * group; /* query rows, query-major: row = j * group + gi */
-    const size_t floats = (size_t)(n * (2 * dp + 3) + 2 * BLOCK * dp);
+    const int64_t np = (n + ROWS - 1) / ROWS * ROWS;
+    const size_t floats = (size_t)(np * (2 * dp + 3) + 2 * BLOCK * dp + ROWS * BLOCK);
     float *buf = task_buffer(floats);
     if (!buf) return 1;
     float *keys_t = buf;                  /* [dp][BLOCK]: the block's keys, transposed */
     float *values = keys_t + BLOCK * dp;  /* [BLOCK][dp] */
-    float *qs = values + BLOCK * dp;      /* [n][dp], scaled */
-    float *acc = qs + n * dp;             /* [n][dp]: the running weighted sums of values */
-    float *m = acc + n * dp, *l = m + n, *live = l + n; /* running max, running total */
+    float *w = values + BLOCK * dp;       /* [ROWS][BLOCK]: a tile's weights for the block */
+    float *qs = w + ROWS * BLOCK;         /* [np][dp], scaled */
+    float *acc = qs + np * dp;            /* [np][dp]: the running weighted sums of values */
+    float *m = acc + np * dp, *l = m + np, *live = l + np; /* running max, running total */
     /* Zeros where a task reads before it writes: the padding past d (keys, values, queries),
-     * the sums and totals. The rest is written before it is read. */
-    memset(acc, 0, (size_t)(n * dp + 2 * n) * sizeof(float));
+     * the padding rows' queries, the sums and totals. The rest is written before it is read. */
+    memset(acc, 0, (size_t)(np * dp + 2 * np) * sizeof(float));
+    memset(qs + n * dp, 0, (size_t)((np - n) * dp) * sizeof(float));
     if (dp > d) {
         memset(keys_t + d * BLOCK, 0, (size_t)((dp - d) * BLOCK) * sizeof(float));
         for (int64_t b = 0; b < BLOCK; b++) memset(values + b * dp + d, 0, (dp - d) * sizeof(float));
         for (int64_t r = 0; r < n; r++) memset(qs + r * dp + d, 0, (dp - d) * sizeof(float));
     }
+    for (int64_t r = n; r < np; r++) live[r] = 0.0f, m[r] = -INFINITY;
     for (int64_t j = 0; j < job->q_len; j++) {
         const int64_t at = job->q_index[unit * job->q_len + j];
         const int on = job->dest[unit * job->q_len + j] >= 0;
@@ -182,7 +266,6 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
     const int64_t *slots = job->slots + unit * job->width;
     const uint8_t *hidden = job->hidden + unit * job->hidden_unit_stride;
     const int64_t cache_base = kv_head * job->cache_head_stride, elem = job->bf16 ? 2 : 4;
-    float row[MAX_HEAD_DIM];
     for (int64_t start = 0; start < job->width; start += BLOCK) {
         const int64_t count = job->width - start < BLOCK ? job->width - start : BLOCK;
         /* The next block's rows are fetched while this one is computed: the cache is
@@ -195,63 +278,79 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
                 __builtin_prefetch((const char *)job->v + at + byte);
             }
         }
-        for (int64_t b = 0; b < count; b++) {
-            const int64_t at = cache_base + slots[start + b] * d;
-            load_row(row, job->k, at, d, job->bf16);
-            for (int64_t i = 0; i < d; i++) keys_t[i * BLOCK + b] = row[i];
-            load_row(values + b * dp, job->v, at, d, job->bf16);
-        }
+        load_block(job, slots + start, count, cache_base, keys_t, values, dp);
         vi masked[SUB];
+        int64_t mask_of = -1; /* the query whose mask `masked` holds */
         int any = 0;
-        for (int64_t r = 0; r < n; r++) {
-            if (live[r] == 0.0f) continue;
-            if (r % group == 0) { /* a query's heads share its mask row */
-                const uint8_t *mask = hidden + (r / group) * job->hidden_query_stride + start;
-                any = block_mask(mask, count, masked);
-            }
-            if (!any) continue; /* no visible key in this block */
-            const float *qr = qs + r * dp;
-            vf score[SUB] = {{0}};
-            for (int64_t i = 0; i < dp; i++) {
-                const float qi = qr[i];
-                const vf *kt = (const vf *)(keys_t + i * BLOCK);
-                for (int s = 0; s < SUB; s++) score[s] += qi * kt[s];
-            }
-            vf most = (vf){0} - INFINITY;
-            for (int s = 0; s < SUB; s++) {
-                score[s] = select(masked[s], (vf){0} - INFINITY, score[s]);
-                most = select(score[s] > most, score[s], most);
-            }
-            float top = m[r];
-            for (int b = 0; b < VLEN; b++) top = most[b] > top ? most[b] : top;
-            float *a = acc + r * dp;
-            if (top > m[r]) {
-                const float shrink = m[r] == -INFINITY ? 0.0f : expf(m[r] - top);
-                l[r] *= shrink;
-                for (int64_t i = 0; i < dp; i++) a[i] *= shrink;
-                m[r] = top;
-            }
-            float w[BLOCK] __attribute__((aligned(64)));
-            vf total = {0};
-            for (int s = 0; s < SUB; s++) {
-                const vf e = exp_v(score[s] - top);
-                *(vf *)(w + s * VLEN) = e;
-                total += e;
-            }
-            for (int b = 0; b < VLEN; b++) l[r] += total[b];
-            /* Four vectors of the row's sum at a time, each its own chain of additions. */
-            for (int64_t c = 0; c < dp; c += SUB * VLEN) {
-                vf *sum = (vf *)(a + c);
-                vf s0 = sum[0], s1 = sum[1], s2 = sum[2], s3 = sum[3];
-                for (int64_t b = 0; b < count; b++) {
-                    const float wb = w[b];
-                    const vf *vb = (const vf *)(values + b * dp + c);
-                    s0 += wb * vb[0];
-                    s1 += wb * vb[1];
-                    s2 += wb * vb[2];
-                    s3 += wb * vb[3];
+        for (int64_t r0 = 0; r0 < np; r0 += ROWS) {
+            int used = 0; /* rows of the tile that see a key of this block */
+            vi tile_mask[ROWS][SUB];
+            int sees[ROWS];
+            for (int t = 0; t < ROWS; t++) {
+                const int64_t r = r0 + t;
+                sees[t] = 0;
+                if (live[r] == 0.0f) continue;
+                if (r / group != mask_of) { /* a query's heads share its mask row */
+                    mask_of = r / group;
+                    const uint8_t *mask = hidden + mask_of * job->hidden_query_stride + start;
+                    any = block_mask(mask, count, masked);
                 }
-                sum[0] = s0, sum[1] = s1, sum[2] = s2, sum[3] = s3;
+                sees[t] = any;
+                used |= any;
+                for (int s = 0; s < SUB; s++) tile_mask[t][s] = masked[s];
+            }
+            if (!used) continue; /* no row of the tile sees a key of this block */
+            vf score[ROWS][SUB] = {{{0}}};
+            for (int64_t i = 0; i < dp; i++) {
+                const vf *kt = (const vf *)(keys_t + i * BLOCK);
+                for (int t = 0; t < ROWS; t++) {
+                    const float qi = qs[(r0 + t) * dp + i];
+                    for (int s = 0; s < SUB; s++) score[t][s] += qi * kt[s];
+                }
+            }
+            for (int t = 0; t < ROWS; t++) {
+                const int64_t r = r0 + t;
+                vf *wt = (vf *)(w + t * BLOCK);
+                if (!sees[t]) { /* weight 0 for every key: the row's sums are unchanged */
+                    for (int s = 0; s < SUB; s++) wt[s] = (vf){0};
+                    continue;
+                }
+                vf most = (vf){0} - INFINITY;
+                for (int s = 0; s < SUB; s++) {
+                    score[t][s] = select(tile_mask[t][s], (vf){0} - INFINITY, score[t][s]);
+                    most = select(score[t][s] > most, score[t][s], most);
+                }
+                float top = m[r];
+                for (int b = 0; b < VLEN; b++) top = most[b] > top ? most[b] : top;
+                if (top > m[r]) {
+                    const float shrink = m[r] == -INFINITY ? 0.0f : expf(m[r] - top);
+                    float *a = acc + r * dp;
+                    l[r] *= shrink;
+                    for (int64_t i = 0; i < dp; i++) a[i] *= shrink;
+                    m[r] = top;
+                }
+                vf total = {0};
+                for (int s = 0; s < SUB; s++) {
+                    const vf e = exp_v(score[t][s] - top);
+                    wt[s] = e;
+                    total += e;
+                }
+                for (int b = 0; b < VLEN; b++) l[r] += total[b];
+            }
+            /* Four vectors of each row's sum at a time, each its own chain of additions. */
+            for (int64_t c = 0; c < dp; c += SUB * VLEN) {
+                vf sum[ROWS][SUB];
+                for (int t = 0; t < ROWS; t++)
+                    for (int s = 0; s < SUB; s++) sum[t][s] = *(vf *)(acc + (r0 + t) * dp + c + s * VLEN);
+                for (int64_t b = 0; b < count; b++) {
+                    const vf *vb = (const vf *)(values + b * dp + c);
+                    for (int t = 0; t < ROWS; t++) {
+                        const float wb = w[t * BLOCK + b];
+                        for (int s = 0; s < SUB; s++) sum[t][s] += wb * vb[s];
+                    }
+                }
+                for (int t = 0; t < ROWS; t++)
+                    for (int s = 0; s < SUB; s++) *(vf *)(acc + (r0 + t) * dp + c + s * VLEN) = sum[t][s];
             }
         }
     }
