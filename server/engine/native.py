@@ -1,5 +1,6 @@
 """The CPU's native kernels, built on first use, loaded with ctypes: the paged attention kernel
-(``paged_attention.c``) and the float32 linear product (``linear.c``).
+(``paged_attention.c``) and the linear product (``linear.c``: float32, and bfloat16 where the
+CPU has AVX512-BF16).
 
 The kernels are plain C files that need only libc, libm and OpenMP, so they are compiled on the
 machine that runs them rather than shipped compiled: the first engine start runs the C compiler
@@ -100,6 +101,7 @@ class Kernel:
     reason: str = ""
     max_head_dim: int = 0
     panel_width: int = 0  # output columns per packed panel of the linear product
+    bf16_linear: bool = False  # built with the bfloat16 product (AVX512-BF16 targeted)
 
 
 def cache_dir() -> Path:
@@ -188,6 +190,9 @@ def load() -> Kernel:
     lib.linear_product.restype = None
     lib.linear_job_size.restype = ctypes.c_int64
     lib.linear_panel_width.restype = ctypes.c_int64
+    lib.linear_product_bf16.argtypes = [ctypes.POINTER(LinearJob)]
+    lib.linear_product_bf16.restype = None
+    lib.linear_bf16_available.restype = ctypes.c_int
     if lib.paged_attention_job_size() != ctypes.sizeof(
         Job
     ) or lib.linear_job_size() != ctypes.sizeof(LinearJob):
@@ -196,6 +201,7 @@ def load() -> Kernel:
         lib,
         max_head_dim=int(lib.paged_attention_max_head_dim()),
         panel_width=int(lib.linear_panel_width()),
+        bf16_linear=bool(lib.linear_bf16_available()),
     )
 
 
@@ -214,12 +220,19 @@ def usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     return ""
 
 
-def linear_runner(job: LinearJob) -> Callable[[], None]:
-    """A call that runs the linear product on ``job`` as its fields are at the time of the
-    call (the caller sets the input, output and rows before each)."""
-    lib = load().lib
-    assert lib is not None, "native.linear_runner needs a loaded kernel"
-    function, ref = lib.linear_product, ctypes.byref(job)
+def has_matrix_unit() -> bool:
+    """Whether this CPU has AMX tiles for bfloat16 (oneDNN's products use them)."""
+    return "amx_bf16" in _cpu_flags().split()
+
+
+def linear_runner(job: LinearJob, bf16: bool = False) -> Callable[[], None]:
+    """A call that runs the linear product (float32, or bfloat16) on ``job`` as its fields are
+    at the time of the call (the caller sets the input, output and rows before each)."""
+    kernel = load()
+    assert kernel.lib is not None, "native.linear_runner needs a loaded kernel"
+    assert kernel.bf16_linear or not bf16, "this build has no bfloat16 product"
+    function = kernel.lib.linear_product_bf16 if bf16 else kernel.lib.linear_product
+    ref = ctypes.byref(job)
     return lambda: function(ref)
 
 

@@ -132,15 +132,25 @@ def test_same_bits_whatever_the_thread_count() -> None:
     assert torch.equal(one, many)
 
 
-def test_auto_routes_float32_to_native_and_bfloat16_to_onednn() -> None:
+def test_auto_routes_float32_and_bfloat16_to_native_where_they_run() -> None:
+    """Float32: every layer. Bfloat16: every layer where the build has the bfloat16 product
+    and the CPU has no AMX tiles (oneDNN's products use those); ``native`` asks for it even
+    there, and says why where the build has none."""
     model = tiny_llama()
     assert route_linears(model, "auto") == 8  # seven projections and the LM head
     assert all(hasattr(m, "_ps_native") for m in model.modules() if type(m) is torch.nn.Linear)
     bf16 = tiny_llama(torch.bfloat16)
     route_linears(bf16, "auto")
-    assert not any(hasattr(m, "_ps_native") for m in bf16.modules())
-    with pytest.raises(ValueError, match="linear backend 'native': .*takes float32"):
-        route_linears(tiny_llama(torch.bfloat16), "native")
+    bf16_native = native.load().bf16_linear
+    routed_bf16 = [hasattr(m, "_ps_native") for m in bf16.modules() if type(m) is torch.nn.Linear]
+    assert routed_bf16 == [bf16_native and not native.has_matrix_unit()] * 8
+    if bf16_native:
+        assert route_linears(tiny_llama(torch.bfloat16), "native") == 8
+    else:
+        with pytest.raises(ValueError, match="linear backend 'native': .*AVX512-BF16"):
+            route_linears(tiny_llama(torch.bfloat16), "native")
+    with pytest.raises(ValueError, match="linear backend 'native': .*float32 or bfloat16"):
+        route_linears(tiny_llama(torch.float16), "native")
 
 
 def test_without_the_kernels_auto_keeps_the_blas_routes(fresh_loader, monkeypatch) -> None:
@@ -151,3 +161,82 @@ def test_without_the_kernels_auto_keeps_the_blas_routes(fresh_loader, monkeypatc
     assert hasattr(model.lm_head, "_ps_packed") == cpu_kernels.mkl_packing_available()
     with pytest.raises(ValueError, match="not available: turned off by PREFIX_SERVE_NATIVE=0"):
         route_linears(tiny_llama(), "native")
+
+
+needs_bf16 = pytest.mark.skipif(
+    not native.load().bf16_linear, reason="the native bfloat16 product needs AVX512-BF16"
+)
+
+
+def routed_bf16(out_features: int, in_features: int, bias: bool, seed: int) -> torch.nn.Linear:
+    """A bfloat16 layer routed to the native product (``native`` asks for it on any CPU)."""
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
+    holder = torch.nn.Module()
+    holder.layer = layer
+    assert route_linears(holder, "native") == 1
+    return layer
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 16, 64])
+@pytest.mark.parametrize(("out_features", "in_features"), [*SHAPES, (70, 33)])
+def test_bfloat16_product_within_half_a_step(rows: int, out_features: int, in_features: int):
+    """Float32 sums of exact pair products, one rounding to bfloat16: each output lies within
+    half a bfloat16 step (2**-8 relative) of the float32 sum, which lies within K + 1
+    float32 roundings of the float64 product of the same inputs."""
+    layer = routed_bf16(out_features, in_features, bias=True, seed=rows)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x)
+    assert got.shape == (rows, out_features) and got.dtype == torch.bfloat16
+    want = exact(x, layer)
+    magnitude = x.double().abs() @ layer.weight.double().abs().T + layer.bias.double().abs()
+    summed = (in_features + 2) * 2.0**-24 * magnitude
+    err = (got.double() - want).abs()
+    assert bool((err <= 2.0**-8 * (want.abs() + summed) + summed + 1e-30).all())
+
+
+@needs_bf16
+@pytest.mark.parametrize(("rows", "in_features"), [(1, 64), (9, 33), (64, 130)])
+def test_bfloat16_integer_products_are_exact(rows: int, in_features: int) -> None:
+    """Products and sums of small integers are exact in float32 and the results (below 256)
+    exact in bfloat16: a dropped, repeated or misplaced pair, or the odd input's padding read
+    as a value, changes the output. Calls of more than 64 rows take the layer's own forward."""
+    gen = torch.Generator().manual_seed(rows)
+    layer = torch.nn.Linear(in_features, 45).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randint(-1, 2, (45, in_features), generator=gen))
+        layer.bias.copy_(torch.randint(-100, 101, (45,), generator=gen))
+    holder = torch.nn.Module()
+    holder.layer = layer
+    assert route_linears(holder, "native") == 1
+    x = torch.randint(-1, 2, (rows, in_features), generator=gen).to(torch.bfloat16)
+    want = x.long() @ layer.weight.long().T + layer.bias.long()
+    assert int(want.abs().max()) < 256
+    with torch.no_grad():
+        assert torch.equal(layer(x), want.to(torch.bfloat16))
+        big = torch.randint(-1, 2, (65, in_features), generator=gen).to(torch.bfloat16)
+        assert torch.equal(layer(big), torch.nn.functional.linear(big, layer.weight, layer.bias))
+
+
+@needs_bf16
+def test_bfloat16_rows_a_stride_apart_and_any_thread_count() -> None:
+    """Rows of a slice are read in place, and the threads torch runs with never change a bit."""
+    layer = routed_bf16(300, 96, bias=False, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.randn(40, 130, generator=gen).to(torch.bfloat16)
+    sliced = wide[:, 20:116]
+    assert sliced.stride() == (130, 1)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        contiguous = layer(sliced.contiguous())
+        try:
+            torch.set_num_threads(1)
+            one = layer(sliced)
+            torch.set_num_threads(max(2, threads))
+            many = layer(sliced)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(one, contiguous) and torch.equal(many, contiguous)
