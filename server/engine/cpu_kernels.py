@@ -250,12 +250,13 @@ def _route_onednn(module: torch.nn.Linear) -> None:
 
 def route_linears(model: torch.nn.Module, backend: str = "auto") -> int:
     """Route the model's linear layers as ``backend`` asks (``auto``: the best that can run
-    here). ``native`` (and ``auto`` in float32 where the native kernels build): every call to
-    the native product. ``onednn`` (and ``auto`` otherwise, on the CPU in float32 or
+    here). ``native`` (and ``auto`` where the native product serves the dtype here): in
+    float32 every call to the native product; in bfloat16 calls of up to ``PACKED_MAX_ROWS``
+    rows, larger ones to oneDNN. ``onednn`` (and ``auto`` otherwise, on the CPU in float32 or
     bfloat16): the LM head to oneDNN, and every layer's calls of up to ``PACKED_MAX_ROWS`` rows
     to a weight packed once at load (MKL's packed GEMM in float32, oneDNN's packed weights in
-    bfloat16). Returns how many layers were
-    routed. Raises ValueError for an unknown backend, or one that cannot run here."""
+    bfloat16). Returns how many layers were routed. Raises ValueError for an unknown backend,
+    or one that cannot run here."""
     if backend not in LINEAR_BACKENDS:
         raise ValueError(f"linear backend {backend!r}: expected one of {LINEAR_BACKENDS}")
     if backend == "torch":

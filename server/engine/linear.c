@@ -46,6 +46,19 @@ static inline dl_vf dl_load(const float *p) {
 
 static inline void dl_store(float *p, dl_vf v) { memcpy(p, &v, sizeof v); }
 
+/* tile(mr, ...) with mr a constant at each call, so a tile's sums stay in registers. */
+#define BY_ROWS(tile, mr, ...)                   \
+    switch (mr) {                                \
+        case 8: tile(8, __VA_ARGS__); break;     \
+        case 7: tile(7, __VA_ARGS__); break;     \
+        case 6: tile(6, __VA_ARGS__); break;     \
+        case 5: tile(5, __VA_ARGS__); break;     \
+        case 4: tile(4, __VA_ARGS__); break;     \
+        case 3: tile(3, __VA_ARGS__); break;     \
+        case 2: tile(2, __VA_ARGS__); break;     \
+        default: tile(1, __VA_ARGS__); break;    \
+    }
+
 /* One tile: rows [0, mr) of x (row stride xs) against one panel; the sums go to sums[mr][NR].
  * mr is a constant at every call site, so the sums live in registers. */
 static inline __attribute__((always_inline)) void dl_tile(
@@ -93,16 +106,7 @@ static void dl_rows(const LinearJob *job, int64_t r0, int mr, int64_t p) {
     const int64_t cols = job->n - c0 < NR ? job->n - c0 : NR;
     const float *panel = (const float *)job->packed + p * k * NR;
     const float *xr = (const float *)job->x + r0 * xs;
-    switch (mr) { /* a constant row count at each call, so the sums stay in registers */
-        case 8: dl_tile(8, xr, xs, panel, k, sums); break;
-        case 7: dl_tile(7, xr, xs, panel, k, sums); break;
-        case 6: dl_tile(6, xr, xs, panel, k, sums); break;
-        case 5: dl_tile(5, xr, xs, panel, k, sums); break;
-        case 4: dl_tile(4, xr, xs, panel, k, sums); break;
-        case 3: dl_tile(3, xr, xs, panel, k, sums); break;
-        case 2: dl_tile(2, xr, xs, panel, k, sums); break;
-        default: dl_tile(1, xr, xs, panel, k, sums); break;
-    }
+    BY_ROWS(dl_tile, mr, xr, xs, panel, k, sums);
     for (int r = 0; r < mr; r++) {
         if (job->bias)
             for (int j = 0; j < DL_NV; j++)
@@ -112,17 +116,22 @@ static void dl_rows(const LinearJob *job, int64_t r0, int mr, int64_t p) {
     }
 }
 
-/* Row blocks of RB rows, each against every panel; a task owns whole (block, panel) pairs. */
-void linear_product(const LinearJob *job) {
+typedef void (*RowsFn)(const LinearJob *job, int64_t r0, int mr, int64_t p);
+
+/* Row blocks of RB rows, each against every panel; a task owns whole (block, panel) pairs and
+ * runs `rows` on each tile of up to MR rows. */
+static void each_tile(const LinearJob *job, RowsFn rows) {
     const int64_t panels = (job->n + NR - 1) / NR, blocks = (job->m + RB - 1) / RB;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(job->threads)
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t p = 0; p < panels; p++) {
             const int64_t end = (b + 1) * RB < job->m ? (b + 1) * RB : job->m;
             for (int64_t r0 = b * RB; r0 < end; r0 += MR)
-                dl_rows(job, r0, end - r0 < MR ? (int)(end - r0) : MR, p);
+                rows(job, r0, end - r0 < MR ? (int)(end - r0) : MR, p);
         }
 }
+
+void linear_product(const LinearJob *job) { each_tile(job, dl_rows); }
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -165,16 +174,7 @@ static void bf_rows(const LinearJob *job, int64_t r0, int mr, int64_t p) {
     const int64_t cols = job->n - c0 < NR ? job->n - c0 : NR;
     const uint16_t *panel = (const uint16_t *)job->packed + p * ((k + 1) / 2) * NR * 2;
     const uint16_t *xr = (const uint16_t *)job->x + r0 * xs;
-    switch (mr) {
-        case 8: bf_tile(8, xr, xs, panel, k, sums); break;
-        case 7: bf_tile(7, xr, xs, panel, k, sums); break;
-        case 6: bf_tile(6, xr, xs, panel, k, sums); break;
-        case 5: bf_tile(5, xr, xs, panel, k, sums); break;
-        case 4: bf_tile(4, xr, xs, panel, k, sums); break;
-        case 3: bf_tile(3, xr, xs, panel, k, sums); break;
-        case 2: bf_tile(2, xr, xs, panel, k, sums); break;
-        default: bf_tile(1, xr, xs, panel, k, sums); break;
-    }
+    BY_ROWS(bf_tile, mr, xr, xs, panel, k, sums);
     for (int r = 0; r < mr; r++) {
         uint16_t out[NR];
         for (int j = 0; j < DL_NV; j++) {
@@ -189,16 +189,7 @@ static void bf_rows(const LinearJob *job, int64_t r0, int mr, int64_t p) {
 
 int linear_bf16_available(void) { return 1; }
 
-void linear_product_bf16(const LinearJob *job) {
-    const int64_t panels = (job->n + NR - 1) / NR, blocks = (job->m + RB - 1) / RB;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(job->threads)
-    for (int64_t b = 0; b < blocks; b++)
-        for (int64_t p = 0; p < panels; p++) {
-            const int64_t end = (b + 1) * RB < job->m ? (b + 1) * RB : job->m;
-            for (int64_t r0 = b * RB; r0 < end; r0 += MR)
-                bf_rows(job, r0, end - r0 < MR ? (int)(end - r0) : MR, p);
-        }
-}
+void linear_product_bf16(const LinearJob *job) { each_tile(job, bf_rows); }
 #else
 /* Built for a CPU (or by a compiler) without AVX512-BF16: no bfloat16 product here. */
 int linear_bf16_available(void) { return 0; }

@@ -120,6 +120,14 @@ def test_same_bits_whatever_the_thread_count() -> None:
     change which task computes it, never its value."""
     layer = routed(300, 96, bias=True, seed=2)
     x = torch.randn(300, 96, generator=torch.Generator().manual_seed(2))
+    one, many = on_one_and_many_threads(layer, x)
+    assert torch.equal(one, many)
+
+
+def on_one_and_many_threads(
+    layer: torch.nn.Linear, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer(x)`` with torch on one thread, then on at least two."""
     threads = torch.get_num_threads()
     with torch.no_grad():
         try:
@@ -129,7 +137,7 @@ def test_same_bits_whatever_the_thread_count() -> None:
             many = layer(x)
         finally:
             torch.set_num_threads(threads)
-    assert torch.equal(one, many)
+    return one, many
 
 
 def test_auto_routes_float32_and_bfloat16_to_native_where_they_run() -> None:
@@ -229,14 +237,7 @@ def test_bfloat16_rows_a_stride_apart_and_any_thread_count() -> None:
     wide = torch.randn(40, 130, generator=gen).to(torch.bfloat16)
     sliced = wide[:, 20:116]
     assert sliced.stride() == (130, 1)
-    threads = torch.get_num_threads()
     with torch.no_grad():
         contiguous = layer(sliced.contiguous())
-        try:
-            torch.set_num_threads(1)
-            one = layer(sliced)
-            torch.set_num_threads(max(2, threads))
-            many = layer(sliced)
-        finally:
-            torch.set_num_threads(threads)
+    one, many = on_one_and_many_threads(layer, sliced)
     assert torch.equal(one, contiguous) and torch.equal(many, contiguous)
