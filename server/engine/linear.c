@@ -1,4 +1,5 @@
-/* The float32 product of a linear layer on the CPU: y[M, N] = x[M, K] @ W^T + b.
+/* The product of a linear layer on the CPU, y[M, N] = x[M, K] @ W^T + b: float32, and bfloat16
+ * where the compiler targets AVX512-BF16 (at the end of this file).
  *
  * A decode step multiplies a few rows (one per running sequence) by every weight matrix of the
  * model, so its time is the time to stream the weights through the cores once: a product that
