@@ -13,7 +13,10 @@
  * q_index [U * q_len] (the flat row of each padded query); dest [U * q_len] (the flat row its
  * result goes to, or -1 for padding: not computed). Query head h reads kv head h / (Hq / Hkv).
  * Scores, softmax and the weighted sum are float32 whatever the storage type (float32 or
- * bfloat16), with the online softmax of flash attention over blocks of keys. A query that sees
+ * bfloat16), with the online softmax of flash attention over blocks of keys. In bfloat16, where
+ * the compiler targets AVX512-BF16 and the head dimension is a multiple of 32, products are
+ * taken two at a time by the pair instruction (exact products, float32 sums) and the weights
+ * of the weighted sum are rounded to bfloat16 first (see load_pair_block). A query that sees
  * no key gets zeros and a log-sum-exp of -inf.
  *
  * Work is split over (unit, kv head) tasks by OpenMP. The library is linked against libgomp
@@ -25,6 +28,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#define PAIR_DOT 1 /* bfloat16 keys and values multiply in pairs (VDPBF16PS) */
+#else
+#define PAIR_DOT 0
+#endif
 
 #define VLEN 16                /* floats per vector */
 #define SUB 4                  /* vectors of keys per block */
@@ -220,6 +229,86 @@ static inline void load_block(const Job *job, const int64_t *slots, int64_t coun
     }
 }
 
+#if PAIR_DOT
+/* Bfloat16 with the pair instruction (VDPBF16PS: two bfloat16 products, exact in float32,
+ * added to a float32 sum). A key row's bfloat16 values read as 32-bit words are pairs of
+ * dimensions, so the block's keys are transposed word by word into keys_t [dp / 2][BLOCK]
+ * (pair i of each key) with the float32 path's 16 x 16 transpose, half as many of them; a
+ * score takes one instruction per pair of dimensions (the queries are used as stored, the scale
+ * applied to the float32 scores). The values are interleaved key by key
+ * into values [BLOCK / 2][dp] (word: key 2j's value in the low half, key 2j + 1's in the high
+ * half), so the weighted sum takes one instruction per pair of keys, with the weights rounded
+ * to bfloat16 (as transformers' eager attention rounds its probabilities in bfloat16);
+ * the running totals keep the float32 weights. A missing key of the last pair is zeros. */
+static inline void load_pair_block(const Job *job, const int64_t *slots, int64_t count,
+                                   int64_t cache_base, uint32_t *keys_t, uint32_t *values,
+                                   int64_t dp) {
+    const int64_t d = job->head_dim;
+    const uint16_t *k = (const uint16_t *)job->k, *v = (const uint16_t *)job->v;
+    for (int s = 0; s < SUB; s++)
+        for (int64_t c = 0; c < d / 2; c += VLEN) {
+            vf tile[VLEN];
+            for (int b = 0; b < VLEN; b++) {
+                const int64_t key = s * VLEN + b;
+                if (key < count)
+                    memcpy(&tile[b], k + cache_base + slots[key] * d + 2 * c, sizeof tile[b]);
+                else
+                    tile[b] = (vf){0};
+            }
+            transpose16(tile);
+            for (int i = 0; i < VLEN; i++) memcpy(keys_t + (c + i) * BLOCK + s * VLEN, &tile[i], sizeof tile[i]);
+        }
+    uint16_t order[2 * VLEN]; /* lane 2i: a's lane i, lane 2i + 1: b's lane i */
+    for (int i = 0; i < VLEN; i++) order[2 * i] = (uint16_t)i, order[2 * i + 1] = (uint16_t)(2 * VLEN + i);
+    const __m512i low = _mm512_loadu_si512(order);
+    const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(VLEN));
+    for (int64_t j = 0; 2 * j < count; j++) {
+        const uint16_t *a = v + cache_base + slots[2 * j] * d;
+        const uint16_t *b = 2 * j + 1 < count ? v + cache_base + slots[2 * j + 1] * d : NULL;
+        for (int64_t c = 0; c < d; c += 2 * VLEN) {
+            const __m512i va = _mm512_loadu_si512(a + c);
+            const __m512i vb = b ? _mm512_loadu_si512(b + c) : _mm512_setzero_si512();
+            _mm512_storeu_si512(values + j * dp + c, _mm512_permutex2var_epi16(va, low, vb));
+            _mm512_storeu_si512(values + j * dp + c + VLEN, _mm512_permutex2var_epi16(va, high, vb));
+        }
+    }
+}
+
+/* A tile's scores against the block: each row's `half` query pairs (rows `stride` words
+ * apart) by keys_t. */
+static inline void pair_scores(const uint32_t *qh, int64_t stride, int64_t half,
+                               const uint32_t *keys_t, vf score[ROWS][SUB]) {
+    for (int64_t i = 0; i < half; i++) {
+        __m512bh kt[SUB];
+        for (int s = 0; s < SUB; s++) kt[s] = (__m512bh)_mm512_loadu_si512(keys_t + i * BLOCK + s * VLEN);
+        for (int t = 0; t < ROWS; t++) {
+            const __m512bh qv = (__m512bh)_mm512_set1_epi32((int32_t)qh[t * stride + i]);
+            for (int s = 0; s < SUB; s++) score[t][s] = (vf)_mm512_dpbf16_ps((__m512)score[t][s], qv, kt[s]);
+        }
+    }
+}
+
+/* Adds a tile's weighted values, vectors [c, c + SUB * VLEN) of each row, to acc. */
+static inline void pair_sums(const uint16_t *wh, const uint32_t *values, int64_t count,
+                             float *acc, int64_t dp, int64_t c) {
+    __m512 sum[ROWS][SUB];
+    for (int t = 0; t < ROWS; t++)
+        for (int s = 0; s < SUB; s++) sum[t][s] = _mm512_loadu_ps(acc + t * dp + c + s * VLEN);
+    for (int64_t j = 0; 2 * j < count; j++) {
+        __m512bh vb[SUB];
+        for (int s = 0; s < SUB; s++) vb[s] = (__m512bh)_mm512_loadu_si512(values + j * dp + c + s * VLEN);
+        for (int t = 0; t < ROWS; t++) {
+            uint32_t pair;
+            memcpy(&pair, wh + t * BLOCK + 2 * j, sizeof pair);
+            const __m512bh wv = (__m512bh)_mm512_set1_epi32((int32_t)pair);
+            for (int s = 0; s < SUB; s++) sum[t][s] = _mm512_dpbf16_ps(sum[t][s], wv, vb[s]);
+        }
+    }
+    for (int t = 0; t < ROWS; t++)
+        for (int s = 0; s < SUB; s++) _mm512_storeu_ps(acc + t * dp + c + s * VLEN, sum[t][s]);
+}
+#endif
+
 /* One (unit, kv head): every live query of the unit under each of the kv head's query heads,
  * against blocks of BLOCK keys, ROWS query rows at a time (they share each load of a key or a
  * value). Head dimensions are padded with zeros to a multiple of SUB * VLEN in the task's own
@@ -231,7 +320,8 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
     const int64_t dp = (d + SUB * VLEN - 1) / (SUB * VLEN) * (SUB * VLEN);
     const int64_t n = job->q_len * group; /* query rows, query-major: row = j * group + gi */
     const int64_t np = (n + ROWS - 1) / ROWS * ROWS;
-    const size_t floats = (size_t)(np * (2 * dp + 3) + 2 * BLOCK * dp + ROWS * BLOCK);
+    const int pairs = PAIR_DOT && job->bf16 && d % (2 * VLEN) == 0;
+    const size_t floats = (size_t)(np * (2 * dp + 3) + 2 * BLOCK * dp + ROWS * BLOCK * 3 / 2);
     float *buf = task_buffer(floats);
     if (!buf) return 1;
     float *keys_t = buf;                  /* [dp][BLOCK]: the block's keys, transposed */
@@ -240,14 +330,18 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
     float *qs = w + ROWS * BLOCK;         /* [np][dp], scaled */
     float *acc = qs + np * dp;            /* [np][dp]: the running weighted sums of values */
     float *m = acc + np * dp, *l = m + np, *live = l + np; /* running max, running total */
+    uint16_t *wh = (uint16_t *)(live + np); /* [ROWS][BLOCK]: pairs: the weights in bfloat16 */
     /* Zeros where a task reads before it writes: the padding past d (keys, values, queries),
      * the padding rows' queries, the sums and totals. The rest is written before it is read. */
     memset(acc, 0, (size_t)(np * dp + 2 * np) * sizeof(float));
     memset(qs + n * dp, 0, (size_t)((np - n) * dp) * sizeof(float));
-    if (dp > d) {
-        memset(keys_t + d * BLOCK, 0, (size_t)((dp - d) * BLOCK) * sizeof(float));
-        for (int64_t b = 0; b < BLOCK; b++) memset(values + b * dp + d, 0, (dp - d) * sizeof(float));
-        for (int64_t r = 0; r < n; r++) memset(qs + r * dp + d, 0, (dp - d) * sizeof(float));
+    if (dp > d) { /* pairs: keys_t [dp / 2][BLOCK], values [BLOCK / 2][dp], queries' words */
+        const int64_t from = pairs ? d / 2 : d, to = pairs ? dp / 2 : dp, rows = pairs ? BLOCK / 2 : BLOCK;
+        memset(keys_t + from * BLOCK, 0, (size_t)((to - from) * BLOCK) * sizeof(float));
+        for (int64_t b = 0; b < rows; b++) memset(values + b * dp + d, 0, (dp - d) * sizeof(float));
+        for (int64_t r = 0; r < n; r++)
+            memset(pairs ? (void *)((uint16_t *)(qs + r * dp) + d) : (void *)(qs + r * dp + d), 0,
+                   (size_t)(dp - d) * (pairs ? 2 : 4));
     }
     for (int64_t r = n; r < np; r++) live[r] = 0.0f, m[r] = -INFINITY;
     for (int64_t j = 0; j < job->q_len; j++) {
@@ -258,8 +352,12 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
             live[r] = (float)on;
             m[r] = -INFINITY;
             if (!on) continue;
-            load_row(qs + r * dp, job->q, head * job->q_head_stride + at * job->q_row_stride, d,
-                     job->bf16);
+            const int64_t q_at = head * job->q_head_stride + at * job->q_row_stride;
+            if (pairs) { /* the row's bfloat16 values as they are: the scale goes on the scores */
+                memcpy(qs + r * dp, (const uint16_t *)job->q + q_at, (size_t)d * 2);
+                continue;
+            }
+            load_row(qs + r * dp, job->q, q_at, d, job->bf16);
             for (int64_t i = 0; i < d; i++) qs[r * dp + i] *= job->scale;
         }
     }
@@ -278,7 +376,13 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
                 __builtin_prefetch((const char *)job->v + at + byte);
             }
         }
-        load_block(job, slots + start, count, cache_base, keys_t, values, dp);
+#if PAIR_DOT
+        if (pairs)
+            load_pair_block(job, slots + start, count, cache_base, (uint32_t *)keys_t,
+                            (uint32_t *)values, dp);
+        else
+#endif
+            load_block(job, slots + start, count, cache_base, keys_t, values, dp);
         vi masked[SUB];
         int64_t mask_of = -1; /* the query whose mask `masked` holds */
         int any = 0;
@@ -301,18 +405,27 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
             }
             if (!used) continue; /* no row of the tile sees a key of this block */
             vf score[ROWS][SUB] = {{{0}}};
-            for (int64_t i = 0; i < dp; i++) {
-                const vf *kt = (const vf *)(keys_t + i * BLOCK);
-                for (int t = 0; t < ROWS; t++) {
-                    const float qi = qs[(r0 + t) * dp + i];
-                    for (int s = 0; s < SUB; s++) score[t][s] += qi * kt[s];
+#if PAIR_DOT
+            if (pairs) {
+                pair_scores((const uint32_t *)(qs + r0 * dp), dp, dp / 2, (const uint32_t *)keys_t,
+                            score);
+                for (int t = 0; t < ROWS; t++)
+                    for (int s = 0; s < SUB; s++) score[t][s] *= job->scale;
+            } else
+#endif
+                for (int64_t i = 0; i < dp; i++) {
+                    const vf *kt = (const vf *)(keys_t + i * BLOCK);
+                    for (int t = 0; t < ROWS; t++) {
+                        const float qi = qs[(r0 + t) * dp + i];
+                        for (int s = 0; s < SUB; s++) score[t][s] += qi * kt[s];
+                    }
                 }
-            }
             for (int t = 0; t < ROWS; t++) {
                 const int64_t r = r0 + t;
                 vf *wt = (vf *)(w + t * BLOCK);
                 if (!sees[t]) { /* weight 0 for every key: the row's sums are unchanged */
                     for (int s = 0; s < SUB; s++) wt[s] = (vf){0};
+                    memset(wh + t * BLOCK, 0, BLOCK * sizeof *wh);
                     continue;
                 }
                 vf most = (vf){0} - INFINITY;
@@ -334,11 +447,23 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
                     const vf e = exp_v(score[t][s] - top);
                     wt[s] = e;
                     total += e;
+#if PAIR_DOT
+                    if (pairs) {
+                        const __m256bh h = _mm512_cvtneps_pbh((__m512)e);
+                        memcpy(wh + t * BLOCK + s * VLEN, &h, sizeof h);
+                    }
+#endif
                 }
                 for (int b = 0; b < VLEN; b++) l[r] += total[b];
             }
             /* Four vectors of each row's sum at a time, each its own chain of additions. */
             for (int64_t c = 0; c < dp; c += SUB * VLEN) {
+#if PAIR_DOT
+                if (pairs) {
+                    pair_sums(wh, (const uint32_t *)values, count, acc + r0 * dp, dp, c);
+                    continue;
+                }
+#endif
                 vf sum[ROWS][SUB];
                 for (int t = 0; t < ROWS; t++)
                     for (int s = 0; s < SUB; s++) sum[t][s] = *(vf *)(acc + (r0 + t) * dp + c + s * VLEN);
