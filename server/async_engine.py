@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import itertools
 import logging
 import queue
@@ -244,9 +245,18 @@ class AsyncEngine:
             return
         driver = _EngineLoop(self, served)
         driver.publish()  # the engine as loaded, before anything is admitted
+        # What start-up built (the model's modules, the tokenizer, the app) lives as long as
+        # the engine: frozen out of the collector, a full collection scans only what requests
+        # create. A full collection holds every thread, the event loop's included: 0.3-0.38 s
+        # each, measured in a process holding 670k objects (the test suite's).
+        gc.collect()
+        gc.freeze()
         self.served = served
         self._loaded.set()
-        driver.run()
+        try:
+            driver.run()
+        finally:
+            gc.unfreeze()  # collectable again: the process may outlive its engine
 
 
 class _EngineLoop:

@@ -1,9 +1,12 @@
 """Backpressure and lifecycle over real HTTP (tiny random model): 429 with Retry-After under a
 full queue while accepted requests finish; client disconnects and timeouts free KV blocks;
-/health and /ready; drain on SIGTERM (a real ``prefix-serve serve`` process) and drain timeout."""
+/health and /ready; drain on SIGTERM (a real ``prefix-serve serve`` process) and drain timeout;
+what start-up built is kept out of the garbage collector's scans while the engine runs."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import signal
@@ -260,3 +263,27 @@ def _wait_ready(http: httpx.Client, proc: subprocess.Popen) -> None:
             pass
         assert time.monotonic() < deadline, "server did not become ready"
         time.sleep(0.1)
+
+
+def test_start_up_objects_are_out_of_the_collectors_scans_while_the_engine_runs(tiny_llm):
+    """A full collection holds every thread, the event loop's too, for as long as it scans:
+    what is alive once the engine has loaded (here a stand-in for a model's many objects) is
+    frozen out of the scans until the engine stops, and collectable again after."""
+    made_before = [[i] for i in range(100_000)]
+    probe = made_before[-1]
+    engine = AsyncEngine(lambda: tiny_llm.served, 8)
+    loop = asyncio.new_event_loop()
+    engine.start(loop)
+    try:
+        deadline = time.monotonic() + 20
+        while not engine.ready:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert gc.get_freeze_count() >= len(made_before)
+        assert not any(o is probe for o in gc.get_objects())
+        made_after = [[i] for i in range(10)]  # what requests create is scanned as ever
+        assert any(o is made_after[-1] for o in gc.get_objects())
+    finally:
+        engine.stop()
+        loop.close()
+    assert any(o is probe for o in gc.get_objects())
