@@ -72,6 +72,7 @@ def padded_batch(
     ("units", "q_len", "width", "causal", "head_dim"),
     [
         (4, 4, 150, False, 64),  # decode units: 3 blocks, the last partial
+        (5, 1, 200, False, 64),  # one query a unit: one tile, float32 values read in place
         (3, 37, 100, True, 64),  # prefill: causal rows that see no key of the last block
         (2, 5, 64, False, 8),  # tiny heads: padded to 64
         (2, 3, 70, True, 40),
