@@ -28,8 +28,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__)
 #define PAIR_DOT 1 /* bfloat16 keys and values multiply in pairs (VDPBF16PS) */
 #else
 #define PAIR_DOT 0
@@ -99,9 +101,14 @@ static inline int block_mask(const uint8_t *mask, int64_t count, vi masked[SUB])
     vi seen = {0};
     if (count == BLOCK) {
         for (int s = 0; s < SUB; s++) {
+#if defined(__AVX512F__) /* gcc widens a generic byte vector lane by lane */
+            const vi flags = (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mask + s * VLEN)));
+            masked[s] = flags != 0;
+#else
             vb flags;
             memcpy(&flags, mask + s * VLEN, sizeof flags);
             masked[s] = __builtin_convertvector(flags, vi) != 0;
+#endif
             seen |= ~masked[s];
         }
     } else {
