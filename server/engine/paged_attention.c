@@ -189,6 +189,29 @@ static inline void transpose16(vf r[VLEN]) {
           PICK(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31));
 }
 
+/* The largest of `start` and x's lanes (a comparison tree, so the same value as lane by lane;
+ * the lanes hold no NaN: they come from `x > y ? x : y` selections). */
+static inline float most_of(vf x, float start) {
+    vf y = PICK(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    x = select(y > x, y, x);
+    y = PICK(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    x = select(y > x, y, x);
+    y = PICK(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    x = select(y > x, y, x);
+    y = PICK(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    x = select(y > x, y, x);
+    return x[0] > start ? x[0] : start;
+}
+
+/* The sum of x's lanes, as a tree of halves. */
+static inline float lane_sum(vf x) {
+    x += PICK(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    x += PICK(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    x += PICK(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    x += PICK(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    return x[0];
+}
+
 typedef uint16_t vh __attribute__((vector_size(2 * VLEN)));
 
 /* VLEN values from element `offset` of a float32 or bfloat16 array, as float32 lanes. */
@@ -334,7 +357,7 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
      * that need no padding are read where they lie, not copied first (decode units 12% faster;
      * a copy pays off where several tiles re-read the block). */
     const int in_place = !job->bf16 && d == dp && np <= ROWS;
-    const size_t floats = (size_t)(np * (2 * dp + 3) + 2 * BLOCK * dp + ROWS * BLOCK * 3 / 2);
+    const size_t floats = (size_t)(np * (2 * dp + VLEN + 3) + 2 * BLOCK * dp + ROWS * BLOCK * 3 / 2);
     float *buf = task_buffer(floats);
     if (!buf) return 1;
     float *keys_t = buf;                  /* [dp][BLOCK]: the block's keys, transposed */
@@ -342,11 +365,12 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
     float *w = values + BLOCK * dp;       /* [ROWS][BLOCK]: a tile's weights for the block */
     float *qs = w + ROWS * BLOCK;         /* [np][dp], scaled */
     float *acc = qs + np * dp;            /* [np][dp]: the running weighted sums of values */
-    float *m = acc + np * dp, *l = m + np, *live = l + np; /* running max, running total */
+    vf *lanes = (vf *)(acc + np * dp);    /* [np]: pairs: the running totals, lane by lane */
+    float *m = (float *)(lanes + np), *l = m + np, *live = l + np; /* running max, total */
     uint16_t *wh = (uint16_t *)(live + np); /* [ROWS][BLOCK]: pairs: the weights in bfloat16 */
     /* Zeros where a task reads before it writes: the padding past d (keys, values, queries),
      * the padding rows' queries, the sums and totals. The rest is written before it is read. */
-    memset(acc, 0, (size_t)(np * dp + 2 * np) * sizeof(float));
+    memset(acc, 0, (size_t)(np * (dp + VLEN) + 2 * np) * sizeof(float));
     memset(qs + n * dp, 0, (size_t)((np - n) * dp) * sizeof(float));
     if (dp > d) { /* pairs: keys_t [dp / 2][BLOCK], values [BLOCK / 2][dp], queries' words */
         const int64_t from = pairs ? d / 2 : d, to = pairs ? dp / 2 : dp, rows = pairs ? BLOCK / 2 : BLOCK;
@@ -446,12 +470,12 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
                     score[t][s] = select(tile_mask[t][s], (vf){0} - INFINITY, score[t][s]);
                     most = select(score[t][s] > most, score[t][s], most);
                 }
-                float top = m[r];
-                for (int b = 0; b < VLEN; b++) top = most[b] > top ? most[b] : top;
+                const float top = most_of(most, m[r]);
                 if (top > m[r]) {
                     const float shrink = m[r] == -INFINITY ? 0.0f : expf(m[r] - top);
                     float *a = acc + r * dp;
                     l[r] *= shrink;
+                    lanes[r] *= shrink;
                     for (int64_t i = 0; i < dp; i++) a[i] *= shrink;
                     m[r] = top;
                 }
@@ -467,7 +491,10 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
                     }
 #endif
                 }
-                for (int b = 0; b < VLEN; b++) l[r] += total[b];
+                if (pairs) /* lane by lane, added up once at the end: no chain of 16 a block */
+                    lanes[r] += total;
+                else
+                    for (int b = 0; b < VLEN; b++) l[r] += total[b];
             }
             /* Four vectors of each row's sum at a time, each its own chain of additions. */
             for (int64_t c = 0; c < dp; c += SUB * VLEN) {
@@ -496,6 +523,8 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
             }
         }
     }
+    if (pairs)
+        for (int64_t r = 0; r < n; r++) l[r] = lane_sum(lanes[r]);
     for (int64_t j = 0; j < job->q_len; j++) {
         const int64_t at = job->dest[unit * job->q_len + j];
         if (at < 0) continue;
