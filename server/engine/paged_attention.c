@@ -462,7 +462,7 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
                 vf *wt = (vf *)(w + t * BLOCK);
                 if (!sees[t]) { /* weight 0 for every key: the row's sums are unchanged */
                     for (int s = 0; s < SUB; s++) wt[s] = (vf){0};
-                    memset(wh + t * BLOCK, 0, BLOCK * sizeof *wh);
+                    if (pairs) memset(wh + t * BLOCK, 0, BLOCK * sizeof *wh);
                     continue;
                 }
                 vf most = (vf){0} - INFINITY;
@@ -474,8 +474,10 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
                 if (top > m[r]) {
                     const float shrink = m[r] == -INFINITY ? 0.0f : expf(m[r] - top);
                     float *a = acc + r * dp;
-                    l[r] *= shrink;
-                    lanes[r] *= shrink;
+                    if (pairs)
+                        lanes[r] *= shrink;
+                    else
+                        l[r] *= shrink;
                     for (int64_t i = 0; i < dp; i++) a[i] *= shrink;
                     m[r] = top;
                 }
