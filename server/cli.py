@@ -63,6 +63,15 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     profile.add_argument("--data-dir", default="./data")
     profile.add_argument("--json", default=None, help="where to write the JSON")
     _add_attention_flag(profile)
+    w3 = which.add_parser("w3", help="the GPU engine on a Llama-3.2-1B-shaped model (CUDA)")
+    w3.add_argument("--requests", type=int, default=64, help="requests in flight")
+    w3.add_argument("--prefix", type=int, default=1024, help="system prompt tokens")
+    w3.add_argument("--question", type=int, default=128, help="question tokens")
+    w3.add_argument("--new-tokens", type=int, default=128)
+    w3.add_argument("--variants", default="shared,distinct,shared-long", help="comma-separated")
+    w3.add_argument("--no-baselines", action="store_true", help="skip PEFT and generate_batch")
+    w3.add_argument("--no-graphs", action="store_true", help="decode steps eagerly")
+    w3.add_argument("--json", default="bench/results/w3.json", help="where to write the JSON")
     w2 = which.add_parser("w2", help="W1's tenants served over HTTP at concurrency 1, 4, 16")
     w2.add_argument("--tenants", type=int, default=4)
     w2.add_argument("--requests", type=int, default=4, help="requests per tenant")
@@ -107,6 +116,8 @@ def _bench(args: argparse.Namespace) -> int:
             from bench.w1 import run
         elif args.workload == "profile":
             from bench.profile import format_profile, profile_w1
+        elif args.workload == "w3":
+            from bench.w3 import run as run_w3
         else:
             from bench.w2 import run as run_w2
     except ModuleNotFoundError as exc:
@@ -154,6 +165,17 @@ def _bench(args: argparse.Namespace) -> int:
             from pathlib import Path
 
             Path(args.json).write_text(json.dumps(result, indent=2))
+    elif args.workload == "w3":
+        run_w3(
+            args.requests,
+            args.prefix,
+            args.question,
+            args.new_tokens,
+            tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+            not args.no_baselines,
+            args.json,
+            not args.no_graphs,
+        )
     else:
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
         run_w2(

@@ -63,6 +63,9 @@ class EngineConfig:
     # True: Llama, Mistral and Qwen2 layers run as the engine's own loop over the model's
     # modules (``engine/decoder.py``, same bits); False: always transformers' forward.
     direct_decoder: bool = True
+    # On CUDA, decode steps run through the paged Triton kernel (``engine/cuda_decode.py``),
+    # replayed as CUDA graphs when ``cuda_graphs`` (else run eagerly, for checks).
+    cuda_graphs: bool = True
 
 
 @dataclass
@@ -111,6 +114,10 @@ class LLMEngine:
             linear_backend=config.linear_backend,
             direct_decoder=config.direct_decoder,
         )
+        if self.runner.device.type == "cuda" and self.runner.direct_decoder:
+            why = self.runner.enable_cuda_decode(config.max_num_seqs, config.cuda_graphs)
+            if why:
+                log.warning("decode steps run eagerly: %s", why)
         self.max_model_len = min(
             getattr(model.config, "max_position_embeddings", 1 << 30),
             num_blocks * config.block_size,

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from adapters_store.tiers import LRUTier
-from server.engine import attention, decoder, native
+from server.engine import attention, decoder, native, triton_attention
 from server.engine.attention import build_metadata
 from server.engine.batch import BatchPlan
 from server.engine.cpu_kernels import route_linears
+from server.engine.cuda_decode import CudaDecoder
 from server.engine.decoder import run_decoder
 from server.engine.flat import FlatBatch, flatten
 from server.engine.logprobs import wants_prompt_logits
@@ -106,15 +107,20 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         head_dim = head_dim_of(cfg)
+        # One more block than the pool hands out: the scratch block that the padding rows of a
+        # captured decode batch write and read (``cuda_decode.py``).
+        scratch = 1
         self.kv_cache = torch.zeros(
             cfg.num_hidden_layers,
             2,
             cfg.num_key_value_heads,
-            num_blocks * block_size,
+            (num_blocks + scratch) * block_size,
             head_dim,
             dtype=self.dtype,
             device=self.device,
         )
+        # Decode steps on CUDA: the paged Triton kernel, under CUDA graphs (``enable_cuda_decode``).
+        self.cuda_decoder: CudaDecoder | None = None
         self.embed = model.get_input_embeddings()
         # The device tier: adapter KV / embeddings on the device, LRU by bytes (None: unbounded).
         self.adapter_tier: LRUTier[str, torch.Tensor] = LRUTier(
@@ -122,6 +128,24 @@ class ModelRunner:
             capacity_bytes=adapter_cache_bytes,
             size_of=lambda t: t.numel() * t.element_size(),
         )
+
+    def enable_cuda_decode(self, max_seqs: int, use_graphs: bool = True) -> str:
+        """Run decode steps through ``CudaDecoder`` (CUDA and Triton needed); returns why not,
+        or an empty string when enabled."""
+        if self.device.type != "cuda":
+            return "decode graphs run on CUDA only"
+        why = triton_attention.available()
+        if why:
+            return why
+        self.cuda_decoder = CudaDecoder(
+            self.model,
+            self.kv_cache,
+            self.block_size,
+            self.num_blocks,
+            max_seqs,
+            use_graphs=use_graphs,
+        )
+        return ""
 
     # Adapters on the device ---------------------------------------------------------------
     def adapter_tensor(self, seg: AdapterSegment) -> torch.Tensor:
@@ -149,6 +173,10 @@ class ModelRunner:
     def run(self, plan: BatchPlan) -> StepResult:
         """Compute every chunk of ``plan``: logits of the sampling chunks, and whether each
         chunk's keys and values were all finite."""
+        if self.cuda_decoder is not None and self.cuda_decoder.fits(plan):
+            logits, nonfinite = self.cuda_decoder.run(plan)
+            finite: list[bool] = (~nonfinite).tolist()
+            return StepResult(logits, finite)
         flat = flatten(plan)
         self._copy_prefixes(plan, flat)
         vocab = decoder_config(self.model).vocab_size

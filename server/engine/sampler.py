@@ -94,6 +94,13 @@ def sample(
     one (non-finite logits, a sampling error) gives a ``RequestError`` for that request only.
     Runs on the CPU, where the per-request generators live (N x vocab floats: small next to a
     forward)."""
+    if logits.device.type != "cpu" and all(_plain_greedy(seq, eos_ids) for seq in seqs):
+        # On the device, read back one id per row (the argmax, or -1 where the row's sum is
+        # not finite), not the whole rows; a row marked -1 is settled on the CPU below.
+        ok = torch.isfinite(logits.sum(dim=-1))
+        picks: list[int] = torch.where(ok, logits.argmax(dim=-1), -1).tolist()
+        if min(picks) >= 0:
+            return list(picks)
     logits = logits.float().cpu()
     finite = finite_rows(logits)
     tokens: list[int | RequestError] = [
@@ -121,6 +128,15 @@ def sample(
         except RuntimeError as exc:  # e.g. torch.multinomial refusing a distribution
             tokens[i] = RequestError("sampling", f"sampling failed for this request: {exc}")
     return tokens
+
+
+def _plain_greedy(seq: Sequence, eos_ids: tuple[int, ...]) -> bool:
+    """Greedy with nothing banned and no logit adjusted: the argmax of the raw row."""
+    return (
+        seq.params.temperature == 0
+        and not seq.params.adjusts_logits
+        and not _banned_ids(seq, eos_ids)
+    )
 
 
 def _draw(row: torch.Tensor, seq: Sequence) -> int:

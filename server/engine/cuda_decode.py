@@ -1,0 +1,227 @@
+"""Decode steps on CUDA: flat static buffers, the paged Triton kernel, one CUDA graph per
+batch-size bucket.
+
+A decode step (every chunk one new row that samples, nothing copied into the cache, no
+embedding rows, no prompt scores) has the same shapes whatever the sequences' lengths once its
+batch is padded to a bucket: token ids, positions and cache slots ``[B]``, key counts ``[B]``,
+block tables ``[B, max_blocks]``. The step's integers go to the device in one copy, into one
+buffer whose views every graph reads; the graph runs the embedding, the decoder stack (with
+``triton_attention.paged_decode``) and the LM head, and leaves the logits and each row's
+"not finite" flag in its own output tensors. No Python runs per layer and nothing waits for the
+device inside a step; the caller reads the logits once (sampling).
+
+Padding rows of a bucket read and write one scratch block past the pool's blocks (the runner
+allocates it), so they never touch a sequence's keys. Everything else (prefill, prompt
+scores, adapters' virtual tokens) runs eagerly through the general path; so does every step
+with ``use_graphs=False``, which runs the same function uncaptured (graph replay gives the
+same bits, which the GPU tests check).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from server.engine.attention import AttentionMetadata
+from server.engine.batch import BatchPlan
+from server.engine.decoder import run_decoder
+from server.engine.flat import block_table_array
+from server.engine.logprobs import wants_prompt_logits
+from server.engine.triton_attention import PagedDecode, splits_for
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def is_decode_step(plan: BatchPlan) -> bool:
+    """Every chunk is one row that samples; no virtual tokens; no prompt scores."""
+    return (
+        plan.num_rows == len(plan.chunks) > 0
+        and not plan.prefix_copies
+        and not plan.embedding_spans
+        and all(c.sample and not wants_prompt_logits(c) for c in plan.chunks)
+    )
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # [B, vocab] float32
+    nonfinite: torch.Tensor  # [B] bool
+
+
+class CudaDecoder:
+    """Runs decode steps of up to ``max_seqs`` sequences. The block tables' width starts at
+    ``max_blocks`` and doubles when a step needs more (the graphs are then captured again)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        scratch_block: int,
+        max_seqs: int,
+        max_blocks: int = 256,
+        use_graphs: bool = True,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.buckets = [b for b in BUCKETS if b < max_seqs] + [max_seqs]
+        self.use_graphs = use_graphs
+        device = kv_cache.device
+        # Enough programs to fill the device twice over (the CPU: the tests' interpreter runs).
+        sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda"
+            else 1
+        )
+        self._programs = 2 * sms
+        self.captured_s = 0.0  # time spent capturing graphs
+        self._allocate(max_blocks)
+
+    def _allocate(self, max_blocks: int) -> None:
+        """Buffers for tables ``max_blocks`` wide; any graph captured before is dropped."""
+        top = self.buckets[-1]
+        device = self.kv_cache.device
+        self.max_blocks = max_blocks
+        # One int32 buffer: token ids, positions, slots, key counts [top] each, then the block
+        # tables [top, max_blocks]; pinned on the host so that the copy is one DMA.
+        size = 4 * top + top * max_blocks
+        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._dev = torch.zeros(size, dtype=torch.int32, device=device)
+        self._nonfinite = torch.zeros(top, dtype=torch.bool, device=device)
+        self._graphs: dict[int, _Graph] = {}
+        self._pool: Any = None
+
+    def reserve(self, tokens: int) -> None:
+        """Make the block tables wide enough for sequences of ``tokens`` positions now, rather
+        than when a step first needs it (which captures the graphs again, mid-run)."""
+        blocks = -(-tokens // self.block_size)
+        if blocks > self.max_blocks:
+            self._allocate(1 << (blocks - 1).bit_length())
+
+    def fits(self, plan: BatchPlan) -> bool:
+        return len(plan.chunks) <= self.buckets[-1] and is_decode_step(plan)
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    # Buffers ------------------------------------------------------------------------------
+    def _views(self, batch: int) -> tuple[torch.Tensor, ...]:
+        top = self.buckets[-1]
+        d = self._dev
+        tokens, positions = d[:batch], d[top : top + batch]
+        slots, lens = d[2 * top : 2 * top + batch], d[3 * top : 3 * top + batch]
+        tables = d[4 * top : 4 * top + batch * self.max_blocks].view(batch, self.max_blocks)
+        return tokens, positions, slots, lens, tables
+
+    def _fill(self, plan: BatchPlan, batch: int) -> None:
+        """Write the plan (padded to ``batch`` rows) into the host buffer and copy it over."""
+        top, n, bs = self.buckets[-1], len(plan.chunks), self.block_size
+        host = self._host.numpy()
+        positions = np.asarray(plan.positions, dtype=np.int64)
+        tables = block_table_array(plan.block_tables)
+        slots = tables[np.arange(n), positions // bs] * bs + positions % bs
+        host[:batch] = 0
+        host[:n] = plan.token_ids
+        host[top : top + batch] = 0
+        host[top : top + n] = positions
+        host[2 * top : 2 * top + batch] = self.scratch_block * bs
+        host[2 * top : 2 * top + n] = slots
+        host[3 * top : 3 * top + batch] = 1
+        host[3 * top : 3 * top + n] = plan.context_lens
+        grid = host[4 * top : 4 * top + batch * self.max_blocks].reshape(batch, self.max_blocks)
+        grid[:] = self.scratch_block
+        grid[:n, : tables.shape[1]] = tables
+        used = 4 * top + batch * self.max_blocks
+        self._dev[:used].copy_(self._host[:used], non_blocking=True)
+
+    # The step -----------------------------------------------------------------------------
+    def _forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step on the buffers' first ``batch`` rows: float32 logits and row flags."""
+        tokens, positions, slots, lens, tables = self._views(batch)
+        nonfinite = self._nonfinite[:batch]
+        nonfinite.zero_()
+        hkv = self.kv_cache.shape[2]
+        meta = AttentionMetadata(
+            kv_cache=self.kv_cache,
+            slot_mapping=slots.long(),
+            decode=None,
+            suffix=[],
+            shared=None,
+            nonfinite=nonfinite,
+            backend="triton",
+            paged=PagedDecode(
+                tables, lens, self.block_size, splits_for(batch, hkv, self._programs)
+            ),
+        )
+        model = cast(Any, self.model)
+        embeds = model.get_input_embeddings()(tokens.long())
+        hidden = run_decoder(self.model, embeds, positions.long(), meta)
+        logits = model.lm_head(hidden).float()
+        return logits, nonfinite
+
+    def _graph_for(self, batch: int) -> _Graph:
+        found = self._graphs.get(batch)
+        if found is not None:
+            return found
+        began = time.perf_counter()
+        # Capture on padding rows only (scratch slots), after two eager runs on a side stream
+        # (Triton compiles, cuBLAS picks its kernels, lazily made tensors exist).
+        self._fill_padding(batch)
+        stream = torch.cuda.Stream(self.kv_cache.device)  # type: ignore[no-untyped-call]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(batch)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, nonfinite = self._forward(batch)
+        torch.cuda.synchronize()
+        found = _Graph(graph, logits, nonfinite)
+        self._graphs[batch] = found
+        self.captured_s += time.perf_counter() - began
+        log.info("captured the decode graph of %d rows", batch)
+        return found
+
+    def _fill_padding(self, batch: int) -> None:
+        top = self.buckets[-1]
+        host = self._host.numpy()
+        host[:] = 0
+        host[2 * top : 2 * top + batch] = self.scratch_block * self.block_size
+        host[3 * top : 3 * top + batch] = 1
+        host[4 * top :] = self.scratch_block
+        self._dev.copy_(self._host)
+        torch.cuda.synchronize()
+
+    def capture(self, sizes: list[int] | None = None) -> None:
+        """Capture the graphs of ``sizes`` (all buckets by default), largest first, so that
+        the smaller ones reuse its memory."""
+        for batch in sorted(sizes or self.buckets, reverse=True):
+            self._graph_for(self.bucket(batch))
+
+    def run(self, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's float32 logits ``[n, vocab]`` and "not finite" flags ``[n]`` (device
+        tensors owned by the graph: read them before the next step)."""
+        n = len(plan.chunks)
+        batch = self.bucket(n)
+        self.reserve(max(plan.context_lens))
+        if not self.use_graphs:
+            self._fill(plan, batch)
+            logits, nonfinite = self._forward(batch)
+            return logits[:n], nonfinite[:n]
+        graph = self._graph_for(batch)
+        self._fill(plan, batch)
+        graph.graph.replay()
+        return graph.logits[:n], graph.nonfinite[:n]
