@@ -205,6 +205,7 @@ class CudaDecoder:
         self._dev.copy_(self._host)
         torch.cuda.synchronize()
 
+    @torch.inference_mode()
     def capture(self, sizes: list[int] | None = None) -> None:
         """Capture the graphs of ``sizes`` (all buckets by default), largest first, so that
         the smaller ones reuse its memory."""
