@@ -161,13 +161,26 @@ def shared_groups(
             continue
         limit = min(chunks[i].start // block_size for i in members)
         first = tables[members[0]]
-        n = 0
-        while n < limit and all(tables[i][n] == first[n] for i in members):
-            n += 1
+        n = min(_common_prefix(first, tables[i], limit) for i in members[1:])
         for i in members:
             group_of[i] = len(groups)
         groups.append(SharedGroup(n, tuple(members)))
     return tuple(groups), tuple(group_of)
+
+
+def _common_prefix(a: Seq[int], b: Seq[int], limit: int) -> int:
+    """How many leading entries of ``a`` and ``b`` are equal, at most ``limit``: slices are
+    compared whole (in C), halving the range that holds the first difference."""
+    lo, hi = 0, limit  # a[:lo] == b[:lo]; the first difference, if any, is before hi
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _token_rows(

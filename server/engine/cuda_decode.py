@@ -27,12 +27,11 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from server.engine.attention import AttentionMetadata
 from server.engine.batch import BatchPlan
-from server.engine.decoder import run_decoder
 from server.engine.flat import block_table_array
 from server.engine.logprobs import wants_prompt_logits
-from server.engine.triton_attention import PagedDecode, splits_for
+from server.engine.triton_attention import PagedDecode, paged_decode, splits_for
+from server.engine.triton_layers import add_rms_norm, rope_write, silu_mul
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,105 @@ def is_decode_step(plan: BatchPlan) -> bool:
         and not plan.embedding_spans
         and all(c.sample and not wants_prompt_logits(c) for c in plan.chunks)
     )
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's weights as the fused step reads them."""
+
+    norm1: torch.Tensor
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, hidden]: q, k and v projections stacked
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    norm2: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate, then up
+    down: torch.Tensor
+    scale: float
+    eps1: float
+    eps2: float
+
+
+def _stack(modules: list[Any], name: str) -> torch.Tensor | None:
+    """The modules' ``name`` tensors (weights or biases) stacked along the output dimension,
+    each module's own then a view of its rows (nothing is held twice). None if they have
+    none."""
+    parts = [getattr(m, name) for m in modules]
+    if any(p is None for p in parts):
+        assert all(p is None for p in parts), f"some projections have a {name}, some not"
+        return None
+    stacked = torch.cat([p.detach() for p in parts])
+    at = 0
+    for m, p in zip(modules, parts, strict=True):
+        rows = p.shape[0]
+        setattr(m, name, torch.nn.Parameter(stacked[at : at + rows], requires_grad=False))
+        at += rows
+    return stacked
+
+
+def fuse_layers(model: torch.nn.Module) -> list[_Layer]:
+    """Each layer's q/k/v and gate/up projections as one product each (``_stack``)."""
+    layers = []
+    for layer in cast(Any, model).model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        assert _stack(gate_up, "bias") is None, "gated MLPs here have no biases"
+        layers.append(
+            _Layer(
+                norm1=layer.input_layernorm.weight,
+                qkv_bias=_stack(qkv, "bias"),
+                qkv=cast(torch.Tensor, _stack(qkv, "weight")),
+                o=attn.o_proj.weight,
+                o_bias=attn.o_proj.bias,
+                norm2=layer.post_attention_layernorm.weight,
+                gate_up=cast(torch.Tensor, _stack(gate_up, "weight")),
+                down=mlp.down_proj.weight,
+                scale=float(attn.scaling),
+                eps1=float(layer.input_layernorm.variance_epsilon),
+                eps2=float(layer.post_attention_layernorm.variance_epsilon),
+            )
+        )
+    return layers
+
+
+def fused_decoder(
+    model: torch.nn.Module,
+    layers: list[_Layer],
+    embeds: torch.Tensor,
+    positions: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slots: torch.Tensor,
+    flags: torch.Tensor,
+    paged: PagedDecode,
+) -> torch.Tensor:
+    """The decoder stack for one decode row per sequence, ten kernels a layer: the final-norm
+    hidden states ``[B, hidden]``."""
+    decoder = cast(Any, model).model
+    rows = embeds.shape[0]
+    cos, sin = decoder.rotary_emb(embeds, positions.unsqueeze(0))  # [1, B, D] each
+    cos, sin = cos[0].contiguous(), sin[0].contiguous()
+    hq = cast(Any, model).config.num_attention_heads
+    hkv = kv_cache.shape[2]
+    linear = torch.nn.functional.linear
+    h, residual = add_rms_norm(embeds, None, layers[0].norm1, layers[0].eps1)
+    for index, w in enumerate(layers):
+        qkv = linear(h, w.qkv, w.qkv_bias)
+        k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
+        q = rope_write(qkv, cos, sin, k_cache, v_cache, slots, flags, hq, hkv)
+        out = paged_decode(q.transpose(0, 1), k_cache, v_cache, paged, w.scale)
+        attn = linear(out.transpose(0, 1).reshape(rows, -1), w.o, w.o_bias)
+        h, residual = add_rms_norm(attn, residual, w.norm2, w.eps2)
+        down = linear(silu_mul(linear(h, w.gate_up)), w.down)
+        if index + 1 < len(layers):
+            h, residual = add_rms_norm(
+                down, residual, layers[index + 1].norm1, layers[index + 1].eps1
+            )
+        else:
+            h, residual = add_rms_norm(
+                down, residual, decoder.norm.weight, decoder.norm.variance_epsilon
+            )
+    return h
 
 
 @dataclass
@@ -76,6 +174,7 @@ class CudaDecoder:
         self.scratch_block = scratch_block
         self.buckets = [b for b in BUCKETS if b < max_seqs] + [max_seqs]
         self.use_graphs = use_graphs
+        self.layers = fuse_layers(model)
         device = kv_cache.device
         # Enough programs to fill the device twice over (the CPU: the tests' interpreter runs).
         sms = (
@@ -151,21 +250,19 @@ class CudaDecoder:
         nonfinite = self._nonfinite[:batch]
         nonfinite.zero_()
         hkv = self.kv_cache.shape[2]
-        meta = AttentionMetadata(
-            kv_cache=self.kv_cache,
-            slot_mapping=slots.long(),
-            decode=None,
-            suffix=[],
-            shared=None,
-            nonfinite=nonfinite,
-            backend="triton",
-            paged=PagedDecode(
-                tables, lens, self.block_size, splits_for(batch, hkv, self._programs)
-            ),
-        )
+        paged = PagedDecode(tables, lens, self.block_size, splits_for(batch, hkv, self._programs))
         model = cast(Any, self.model)
         embeds = model.get_input_embeddings()(tokens.long())
-        hidden = run_decoder(self.model, embeds, positions.long(), meta)
+        hidden = fused_decoder(
+            self.model,
+            self.layers,
+            embeds,
+            positions.long(),
+            self.kv_cache,
+            slots,
+            nonfinite,
+            paged,
+        )
         logits = model.lm_head(hidden).float()
         return logits, nonfinite
 

@@ -1,0 +1,62 @@
+"""The decode step's fused layer kernels (``engine/triton_layers.py``), under Triton's
+interpreter on the CPU, against the operators they replace (``engine/decoder.py``'s, which
+are transformers')."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.decoder import _rms_norm, _rotate
+from server.engine.triton_layers import add_rms_norm, rope_write, silu_mul
+
+
+class _Norm:
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        self.weight, self.variance_epsilon = weight, eps
+
+
+def test_add_rms_norm_is_the_residual_sum_then_rmsnorm():
+    gen = torch.Generator().manual_seed(0)
+    x, res = torch.randn(5, 96, generator=gen), torch.randn(5, 96, generator=gen)
+    weight = torch.randn(96, generator=gen)
+    out, new_res = add_rms_norm(x, res, weight, 1e-5)
+    assert torch.equal(new_res, x + res)
+    torch.testing.assert_close(out, _rms_norm(x + res, _Norm(weight, 1e-5)), atol=1e-6, rtol=1e-6)
+    out, same = add_rms_norm(x, None, weight, 1e-6)
+    assert same is x
+    torch.testing.assert_close(out, _rms_norm(x, _Norm(weight, 1e-6)), atol=1e-6, rtol=1e-6)
+
+
+def test_rope_write_rotates_writes_and_zeroes_a_row_that_is_not_finite():
+    gen = torch.Generator().manual_seed(1)
+    rows, hq, hkv, d = 4, 6, 2, 24  # a half-head of 12: padded to 16 inside
+    qkv = torch.randn(rows, (hq + 2 * hkv) * d, generator=gen)
+    qkv[2, (hq + hkv) * d + 5] = float("inf")  # row 2: one value is infinite
+    angle = torch.rand(rows, d // 2, generator=gen) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, dim=1), torch.cat([angle.sin()] * 2, dim=1)
+    cache = torch.zeros(2, hkv, 32, d)
+    slots = torch.tensor([7, 0, 31, 12], dtype=torch.int32)
+    flags = torch.zeros(rows, dtype=torch.bool)
+    q = rope_write(qkv, cos, sin, cache[0], cache[1], slots, flags, hq, hkv)
+    signed = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), dim=1)[:, None, :]
+    parts = qkv.view(rows, hq + 2 * hkv, d)
+    want_q = _rotate(parts[:, :hq], cos[:, None, :], signed)
+    want_k = _rotate(parts[:, hq : hq + hkv], cos[:, None, :], signed)
+    torch.testing.assert_close(q, want_q, atol=1e-6, rtol=1e-6)
+    assert flags.tolist() == [False, False, True, False]
+    for row, slot in enumerate(slots.tolist()):
+        k, v = cache[0][:, slot], cache[1][:, slot]
+        if row == 2:
+            assert not k.any() and not v.any()
+        else:
+            torch.testing.assert_close(k, want_k[row], atol=1e-6, rtol=1e-6)
+            assert torch.equal(v, parts[row, hq + hkv :])
+    untouched = [s for s in range(32) if s not in slots.tolist()]
+    assert not cache[:, :, untouched].any()
+
+
+def test_silu_mul_is_silu_of_the_gate_times_up():
+    gen = torch.Generator().manual_seed(2)
+    gate_up = torch.randn(3, 2 * 1500, generator=gen)  # two column blocks, the second partial
+    want = torch.nn.functional.silu(gate_up[:, :1500]) * gate_up[:, 1500:]
+    torch.testing.assert_close(silu_mul(gate_up), want, atol=1e-6, rtol=1e-6)
