@@ -270,6 +270,44 @@ def replay_ms(engine: LLMEngine, batch: int, repeats: int = 20) -> float:
     return start.elapsed_time(end) / repeats
 
 
+def kernel_times(engine: LLMEngine, batch: int, repeats: int = 3) -> dict[str, float]:
+    """GPU time per decode step by kind of kernel (microseconds), from torch's profiler over
+    ``repeats`` eager runs of the step the buffers hold (the graph runs the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = engine.runner.cuda_decoder
+    if cuda is None:
+        return {}
+    size = cuda.bucket(batch)
+    with torch.inference_mode():
+        cuda._forward(size)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                cuda._forward(size)
+            torch.cuda.synchronize()
+    kinds = {
+        "attention (own keys)": ("own_partial",),
+        "attention (segments)": ("segment_partial",),
+        "attention (merge)": ("merge",),
+        "rmsnorm+residual": ("add_rms_norm",),
+        "rotary+cache write": ("rope_write",),
+        "silu*up": ("silu_mul",),
+        "products (cuBLAS)": ("gemm", "gemv", "nvjet", "cutlass", "sm90", "xmma", "splitk"),
+    }
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None)
+        if us is None:
+            us = getattr(event, "cuda_time_total", 0.0)
+        if not us or event.key.startswith("cuda") or event.key.startswith("aten::"):
+            continue
+        name = event.key.lower()
+        kind = next((k for k, keys in kinds.items() if any(x in name for x in keys)), "other")
+        totals[kind] = totals.get(kind, 0.0) + us / repeats
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def cold_loads(engine: LLMEngine, segs: list[AdapterSegment]) -> dict[str, float]:
     """Each adapter from a safetensors blob (as the store keeps it) to the device tier."""
     from safetensors.torch import load, save
@@ -411,6 +449,14 @@ def run(
     for variant in chosen:
         r = run_engine(engine, variant, segs, new_tokens, bandwidth, weights)
         result["engine"].append(asdict(r))
+        if device == "cuda":  # the last decode step's buffers: the full batch, at its end
+            try:
+                times = kernel_times(engine, requests)
+                result["engine"][-1]["kernel_us_per_step"] = times
+                rounded = {k: round(v) for k, v in times.items()}
+                progress(f"{variant.name}: GPU us per decode step by kernel: {rounded}")
+            except Exception as exc:  # the profiler is a diagnosis, not the benchmark
+                progress(f"kernel profile failed: {exc!r}")
         progress(
             f"engine {variant.name}: {r.tok_per_s:,.0f} tok/s, decode {r.decode_ms_per_step:.2f} "
             f"ms/step (replay {r.replay_ms:.2f} ms), floor {r.floor_ms_per_step:.2f} ms: "

@@ -30,7 +30,7 @@ import torch
 from server.engine.batch import BatchPlan
 from server.engine.flat import block_table_array
 from server.engine.logprobs import wants_prompt_logits
-from server.engine.triton_attention import PagedDecode, paged_decode, splits_for
+from server.engine.triton_attention import PagedDecode, paged_decode, splits_for, workspace
 from server.engine.triton_layers import add_rms_norm, rope_write, silu_mul
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,13 @@ def fused_decoder(
     hq = cast(Any, model).config.num_attention_heads
     hkv = kv_cache.shape[2]
     linear = torch.nn.functional.linear
+    work = workspace(rows, hq, cos.shape[-1], paged, embeds.device)
     h, residual = add_rms_norm(embeds, None, layers[0].norm1, layers[0].eps1)
     for index, w in enumerate(layers):
         qkv = linear(h, w.qkv, w.qkv_bias)
         k_cache, v_cache = kv_cache[index, 0], kv_cache[index, 1]
         q = rope_write(qkv, cos, sin, k_cache, v_cache, slots, flags, hq, hkv)
-        out = paged_decode(q.transpose(0, 1), k_cache, v_cache, paged, w.scale)
+        out = paged_decode(q.transpose(0, 1), k_cache, v_cache, paged, w.scale, work)
         attn = linear(out.transpose(0, 1).reshape(rows, -1), w.o, w.o_bias)
         h, residual = add_rms_norm(attn, residual, w.norm2, w.eps2)
         down = linear(silu_mul(linear(h, w.gate_up)), w.down)
@@ -189,13 +190,29 @@ class CudaDecoder:
     def _allocate(self, max_blocks: int) -> None:
         """Buffers for tables ``max_blocks`` wide; any graph captured before is dropped."""
         top = self.buckets[-1]
+        groups = max(1, top // 2)  # a group has two members or more
         device = self.kv_cache.device
         self.max_blocks = max_blocks
-        # One int32 buffer: token ids, positions, slots, key counts [top] each, then the block
-        # tables [top, max_blocks]; pinned on the host so that the copy is one DMA.
-        size = 4 * top + top * max_blocks
-        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
-        self._dev = torch.zeros(size, dtype=torch.int32, device=device)
+        # One int32 buffer holding every integer of a step (``_views`` names the parts),
+        # pinned on the host so that the copy is one DMA.
+        sizes = {
+            "tokens": top,
+            "positions": top,
+            "slots": top,
+            "lens": top,
+            "starts": top,
+            "seg_lens": groups,
+            "members": groups * top,
+            "tables": top * max_blocks,
+            "seg_tables": groups * max_blocks,
+        }
+        self._at: dict[str, int] = {}
+        at = 0
+        for name, size in sizes.items():
+            self._at[name] = at
+            at += size
+        self._host = torch.zeros(at, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._dev = torch.zeros(at, dtype=torch.int32, device=device)
         self._nonfinite = torch.zeros(top, dtype=torch.bool, device=device)
         self._graphs: dict[int, _Graph] = {}
         self._pool: Any = None
@@ -214,52 +231,82 @@ class CudaDecoder:
         return next(b for b in self.buckets if b >= n)
 
     # Buffers ------------------------------------------------------------------------------
-    def _views(self, batch: int) -> tuple[torch.Tensor, ...]:
-        top = self.buckets[-1]
-        d = self._dev
-        tokens, positions = d[:batch], d[top : top + batch]
-        slots, lens = d[2 * top : 2 * top + batch], d[3 * top : 3 * top + batch]
-        tables = d[4 * top : 4 * top + batch * self.max_blocks].view(batch, self.max_blocks)
-        return tokens, positions, slots, lens, tables
+    def _part(self, buffer: torch.Tensor, name: str, *shape: int) -> torch.Tensor:
+        at = self._at[name]
+        size = int(np.prod(shape))
+        return buffer[at : at + size].view(*shape)
+
+    def _views(self, batch: int) -> dict[str, torch.Tensor]:
+        """The buffer's parts for a batch of ``batch`` rows (the graph of that bucket reads
+        these addresses; each step writes them)."""
+        return self._parts(self._dev, batch)
+
+    def _parts(self, buffer: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+        groups = max(1, batch // 2)
+        width = self.max_blocks
+        return {
+            **{n: self._part(buffer, n, batch) for n in ("tokens", "positions", "slots")},
+            **{n: self._part(buffer, n, batch) for n in ("lens", "starts")},
+            "seg_lens": self._part(buffer, "seg_lens", groups),
+            "members": self._part(buffer, "members", groups, batch),
+            "tables": self._part(buffer, "tables", batch, width),
+            "seg_tables": self._part(buffer, "seg_tables", groups, width),
+        }
 
     def _fill(self, plan: BatchPlan, batch: int) -> None:
-        """Write the plan (padded to ``batch`` rows) into the host buffer and copy it over."""
-        top, n, bs = self.buckets[-1], len(plan.chunks), self.block_size
-        host = self._host.numpy()
+        """Write the plan (padded to ``batch`` rows) into the host buffer and copy it over.
+        Padding rows read and write the scratch block; unused groups have no keys."""
+        n, bs = len(plan.chunks), self.block_size
+        host = {k: v.numpy() for k, v in self._parts(self._host, batch).items()}
         positions = np.asarray(plan.positions, dtype=np.int64)
         tables = block_table_array(plan.block_tables)
-        slots = tables[np.arange(n), positions // bs] * bs + positions % bs
-        host[:batch] = 0
-        host[:n] = plan.token_ids
-        host[top : top + batch] = 0
-        host[top : top + n] = positions
-        host[2 * top : 2 * top + batch] = self.scratch_block * bs
-        host[2 * top : 2 * top + n] = slots
-        host[3 * top : 3 * top + batch] = 1
-        host[3 * top : 3 * top + n] = plan.context_lens
-        grid = host[4 * top : 4 * top + batch * self.max_blocks].reshape(batch, self.max_blocks)
-        grid[:] = self.scratch_block
-        grid[:n, : tables.shape[1]] = tables
-        used = 4 * top + batch * self.max_blocks
-        self._dev[:used].copy_(self._host[:used], non_blocking=True)
+        host["tokens"][:] = 0
+        host["tokens"][:n] = plan.token_ids
+        host["positions"][:] = 0
+        host["positions"][:n] = positions
+        host["slots"][:] = self.scratch_block * bs
+        host["slots"][:n] = tables[np.arange(n), positions // bs] * bs + positions % bs
+        host["lens"][:] = 1
+        host["lens"][:n] = plan.context_lens
+        host["tables"][:] = self.scratch_block
+        host["tables"][:n, : tables.shape[1]] = tables
+        host["starts"][:] = 0
+        host["seg_lens"][:] = 0
+        host["members"][:] = -1
+        for index, group in enumerate(g for g in plan.groups if g.num_blocks > 0):
+            members = np.asarray(group.members)
+            host["starts"][members] = group.num_blocks * bs
+            host["seg_lens"][index] = group.num_blocks * bs
+            host["members"][index, : len(members)] = members
+            host["seg_tables"][index, : group.num_blocks] = tables[members[0], : group.num_blocks]
+        self._dev.copy_(self._host, non_blocking=True)
 
     # The step -----------------------------------------------------------------------------
     def _forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The step on the buffers' first ``batch`` rows: float32 logits and row flags."""
-        tokens, positions, slots, lens, tables = self._views(batch)
+        v = self._views(batch)
         nonfinite = self._nonfinite[:batch]
         nonfinite.zero_()
         hkv = self.kv_cache.shape[2]
-        paged = PagedDecode(tables, lens, self.block_size, splits_for(batch, hkv, self._programs))
+        paged = PagedDecode(
+            v["tables"],
+            v["lens"],
+            self.block_size,
+            splits_for(batch, hkv, self._programs),
+            starts=v["starts"],
+            seg_tables=v["seg_tables"],
+            seg_lens=v["seg_lens"],
+            members=v["members"],
+        )
         model = cast(Any, self.model)
-        embeds = model.get_input_embeddings()(tokens.long())
+        embeds = model.get_input_embeddings()(v["tokens"].long())
         hidden = fused_decoder(
             self.model,
             self.layers,
             embeds,
-            positions.long(),
+            v["positions"].long(),
             self.kv_cache,
-            slots,
+            v["slots"],
             nonfinite,
             paged,
         )
@@ -293,12 +340,12 @@ class CudaDecoder:
         return found
 
     def _fill_padding(self, batch: int) -> None:
-        top = self.buckets[-1]
-        host = self._host.numpy()
-        host[:] = 0
-        host[2 * top : 2 * top + batch] = self.scratch_block * self.block_size
-        host[3 * top : 3 * top + batch] = 1
-        host[4 * top :] = self.scratch_block
+        host = {k: v.numpy() for k, v in self._parts(self._host, batch).items()}
+        self._host.zero_()
+        host["slots"][:] = self.scratch_block * self.block_size
+        host["lens"][:] = 1
+        host["tables"][:] = self.scratch_block
+        host["members"][:] = -1
         self._dev.copy_(self._host)
         torch.cuda.synchronize()
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,12 +42,23 @@ def available() -> str:
 class PagedDecode:
     """A decode batch's view of the paged cache: row ``b`` of the step is a sequence whose
     ``lens[b]`` keys sit at positions ``0..lens[b]`` of its blocks ``tables[b]``; its own new
-    key is among them (written before attention)."""
+    key is among them (written before attention).
+
+    Shared-prefix groups (Hydragen): group ``g``'s first ``seg_lens[g]`` keys are the same
+    blocks ``seg_tables[g]`` for each of its member rows ``members[g]`` (-1 pads a row of
+    ``members``; a group of length 0 is unused). Their queries read the segment once, together,
+    as one matrix; each member then reads only its own keys, from ``starts[b]`` (its group's
+    segment length, 0 for a row in no group), and the two parts are merged by log-sum-exp."""
 
     tables: torch.Tensor  # [B, max_blocks] int32 block ids
     lens: torch.Tensor  # [B] int32 keys to attend to (>= 1)
     block_size: int
-    splits: int  # key splits per (sequence, kv head): a power of two
+    splits: int  # key splits per (sequence, kv head) of the own keys: a power of two
+    starts: torch.Tensor | None = None  # [B] int32 first own key (after the group's segment)
+    seg_tables: torch.Tensor | None = None  # [G, max_blocks] int32
+    seg_lens: torch.Tensor | None = None  # [G] int32
+    members: torch.Tensor | None = None  # [G, B] int32 rows, -1 padded
+    seg_splits: int = 4  # key splits of a segment
 
 
 def splits_for(batch: int, kv_heads: int, programs: int) -> int:
@@ -58,134 +70,28 @@ def splits_for(batch: int, kv_heads: int, programs: int) -> int:
     return splits
 
 
-_KERNELS: dict[str, object] = {}
+def _kernels() -> Any:
+    """The kernels' module, imported on first use (and triton with it)."""
+    from server.engine import triton_kernels
 
-
-def _kernels() -> tuple[object, object]:
-    """The two Triton kernels, defined on first use (triton is imported only then)."""
-    if not _KERNELS:
-        _KERNELS.update(_define())
-    return _KERNELS["partial"], _KERNELS["merge"]
-
-
-def _define() -> dict[str, object]:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def partial(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        tables_ptr,
-        lens_ptr,
-        part_ptr,
-        lse_ptr,
-        q_row_stride,
-        q_head_stride,
-        cache_head_stride,
-        cache_slot_stride,
-        table_stride,
-        scale,
-        q_heads,
-        G: tl.constexpr,
-        G_PAD: tl.constexpr,
-        D: tl.constexpr,
-        D_PAD: tl.constexpr,
-        PAGE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        SPLITS: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        s = tl.program_id(2)
-        n = tl.load(lens_ptr + b)
-        per_split = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
-        start = s * per_split
-        end = tl.minimum(start + per_split, n)
-        rows = tl.arange(0, G_PAD)
-        dims = tl.arange(0, D_PAD)
-        heads = h * G + rows
-        row_ok = rows < G
-        dim_ok = dims < D
-        q = tl.load(
-            q_ptr + heads[:, None] * q_head_stride + b * q_row_stride + dims[None, :],
-            mask=row_ok[:, None] & dim_ok[None, :],
-            other=0.0,
-        )
-        top = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-        total = tl.zeros([G_PAD], dtype=tl.float32)
-        acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
-        k_base = k_ptr + h.to(tl.int64) * cache_head_stride
-        v_base = v_ptr + h.to(tl.int64) * cache_head_stride
-        for first in range(start, end, BLOCK_N):
-            pos = first + tl.arange(0, BLOCK_N)
-            valid = pos < end
-            page = tl.load(tables_ptr + b * table_stride + pos // PAGE, mask=valid, other=0)
-            slot = page.to(tl.int64) * PAGE + pos % PAGE
-            offs = slot[:, None] * cache_slot_stride + dims[None, :]
-            kv_ok = valid[:, None] & dim_ok[None, :]
-            k = tl.load(k_base + offs, mask=kv_ok, other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
-            new_top = tl.maximum(top, tl.max(scores, 1))
-            alpha = tl.exp(top - new_top)
-            weights = tl.exp(scores - new_top[:, None])
-            total = total * alpha + tl.sum(weights, 1)
-            v = tl.load(v_base + offs, mask=kv_ok, other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(weights, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(weights.to(v.dtype), v)
-            top = new_top
-        some = total > 0
-        out = tl.where(some[:, None], acc / tl.where(some, total, 1.0)[:, None], 0.0)
-        lse = tl.where(some, top + tl.log(tl.where(some, total, 1.0)), float("-inf"))
-        at = (b * q_heads + heads) * SPLITS + s
-        tl.store(
-            part_ptr + at[:, None] * D_PAD + dims[None, :],
-            out,
-            mask=row_ok[:, None] & dim_ok[None, :],
-        )
-        tl.store(lse_ptr + at, lse, mask=row_ok)
-
-    @triton.jit
-    def merge(
-        part_ptr,
-        lse_ptr,
-        out_ptr,
-        out_row_stride,
-        out_head_stride,
-        q_heads,
-        D: tl.constexpr,
-        D_PAD: tl.constexpr,
-        SPLITS: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        hq = tl.program_id(1)
-        splits = tl.arange(0, SPLITS)
-        dims = tl.arange(0, D_PAD)
-        at = (b * q_heads + hq) * SPLITS + splits
-        lse = tl.load(lse_ptr + at)
-        top = tl.max(lse, 0)  # finite: the first split always holds a key
-        weights = tl.exp(lse - top)
-        parts = tl.load(part_ptr + at[:, None] * D_PAD + dims[None, :])
-        out = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
-        tl.store(
-            out_ptr + b * out_row_stride + hq * out_head_stride + dims,
-            out.to(out_ptr.dtype.element_ty),
-            mask=dims < D,
-        )
-
-    return {"partial": partial, "merge": merge}
+    return triton_kernels
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def workspace(
+    batch: int, q_heads: int, head_dim: int, paged: PagedDecode, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each split's partial output and log-sum-exp, ``[B, Hq, splits, D]`` and ``[B, Hq,
+    splits]``; splits that no program writes (the padding to a power of two, the segment
+    splits of rows in no group: the same ones in every layer) hold -inf and weigh nothing."""
+    seg_splits = paged.seg_splits if paged.seg_lens is not None else 0
+    total = _pow2(paged.splits + seg_splits)
+    shape = (batch, q_heads, total)
+    parts = torch.empty(*shape, _pow2(head_dim), dtype=torch.float32, device=device)
+    return parts, torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
 
 
 def paged_decode(
@@ -194,47 +100,86 @@ def paged_decode(
     v_cache: torch.Tensor,
     paged: PagedDecode,
     scale: float,
+    work: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Attention of one query row per sequence over its paged keys.
+    """Attention of one query row per sequence over its paged keys (and its group's
+    segment, read once per group, where ``paged`` has groups).
 
     q: ``[Hq, B, D]`` (any strides with unit stride along D); k_cache, v_cache: one layer's
     ``[Hkv, num_slots, D]`` (same strides). Returns ``[Hq, B, D]`` (a view of a ``[B, Hq,
-    D]`` tensor, the layout the output projection reads)."""
-    partial, merge = _kernels()
+    D]`` tensor, the layout the output projection reads). ``work``: ``workspace``'s tensors,
+    made once for all the layers of a step (else made here)."""
+    kernels = _kernels()
     hq, batch, d = q.shape
     hkv = k_cache.shape[0]
     g = hq // hkv
-    splits = paged.splits
     d_pad = _pow2(d)
-    parts = torch.empty(batch, hq, splits, d_pad, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
+    grouped = paged.seg_lens is not None
+    seg_splits = paged.seg_splits if grouped else 0
+    parts, lse = work if work is not None else workspace(batch, hq, d, paged, q.device)
+    total = parts.shape[2]
     out = torch.empty(batch, hq, d, dtype=q.dtype, device=q.device)
     assert q.stride(2) == 1 and k_cache.stride(2) == 1 and k_cache.stride() == v_cache.stride()
-    partial[(batch, hkv, splits)](  # type: ignore[index]
+    ieee = q.dtype == torch.float32
+    common = (q.stride(1), q.stride(0), k_cache.stride(0), k_cache.stride(1))
+    kernels.own_partial[(batch, hkv, paged.splits)](
         q,
         k_cache,
         v_cache,
         paged.tables,
         paged.lens,
+        paged.starts if paged.starts is not None else paged.lens,
         parts,
         lse,
-        q.stride(1),
-        q.stride(0),
-        k_cache.stride(0),
-        k_cache.stride(1),
+        *common,
         paged.tables.stride(0),
         scale,
         hq,
+        total,
         G=g,
         G_PAD=max(16, _pow2(g)),
         D=d,
         D_PAD=d_pad,
         PAGE=paged.block_size,
         BLOCK_N=64,
-        SPLITS=splits,
-        IEEE=q.dtype == torch.float32,
+        SPLITS=paged.splits,
+        HAS_STARTS=paged.starts is not None,
+        IEEE=ieee,
     )
-    merge[(batch, hq)](  # type: ignore[index]
-        parts, lse, out, out.stride(0), out.stride(1), hq, D=d, D_PAD=d_pad, SPLITS=splits
+    if grouped:
+        assert paged.seg_tables is not None and paged.members is not None
+        g_pad = _pow2(g)
+        block_m = max(1, 64 // g_pad)
+        groups, width = paged.members.shape
+        tiles = -(-width // block_m)
+        kernels.segment_partial[(groups * tiles, hkv, seg_splits)](
+            q,
+            k_cache,
+            v_cache,
+            paged.seg_tables,
+            paged.seg_lens,
+            paged.members,
+            parts,
+            lse,
+            *common,
+            paged.seg_tables.stride(0),
+            paged.members.stride(0),
+            scale,
+            hq,
+            total,
+            paged.splits,
+            G=g,
+            G_PAD=g_pad,
+            D=d,
+            D_PAD=d_pad,
+            PAGE=paged.block_size,
+            BLOCK_N=64,
+            BLOCK_M=block_m,
+            M_TILES=tiles,
+            SPLITS=seg_splits,
+            IEEE=ieee,
+        )
+    kernels.merge[(batch, hq)](
+        parts, lse, out, out.stride(0), out.stride(1), hq, D=d, D_PAD=d_pad, SPLITS=total
     )
     return out.transpose(0, 1)

@@ -63,3 +63,51 @@ def test_splits_fill_the_programs_asked_for():
     assert splits_for(64, 8, 264) == 1
     assert splits_for(16, 8, 264) == 4  # 16 * 8 * 4 = 512 >= 264 > 256
     assert splits_for(1, 2, 264) == 16  # at most 16
+
+
+def test_groups_read_their_segment_once_and_merge_with_each_members_own_keys():
+    """Rows 0, 2, 3 share a 5-block segment, rows 1 and 4 a 2-block one, row 5 is alone; the
+    segment/own split must give what attention over each row's whole key list gives."""
+    gen = torch.Generator().manual_seed(7)
+    bs, hq, hkv, d = 4, 8, 2, 32
+    lens = [27, 9, 20, 23, 12, 5]
+    seg = {0: 5, 2: 5, 3: 5, 1: 2, 4: 2}
+    need = [(n + bs - 1) // bs for n in lens]
+    perm = torch.randperm(80, generator=gen).tolist()
+    common = {5: perm[:5], 2: perm[5:7]}
+    rest = perm[7:]
+    tables = torch.zeros(len(lens), max(need), dtype=torch.int32)
+    for b, k in enumerate(need):
+        front = common[seg[b]] if b in seg else []
+        own = [rest.pop() for _ in range(k - len(front))]
+        tables[b, :k] = torch.tensor(front + own, dtype=torch.int32)
+    cache = torch.randn(2, hkv, 80 * bs, d, generator=gen)
+    q = torch.randn(len(lens), hq, d, generator=gen).transpose(0, 1)
+    members = torch.full((3, len(lens)), -1, dtype=torch.int32)  # a third, unused group
+    members[0, :3] = torch.tensor([0, 2, 3])
+    members[1, :2] = torch.tensor([1, 4])
+    seg_tables = torch.zeros(3, max(need), dtype=torch.int32)
+    seg_tables[0, :5] = torch.tensor(common[5])
+    seg_tables[1, :2] = torch.tensor(common[2])
+    paged = PagedDecode(
+        tables,
+        torch.tensor(lens, dtype=torch.int32),
+        bs,
+        splits=2,
+        starts=torch.tensor([seg.get(b, 0) * bs for b in range(len(lens))], dtype=torch.int32),
+        seg_tables=seg_tables,
+        seg_lens=torch.tensor([5 * bs, 2 * bs, 0], dtype=torch.int32),
+        members=members,
+        seg_splits=2,
+    )
+    got = paged_decode(q, cache[0], cache[1], paged, d**-0.5)
+    for b, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = tables[b, pos // bs].long() * bs + pos % bs
+        want, _ = attend(
+            q[:, b : b + 1].double(),
+            cache[0][:, slots].double(),
+            cache[1][:, slots].double(),
+            d**-0.5,
+        )
+        torch.testing.assert_close(got[:, b].double(), want[:, 0], atol=2e-6, rtol=2e-6)
