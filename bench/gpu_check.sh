@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one run: tests/gpu, then `prefix-serve bench w3`; logs and figures go to
-# $OUT (bench/results where it is unset). About 6 minutes on an H200. Run from the checkout's
+# $OUT (bench/results where it is unset). About 3 minutes on an H200. Run from the checkout's
 # root with the Python that has torch (CUDA), transformers, peft and triton:
 #     bash bench/gpu_check.sh            # PYTHON=... to pick another interpreter
 set -u -o pipefail
@@ -14,5 +14,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 } 2>&1 | tee "$out/env.txt"
 status=0
 timeout 150 $py -m pytest -q -p no:cacheprovider -rfE tests/gpu 2>&1 | tee "$out/gpu_tests.log" || status=1
-timeout 270 $py -m server.cli bench w3 --json "$out/w3.json" ${W3_ARGS:-} 2>&1 | tee "$out/w3.log" || status=1
+timeout 240 $py -m server.cli bench w3 --json "$out/w3.json" ${W3_ARGS:-} 2>&1 | tee "$out/w3.log" || status=1
+# 256 requests in flight, one shared prefix, the engine alone.
+timeout 120 $py -m server.cli bench w3 --requests 256 --variants shared --no-baselines \
+  --json "$out/w3_256.json" 2>&1 | tee "$out/w3_256.log" || status=1
 exit $status

@@ -36,6 +36,10 @@ from server.engine.triton_layers import add_rms_norm, rope_write, silu_mul
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Shared-prefix groups a decode step reads segment by segment (the largest first); rows of
+# any group beyond them read their whole context as their own keys (the same result). Each
+# slot is a row of programs in the captured grid, which exit at once when unused.
+MAX_GROUPS = 8
 
 
 def is_decode_step(plan: BatchPlan) -> bool:
@@ -190,7 +194,7 @@ class CudaDecoder:
     def _allocate(self, max_blocks: int) -> None:
         """Buffers for tables ``max_blocks`` wide; any graph captured before is dropped."""
         top = self.buckets[-1]
-        groups = max(1, top // 2)  # a group has two members or more
+        groups = min(MAX_GROUPS, max(1, top // 2))  # a group has two members or more
         device = self.kv_cache.device
         self.max_blocks = max_blocks
         # One int32 buffer holding every integer of a step (``_views`` names the parts),
@@ -242,7 +246,7 @@ class CudaDecoder:
         return self._parts(self._dev, batch)
 
     def _parts(self, buffer: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
-        groups = max(1, batch // 2)
+        groups = min(MAX_GROUPS, max(1, batch // 2))
         width = self.max_blocks
         return {
             **{n: self._part(buffer, n, batch) for n in ("tokens", "positions", "slots")},
@@ -273,7 +277,13 @@ class CudaDecoder:
         host["starts"][:] = 0
         host["seg_lens"][:] = 0
         host["members"][:] = -1
-        for index, group in enumerate(g for g in plan.groups if g.num_blocks > 0):
+        # The groups that save the most reading: members x segment length.
+        groups = sorted(
+            (g for g in plan.groups if g.num_blocks > 0),
+            key=lambda g: len(g.members) * g.num_blocks,
+            reverse=True,
+        )
+        for index, group in enumerate(groups[: len(host["seg_lens"])]):
             members = np.asarray(group.members)
             host["starts"][members] = group.num_blocks * bs
             host["seg_lens"][index] = group.num_blocks * bs

@@ -58,7 +58,7 @@ class PagedDecode:
     seg_tables: torch.Tensor | None = None  # [G, max_blocks] int32
     seg_lens: torch.Tensor | None = None  # [G] int32
     members: torch.Tensor | None = None  # [G, B] int32 rows, -1 padded
-    seg_splits: int = 4  # key splits of a segment
+    seg_splits: int = 8  # key splits of a segment
 
 
 def splits_for(batch: int, kv_heads: int, programs: int) -> int:

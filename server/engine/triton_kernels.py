@@ -181,6 +181,14 @@ def segment_partial(
     h = tl.program_id(1)
     s = tl.program_id(2)
     n = tl.load(seg_lens_ptr + group)
+    if n == 0:  # an unused group: most programs of a captured grid, done at once
+        return
+    lead = tile * BLOCK_M
+    if (
+        tl.load(members_ptr + group * members_stride + lead, mask=lead < members_stride, other=-1)
+        < 0
+    ):
+        return  # members fill a group's row from the front: this tile has none
     per_split = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
     start = s * per_split
     end = tl.minimum(start + per_split, n)

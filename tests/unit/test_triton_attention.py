@@ -83,7 +83,8 @@ def test_groups_read_their_segment_once_and_merge_with_each_members_own_keys():
         tables[b, :k] = torch.tensor(front + own, dtype=torch.int32)
     cache = torch.randn(2, hkv, 80 * bs, d, generator=gen)
     q = torch.randn(len(lens), hq, d, generator=gen).transpose(0, 1)
-    members = torch.full((3, len(lens)), -1, dtype=torch.int32)  # a third, unused group
+    # A third, unused group; rows 40 wide: three tiles of 16 members, two of them empty.
+    members = torch.full((3, 40), -1, dtype=torch.int32)
     members[0, :3] = torch.tensor([0, 2, 3])
     members[1, :2] = torch.tensor([1, 4])
     seg_tables = torch.zeros(3, max(need), dtype=torch.int32)
