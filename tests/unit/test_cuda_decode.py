@@ -108,3 +108,66 @@ def test_only_plain_decode_steps_take_the_gpu_path(model):
     out = engine.scheduler.schedule()
     assert out.plan is not None and is_decode_step(out.plan)
     assert seq.num_computed == 3
+
+
+def test_a_decode_row_that_is_not_finite_fails_its_request_alone(model):
+    """A sequence whose cached values overflow the next decode step (its attention output is
+    beyond float32): the step's kernel writes its new keys and values as zeros and flags the
+    row, the engine fails that request ("non_finite"), and every other request of the same
+    steps gets the tokens it gets without it."""
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [17, 18, 19, 20, 21, 22]]
+
+    def run(poison: bool) -> dict[str, object]:
+        calls: list[int] = []
+        engine = _engine(model, decoder=True, calls=calls)
+        seqs = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(prompts)]
+        engine.step()  # the three prompts
+        if poison:  # every value row of request 1's own blocks, in every layer
+            bs = engine.config.block_size
+            slots = [b * bs + o for b in seqs[1].block_table for o in range(bs)]
+            engine.runner.kv_cache[:, 1, :, slots] = 3e38
+        done = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        assert calls, "the decode steps went through the GPU path"
+        return done
+
+    clean, poisoned = run(False), run(True)
+    assert poisoned["r1"].finish_reason == "error"
+    assert poisoned["r1"].error.kind == "non_finite"
+    for rid in ("r0", "r2"):
+        assert poisoned[rid].token_ids == clean[rid].token_ids
+        assert poisoned[rid].finish_reason == "length"
+
+
+def test_groups_beyond_the_captured_slots_read_their_whole_context(model, monkeypatch):
+    """Two shared prefixes in one step with a single group slot: the larger group reads its
+    segment once, the other group's rows read their whole context as their own keys; both
+    give the CPU engine's tokens."""
+    from server.engine import cuda_decode
+
+    monkeypatch.setattr(cuda_decode, "MAX_GROUPS", 1)
+    rng = np.random.default_rng(4)
+    first, second = rng.integers(3, 96, 26).tolist(), rng.integers(3, 96, 13).tolist()
+    prompts = [first + [7], first + [8, 9], first + [10], second + [11], second + [12, 13]]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+
+    def run(decoder: bool) -> dict[str, list[int]]:
+        calls: list[int] = []
+        engine = _engine(model, decoder=decoder, calls=calls)
+        if decoder:
+            cuda = engine.runner.cuda_decoder
+            assert cuda._parts(cuda._dev, 6)["seg_lens"].numel() == 1
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params)
+        done = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.token_ids
+        return done
+
+    assert run(True) == run(False)
