@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench.w3 import IdsTokenizer
 from server.engine.batch import build_plan
 from server.engine.cuda_decode import CudaDecoder, is_decode_step
 from server.engine.engine import EngineConfig, LLMEngine
@@ -28,13 +29,6 @@ CONFIG = LlamaConfig(
 )
 
 
-class DigitsTokenizer:
-    eos_token_id = 2
-
-    def decode(self, ids, skip_special_tokens=True) -> str:
-        return " ".join(map(str, ids))
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(3)
@@ -50,7 +44,7 @@ def _engine(model, decoder: bool, calls: list[int] | None = None) -> LLMEngine:
     config = EngineConfig(
         block_size=4, max_num_seqs=6, max_num_batched_tokens=256, kv_cache_memory=1 << 20
     )
-    engine = LLMEngine(model, DigitsTokenizer(), config)
+    engine = LLMEngine(model, IdsTokenizer(), config)
     if decoder:
         runner = engine.runner
         cuda = CudaDecoder(
