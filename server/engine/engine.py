@@ -204,11 +204,14 @@ class LLMEngine:
         if not out.chunks:
             return []
         assert out.plan is not None  # the scheduler lays out a plan whenever it has chunks
-        logits_of, failed = self._forward(out.plan)
-        sampling = [c for c in out.chunks if c.sample and c not in failed]
+        (forwarded, all_logits), failed = self._forward(out.plan)
+        keep = [i for i, c in enumerate(forwarded) if c not in failed]
+        sampling = [forwarded[i] for i in keep]
         tokens_of: dict[Chunk, int] = {}
         if sampling:
-            logits = torch.stack([logits_of[c] for c in sampling])
+            assert all_logits is not None  # rows of every chunk that sampled
+            # The forward's rows as they are when none failed (no copy), else the kept ones.
+            logits = all_logits if len(keep) == len(forwarded) else all_logits[keep]
             drawn = sample(logits, [c.seq for c in sampling], self.eos_ids)
             for i, (chunk, tok) in enumerate(zip(sampling, drawn, strict=True)):
                 if isinstance(tok, RequestError):
@@ -229,8 +232,9 @@ class LLMEngine:
 
     def _forward(
         self, plan: BatchPlan
-    ) -> tuple[dict[Chunk, torch.Tensor], dict[Chunk, RequestError]]:
-        """Run ``plan``: each sampling chunk's logits row, and the chunks that failed.
+    ) -> tuple[tuple[list[Chunk], torch.Tensor | None], dict[Chunk, RequestError]]:
+        """Run ``plan``: the sampling chunks whose forward ran (in plan order) with their
+        logits rows ``[n, vocab]`` (None for none), and the chunks that failed.
 
         A forward that raises is run again in halves, down to single chunks, so the chunk that
         raises is found and failed alone. Re-running is safe: a chunk writes only its own
@@ -241,16 +245,19 @@ class LLMEngine:
         except Exception as exc:
             if len(chunks) == 1:
                 if isinstance(exc, NonFiniteAdapter):
-                    return {}, {chunks[0]: RequestError("non_finite", str(exc))}
+                    return ([], None), {chunks[0]: RequestError("non_finite", str(exc))}
                 log.exception("engine forward failed for request %s", chunks[0].seq.request_id)
                 error = RequestError("engine", f"the engine failed on this request: {exc}")
-                return {}, {chunks[0]: error}
+                return ([], None), {chunks[0]: error}
             self.stats.split_forwards += 1
             mid = len(chunks) // 2
-            rows, failed = self._forward(plan.subset(range(mid)))
-            more_rows, more_failed = self._forward(plan.subset(range(mid, len(chunks))))
-            return {**rows, **more_rows}, {**failed, **more_failed}
-        rows = dict(zip([c for c in chunks if c.sample], result.logits, strict=True))
+            (first, rows), failed = self._forward(plan.subset(range(mid)))
+            (second, more_rows), more_failed = self._forward(plan.subset(range(mid, len(chunks))))
+            parts = [t for t in (rows, more_rows) if t is not None]
+            joined = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else None)
+            return (first + second, joined), {**failed, **more_failed}
+        sampled = [c for c in chunks if c.sample]
+        assert len(sampled) == len(result.logits)
         failed = {
             c: RequestError("non_finite", NON_FINITE)
             for c, ok in zip(chunks, result.finite, strict=True)
@@ -260,7 +267,7 @@ class LLMEngine:
             if chunks[index] not in failed:
                 lo, hi = plan.row_starts[index], plan.row_starts[index + 1]
                 record_prompt(chunks[index].seq, plan.positions[lo:hi], logits)
-        return rows, failed
+        return (sampled, result.logits), failed
 
     def _fail(self, seq: Sequence, error: RequestError) -> RequestOutput:
         """Stop ``seq`` alone: its blocks are released and none of them enters the prefix
