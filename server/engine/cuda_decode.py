@@ -219,6 +219,7 @@ class CudaDecoder:
         self._dev = torch.zeros(at, dtype=torch.int32, device=device)
         self._nonfinite = torch.zeros(top, dtype=torch.bool, device=device)
         self._graphs: dict[int, _Graph] = {}
+        self._host_views: dict[int, dict[str, np.ndarray]] = {}
         self._pool: Any = None
 
     def reserve(self, tokens: int) -> None:
@@ -257,23 +258,33 @@ class CudaDecoder:
             "seg_tables": self._part(buffer, "seg_tables", groups, width),
         }
 
+    def _host_parts(self, batch: int) -> dict[str, np.ndarray]:
+        """``_parts`` of the host buffer as numpy arrays, made once per bucket."""
+        found = self._host_views.get(batch)
+        if found is None:
+            found = {k: v.numpy() for k, v in self._parts(self._host, batch).items()}
+            self._host_views[batch] = found
+        return found
+
     def _fill(self, plan: BatchPlan, batch: int) -> None:
         """Write the plan (padded to ``batch`` rows) into the host buffer and copy it over.
-        Padding rows read and write the scratch block; unused groups have no keys."""
+        Padding rows read and write the scratch block; unused groups have no keys. A row's
+        table columns past its own blocks keep whatever they held: the kernels read a row's
+        table only below its key count."""
         n, bs = len(plan.chunks), self.block_size
-        host = {k: v.numpy() for k, v in self._parts(self._host, batch).items()}
+        host = self._host_parts(batch)
         positions = np.asarray(plan.positions, dtype=np.int64)
         tables = block_table_array(plan.block_tables)
-        host["tokens"][:] = 0
         host["tokens"][:n] = plan.token_ids
-        host["positions"][:] = 0
+        host["tokens"][n:] = 0
         host["positions"][:n] = positions
-        host["slots"][:] = self.scratch_block * bs
+        host["positions"][n:] = 0
         host["slots"][:n] = tables[np.arange(n), positions // bs] * bs + positions % bs
-        host["lens"][:] = 1
+        host["slots"][n:] = self.scratch_block * bs
         host["lens"][:n] = plan.context_lens
-        host["tables"][:] = self.scratch_block
+        host["lens"][n:] = 1
         host["tables"][:n, : tables.shape[1]] = tables
+        host["tables"][n:, 0] = self.scratch_block
         host["starts"][:] = 0
         host["seg_lens"][:] = 0
         host["members"][:] = -1
