@@ -63,7 +63,9 @@ class _Layer:
     o_bias: torch.Tensor | None
     norm2: torch.Tensor
     gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate, then up
+    gate_up_bias: torch.Tensor | None  # Llama's mlp_bias
     down: torch.Tensor
+    down_bias: torch.Tensor | None
     scale: float
     eps1: float
     eps2: float
@@ -93,7 +95,6 @@ def fuse_layers(model: torch.nn.Module) -> list[_Layer]:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         gate_up = [mlp.gate_proj, mlp.up_proj]
-        assert _stack(gate_up, "bias") is None, "gated MLPs here have no biases"
         layers.append(
             _Layer(
                 norm1=layer.input_layernorm.weight,
@@ -102,8 +103,10 @@ def fuse_layers(model: torch.nn.Module) -> list[_Layer]:
                 o=attn.o_proj.weight,
                 o_bias=attn.o_proj.bias,
                 norm2=layer.post_attention_layernorm.weight,
+                gate_up_bias=_stack(gate_up, "bias"),
                 gate_up=cast(torch.Tensor, _stack(gate_up, "weight")),
                 down=mlp.down_proj.weight,
+                down_bias=mlp.down_proj.bias,
                 scale=float(attn.scaling),
                 eps1=float(layer.input_layernorm.variance_epsilon),
                 eps2=float(layer.post_attention_layernorm.variance_epsilon),
@@ -140,7 +143,7 @@ def fused_decoder(
         out = paged_decode(q.transpose(0, 1), k_cache, v_cache, paged, w.scale, work)
         attn = linear(out.transpose(0, 1).reshape(rows, -1), w.o, w.o_bias)
         h, residual = add_rms_norm(attn, residual, w.norm2, w.eps2)
-        down = linear(silu_mul(linear(h, w.gate_up)), w.down)
+        down = linear(silu_mul(linear(h, w.gate_up, w.gate_up_bias)), w.down, w.down_bias)
         if index + 1 < len(layers):
             h, residual = add_rms_norm(
                 down, residual, layers[index + 1].norm1, layers[index + 1].eps1

@@ -174,9 +174,17 @@ class ModelRunner:
         """Compute every chunk of ``plan``: logits of the sampling chunks, and whether each
         chunk's keys and values were all finite."""
         if self.cuda_decoder is not None and self.cuda_decoder.fits(plan):
-            logits, nonfinite = self.cuda_decoder.run(plan)
-            finite: list[bool] = (~nonfinite).tolist()
-            return StepResult(logits, finite)
+            try:
+                logits, nonfinite = self.cuda_decoder.run(plan)
+                finite: list[bool] = (~nonfinite).tolist()
+                return StepResult(logits, finite)
+            except Exception:
+                # A decode step holds no request's own tensors (no adapter, no prompt), so a
+                # failure here is the path's (a kernel this GPU cannot compile, a capture
+                # that runs out of memory): the general path serves from now on, this step
+                # included (it rewrites the same cache slots).
+                log.exception("the GPU decode path failed; decoding on the general path now")
+                self.cuda_decoder = None
         flat = flatten(plan)
         self._copy_prefixes(plan, flat)
         vocab = decoder_config(self.model).vocab_size

@@ -165,3 +165,67 @@ def test_groups_beyond_the_captured_slots_read_their_whole_context(model, monkey
         return done
 
     assert run(True) == run(False)
+
+
+def test_a_failing_gpu_decode_path_gives_way_to_the_general_path(model, caplog):
+    """If the GPU path itself fails (say a kernel this device cannot compile), the step and
+    every later one run on the general path: no request fails, the tokens are the CPU
+    engine's."""
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+
+    def run(engine):
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params)
+        done = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return done
+
+    want = run(_engine(model, decoder=False))
+    engine = _engine(model, decoder=True, calls=[])
+
+    def broken(plan):
+        raise RuntimeError("no kernel for this device")
+
+    engine.runner.cuda_decoder.run = broken
+    got = run(engine)
+    assert {k: o.token_ids for k, o in got.items()} == {k: o.token_ids for k, o in want.items()}
+    assert all(o.error is None for o in got.values())
+    assert engine.runner.cuda_decoder is None
+    assert "decoding on the general path now" in caplog.text
+
+
+def test_projection_biases_are_stacked_with_their_weights():
+    """Llama with attention and MLP biases (``attention_bias``, ``mlp_bias``): the stacked
+    products carry the biases; tokens and their log-probabilities are the CPU engine's."""
+    config = LlamaConfig(**{**CONFIG.to_dict(), "attention_bias": True, "mlp_bias": True})
+    torch.manual_seed(8)
+    biased = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in biased.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=3)
+
+    def run(decoder: bool) -> dict[str, list]:
+        engine = _engine(biased, decoder=decoder, calls=[])
+        for i, p in enumerate([[5, 6, 7, 8, 9, 10], [11, 12, 13]]):
+            engine.add_request(f"r{i}", p, params)
+        done = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return done
+
+    want, got = run(False), run(True)
+    for rid, out in want.items():
+        assert got[rid].token_ids == out.token_ids
+        for mine, theirs in zip(got[rid].logprobs, out.logprobs, strict=True):
+            assert mine.token == theirs.token
+            assert abs(mine.logprob - theirs.logprob) < 1e-4
+            for (a, x), (b, y) in zip(mine.top, theirs.top, strict=True):
+                assert a == b and abs(x - y) < 1e-4
