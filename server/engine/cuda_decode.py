@@ -20,7 +20,6 @@ same bits, which the GPU tests check).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -191,7 +190,6 @@ class CudaDecoder:
             else 1
         )
         self._programs = 2 * sms
-        self.captured_s = 0.0  # time spent capturing graphs
         self._allocate(max_blocks)
 
     def _allocate(self, max_blocks: int) -> None:
@@ -341,7 +339,6 @@ class CudaDecoder:
         found = self._graphs.get(batch)
         if found is not None:
             return found
-        began = time.perf_counter()
         # Capture on padding rows only (scratch slots), after two eager runs on a side stream
         # (Triton compiles, cuBLAS picks its kernels, lazily made tensors exist).
         self._fill_padding(batch)
@@ -359,7 +356,6 @@ class CudaDecoder:
         torch.cuda.synchronize()
         found = _Graph(graph, logits, nonfinite)
         self._graphs[batch] = found
-        self.captured_s += time.perf_counter() - began
         log.info("captured the decode graph of %d rows", batch)
         return found
 
