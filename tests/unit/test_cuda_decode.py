@@ -16,6 +16,8 @@ from server.engine.cuda_decode import CudaDecoder, is_decode_step
 from server.engine.engine import EngineConfig, LLMEngine
 from server.engine.request import AdapterSegment, SamplingParams
 
+pytestmark = pytest.mark.triton_interpreter
+
 CONFIG = LlamaConfig(
     vocab_size=96,
     hidden_size=64,

@@ -9,6 +9,8 @@ import torch
 from server.engine.attention import attend
 from server.engine.triton_attention import PagedDecode, paged_decode, splits_for
 
+pytestmark = pytest.mark.triton_interpreter
+
 
 def _case(lens, hq, hkv, d, block_size, splits, seed=0, shared=0, round_bf16=False):
     """A paged cache whose sequences' blocks are scattered (and, for ``shared`` blocks, the

@@ -4,10 +4,13 @@ are transformers')."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.engine.decoder import _rms_norm, _rotate
 from server.engine.triton_layers import add_rms_norm, rope_write, silu_mul
+
+pytestmark = pytest.mark.triton_interpreter
 
 
 class _Norm:
