@@ -179,6 +179,54 @@ class EngineRun:
     floor_no_sharing_ms_per_step: float
     floor_share: float  # floor / decode step time
     replay_floor_share: float  # floor / replay time
+    # A full-batch decode step's wall time by part (medians, ms): the scheduler's plan; the
+    # runner (buffer fill, graph launch, and the wait for the device until the flags come
+    # back); the sampler (the ids' read-back); the rest (tokens into the requests, stop
+    # checks, detokenization, outputs).
+    step_parts_ms: dict[str, float]
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else float("nan")
+
+
+class _StepClocks:
+    """Times the scheduler, the runner and the sampler of an engine's steps by wrapping them
+    on this engine's instances (and the engine module's sampler) while in use."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.seconds = {"schedule": 0.0, "forward": 0.0, "sample": 0.0}
+
+    def reset(self) -> None:
+        for name in self.seconds:
+            self.seconds[name] = 0.0
+
+    def _timed(self, name: str, fn):
+        def timed(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - began
+
+        return timed
+
+    def __enter__(self) -> _StepClocks:
+        from server.engine import engine as engine_module
+
+        self._sample = engine_module.sample
+        engine_module.sample = self._timed("sample", engine_module.sample)
+        self.engine.scheduler.schedule = self._timed("schedule", self.engine.scheduler.schedule)
+        self.engine.runner.run = self._timed("forward", self.engine.runner.run)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from server.engine import engine as engine_module
+
+        engine_module.sample = self._sample
+        del self.engine.scheduler.schedule  # the class's methods again
+        del self.engine.runner.run
 
 
 def weight_bytes(model) -> int:
@@ -201,6 +249,8 @@ def run_engine(
 ) -> EngineRun:
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     decode_times: list[float] = []
+    parts: dict[str, list[float]] = {"schedule": [], "forward": [], "sample": [], "rest": []}
+    clocks = _StepClocks(engine)
     device = engine.runner.device.type
     sync(device)
     start = time.perf_counter()
@@ -208,17 +258,22 @@ def run_engine(
         engine.add_request(f"{variant.name}-{i}", r.prompt_ids, params, [segs[r.tenant]])
     done, errors = 0, []
     batch = len(variant.requests)
-    while engine.has_unfinished():
-        running = len(engine.scheduler.running)
-        computed = engine.stats.computed_tokens
-        began = time.perf_counter()
-        outs = engine.step()
-        took = time.perf_counter() - began
-        # A decode step of the whole batch: one new position for each of the batch's requests.
-        if running == batch == engine.stats.computed_tokens - computed:
-            decode_times.append(took)
-        done += sum(o.finished for o in outs)
-        errors += [o.error.message for o in outs if o.error is not None]
+    with clocks:
+        while engine.has_unfinished():
+            running = len(engine.scheduler.running)
+            computed = engine.stats.computed_tokens
+            clocks.reset()
+            began = time.perf_counter()
+            outs = engine.step()
+            took = time.perf_counter() - began
+            # A decode step of the whole batch: one new position for each of its requests.
+            if running == batch == engine.stats.computed_tokens - computed:
+                decode_times.append(took)
+                for name in ("schedule", "forward", "sample"):
+                    parts[name].append(clocks.seconds[name])
+                parts["rest"].append(took - sum(clocks.seconds.values()))
+            done += sum(o.finished for o in outs)
+            errors += [o.error.message for o in outs if o.error is not None]
     sync(device)
     seconds = time.perf_counter() - start
     assert done == batch, f"{done} of {batch} requests finished"
@@ -248,6 +303,7 @@ def run_engine(
         floor_no_sharing_ms_per_step=no_share * 1000,
         floor_share=floor / step if decode_times else float("nan"),
         replay_floor_share=floor * 1000 / replay if replay == replay else float("nan"),
+        step_parts_ms={k: _median(v) * 1000 for k, v in parts.items()},
     )
 
 
@@ -460,7 +516,8 @@ def run(
         progress(
             f"engine {variant.name}: {r.tok_per_s:,.0f} tok/s, decode {r.decode_ms_per_step:.2f} "
             f"ms/step (replay {r.replay_ms:.2f} ms), floor {r.floor_ms_per_step:.2f} ms: "
-            f"{100 * r.floor_share:.0f}% of it ({100 * r.replay_floor_share:.0f}% on the GPU)"
+            f"{100 * r.floor_share:.0f}% of it ({100 * r.replay_floor_share:.0f}% on the GPU); "
+            f"step parts (ms): { {k: round(v, 3) for k, v in r.step_parts_ms.items()} }"
         )
     result["cold_load"] = cold_loads(engine, segs)
     progress(f"adapter cold load {result['cold_load']}")

@@ -45,6 +45,11 @@ def test_w3_runs_every_variant_and_counts_its_floor(tmp_path):
         assert r["floor_ms_per_step"] == pytest.approx(want * 1000)
         no_share = (params * 4 + own + 4 * (VIRTUAL_TOKENS + prefix) * kv) / bw
         assert r["floor_no_sharing_ms_per_step"] == pytest.approx(no_share * 1000)
+        parts = r["step_parts_ms"]
+        assert set(parts) == {"schedule", "forward", "sample", "rest"}
+        assert all(v >= 0 for v in parts.values()) and parts["forward"] > 0
+        # medians of parts of the same steps: together about one step (each <= the longest)
+        assert sum(parts.values()) == pytest.approx(r["decode_ms_per_step"], rel=0.5)
     assert result["cold_load"]["adapters"] == 4
     for peer in ("peft_generate", "transformers_generate_batch"):
         assert result[peer].get("generated") == 24, result[peer]
