@@ -39,7 +39,6 @@ import torch
 
 from server.engine import native
 from server.engine.flat import FlatBatch, concat_ranges, ranks
-from server.engine.triton_attention import PagedDecode, paged_decode
 
 ATTENTION_NAME = "prefix_serve"
 
@@ -144,10 +143,8 @@ class AttentionMetadata:
     shared: PaddedBatch | None  # grouped multi-row chunks: their group's segment, merged by LSE
     nonfinite: torch.Tensor  # [T] bool, or-ed over layers: the row's K/V was not finite
     # "native": the C kernel over the paged cache (``native.py``); "fused": torch's fused SDPA
-    # kernel over gathered keys and values; "reference": ``attend``, the test oracle;
-    # "triton": a decode step on the GPU, every row through ``paged`` (``cuda_decode.py``)
+    # kernel over gathered keys and values; "reference": ``attend``, the test oracle
     backend: str = "fused"
-    paged: PagedDecode | None = None
 
 
 BACKENDS = ("native", "fused", "reference")
@@ -423,8 +420,6 @@ def prefix_attention(
     scale: float,
 ) -> torch.Tensor:
     """Attention for the flat batch. q: ``[Hq, T, D]`` -> ``[Hq, T, D]``."""
-    if meta.paged is not None:
-        return paged_decode(q, k_cache, v_cache, meta.paged, scale)
     attend_into = _batch_runner(meta.backend, q, k_cache, v_cache, scale)
     out = torch.empty_like(q)
     if meta.decode is not None:

@@ -14,7 +14,7 @@ from bench.w3 import IdsTokenizer
 from server.engine.batch import build_plan
 from server.engine.cuda_decode import CudaDecoder, is_decode_step
 from server.engine.engine import EngineConfig, LLMEngine
-from server.engine.request import AdapterSegment, SamplingParams
+from server.engine.request import AdapterSegment, RequestOutput, SamplingParams
 
 pytestmark = pytest.mark.triton_interpreter
 
@@ -63,6 +63,16 @@ def _engine(model, decoder: bool, calls: list[int] | None = None) -> LLMEngine:
     return engine
 
 
+def _finish(engine: LLMEngine) -> dict[str, RequestOutput]:
+    """Step ``engine`` until every request is done: each one's final output by id."""
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
 def _generate(engine: LLMEngine, adapter: AdapterSegment) -> dict[str, list[int]]:
     rng = np.random.default_rng(0)
     system = rng.integers(3, 96, 23).tolist()  # shared by four requests: a group
@@ -72,12 +82,7 @@ def _generate(engine: LLMEngine, adapter: AdapterSegment) -> dict[str, list[int]
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
     engine.add_request("adapted", prompts[4], params, [adapter])
-    done: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
-    return done
+    return {rid: out.token_ids for rid, out in _finish(engine).items()}
 
 
 def test_decode_steps_through_the_gpu_path_give_the_cpu_engines_tokens(model):
@@ -123,11 +128,7 @@ def test_a_decode_row_that_is_not_finite_fails_its_request_alone(model):
             bs = engine.config.block_size
             slots = [b * bs + o for b in seqs[1].block_table for o in range(bs)]
             engine.runner.kv_cache[:, 1, :, slots] = 3e38
-        done = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+        done = _finish(engine)
         assert calls, "the decode steps went through the GPU path"
         return done
 
@@ -159,12 +160,7 @@ def test_groups_beyond_the_captured_slots_read_their_whole_context(model, monkey
             assert cuda._parts(cuda._dev, 6)["seg_lens"].numel() == 1
         for i, p in enumerate(prompts):
             engine.add_request(f"r{i}", p, params)
-        done = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out.token_ids
-        return done
+        return {rid: out.token_ids for rid, out in _finish(engine).items()}
 
     assert run(True) == run(False)
 
@@ -179,12 +175,7 @@ def test_a_failing_gpu_decode_path_gives_way_to_the_general_path(model, caplog):
     def run(engine):
         for i, p in enumerate(prompts):
             engine.add_request(f"r{i}", p, params)
-        done = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-        return done
+        return _finish(engine)
 
     want = run(_engine(model, decoder=False))
     engine = _engine(model, decoder=True, calls=[])
@@ -216,12 +207,7 @@ def test_projection_biases_are_stacked_with_their_weights():
         engine = _engine(biased, decoder=decoder, calls=[])
         for i, p in enumerate([[5, 6, 7, 8, 9, 10], [11, 12, 13]]):
             engine.add_request(f"r{i}", p, params)
-        done = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-        return done
+        return _finish(engine)
 
     want, got = run(False), run(True)
     for rid, out in want.items():
