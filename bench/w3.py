@@ -174,15 +174,20 @@ class EngineRun:
     tok_per_s: float
     decode_steps: int
     decode_ms_per_step: float  # wall time of a decode step at the full batch, median
+    # Steps that were not full-batch decode steps (prompts, mixed with decode, the tail as
+    # requests finish): how many and their wall time together.
+    other_steps: int
+    other_seconds: float
     replay_ms: float  # GPU time of one decode graph replay at the full batch
     floor_ms_per_step: float  # shared-prefix floor of the same steps
     floor_no_sharing_ms_per_step: float
     floor_share: float  # floor / decode step time
     replay_floor_share: float  # floor / replay time
-    # A full-batch decode step's wall time by part (medians, ms): the scheduler's plan; the
-    # runner (buffer fill, graph launch, and the wait for the device until the flags come
-    # back); the sampler (the ids' read-back); the rest (tokens into the requests, stop
-    # checks, detokenization, outputs).
+    # A full-batch decode step's wall time by part (medians, ms; a window's parts shared
+    # among its steps): the scheduler's plan; the runner (buffer fill, graph launches, and
+    # the wait for the device until the ids come back); the sampler (when steps go one at a
+    # time: the ids' read-back); the rest (tokens into the requests, stop checks,
+    # detokenization, outputs).
     step_parts_ms: dict[str, float]
 
 
@@ -219,6 +224,7 @@ class _StepClocks:
         engine_module.sample = self._timed("sample", engine_module.sample)
         self.engine.scheduler.schedule = self._timed("schedule", self.engine.scheduler.schedule)
         self.engine.runner.run = self._timed("forward", self.engine.runner.run)
+        self.engine.runner.run_window = self._timed("forward", self.engine.runner.run_window)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -227,6 +233,7 @@ class _StepClocks:
         engine_module.sample = self._sample
         del self.engine.scheduler.schedule  # the class's methods again
         del self.engine.runner.run
+        del self.engine.runner.run_window
 
 
 def weight_bytes(model) -> int:
@@ -249,6 +256,7 @@ def run_engine(
 ) -> EngineRun:
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     decode_times: list[float] = []
+    other_steps, other_seconds = 0, 0.0
     parts: dict[str, list[float]] = {"schedule": [], "forward": [], "sample": [], "rest": []}
     clocks = _StepClocks(engine)
     device = engine.runner.device.type
@@ -261,17 +269,22 @@ def run_engine(
     with clocks:
         while engine.has_unfinished():
             running = len(engine.scheduler.running)
-            computed = engine.stats.computed_tokens
+            computed, steps = engine.stats.computed_tokens, engine.stats.steps
             clocks.reset()
             began = time.perf_counter()
             outs = engine.step()
             took = time.perf_counter() - began
-            # A decode step of the whole batch: one new position for each of its requests.
-            if running == batch == engine.stats.computed_tokens - computed:
-                decode_times.append(took)
+            # Decode steps of the whole batch (one, or a window of several): one new position
+            # for each request per step.
+            n = engine.stats.steps - steps
+            if n and running == batch and engine.stats.computed_tokens - computed == batch * n:
+                decode_times += [took / n] * n
                 for name in ("schedule", "forward", "sample"):
-                    parts[name].append(clocks.seconds[name])
-                parts["rest"].append(took - sum(clocks.seconds.values()))
+                    parts[name] += [clocks.seconds[name] / n] * n
+                parts["rest"] += [(took - sum(clocks.seconds.values())) / n] * n
+            else:
+                other_steps += max(n, 1)
+                other_seconds += took
             done += sum(o.finished for o in outs)
             errors += [o.error.message for o in outs if o.error is not None]
     sync(device)
@@ -298,6 +311,8 @@ def run_engine(
         tok_per_s=batch * new_tokens / seconds,
         decode_steps=len(decode_times),
         decode_ms_per_step=step * 1000,
+        other_steps=other_steps,
+        other_seconds=other_seconds,
         replay_ms=replay,
         floor_ms_per_step=floor * 1000,
         floor_no_sharing_ms_per_step=no_share * 1000,
@@ -456,11 +471,15 @@ def run(
     device: str = "cuda",
     config=None,
     dtype: torch.dtype = torch.bfloat16,
+    window: int = 8,
+    blas: str | None = None,
 ) -> dict:
     """The whole benchmark (``device`` "cpu" and a small ``config``: a dry run of its logic,
     which the tests make)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("prefix-serve bench w3: needs a CUDA device (none is visible)")
+    if blas:  # cuBLAS or cuBLASLt for the products (torch's choice by default)
+        torch.backends.cuda.preferred_blas_library(blas)
     config = config or llama_1b_config()
     model = random_model(config, device, dtype)
     progress(f"model built: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters")
@@ -482,21 +501,22 @@ def run(
             kv_cache_memory=pool,
             adapter_cache_bytes=None,
             cuda_graphs=cuda_graphs,
+            decode_window=window,
+            decode_context=longest + new_tokens,
         ),
     )
     cuda = engine.runner.cuda_decoder
-    began = time.perf_counter()
-    if cuda is not None:
-        cuda.reserve(longest + new_tokens)
-        if cuda.use_graphs:
-            cuda.capture([requests])
-    progress(f"engine ready (decode graph captured in {time.perf_counter() - began:.1f} s)")
+    captured = cuda.capture_seconds if cuda is not None else 0.0
+    progress(f"engine ready (decode graphs of every batch size captured in {captured:.1f} s)")
     # Warm-up, untimed: a short run of the same shape compiles every kernel the run takes.
     warm = build_variants(requests, 64, 16, config.vocab_size, seed=99)[0]
     run_engine(engine, warm, adapters(config, 1, dtype, seed=9), 4, bandwidth, weights)
     result: dict = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
+        "decode_window": window,
+        "blas": blas or "default",
+        "capture_seconds": captured,
         "bandwidth_bytes_per_s": bandwidth,
         "weight_bytes": weights,
         "kv_bytes_per_token": kv,
@@ -517,8 +537,11 @@ def run(
             f"engine {variant.name}: {r.tok_per_s:,.0f} tok/s, decode {r.decode_ms_per_step:.2f} "
             f"ms/step (replay {r.replay_ms:.2f} ms), floor {r.floor_ms_per_step:.2f} ms: "
             f"{100 * r.floor_share:.0f}% of it ({100 * r.replay_floor_share:.0f}% on the GPU); "
-            f"step parts (ms): { {k: round(v, 3) for k, v in r.step_parts_ms.items()} }"
+            f"step parts (ms): { {k: round(v, 3) for k, v in r.step_parts_ms.items()} }; "
+            f"{r.other_steps} other steps took {r.other_seconds:.2f} s"
         )
+    # Beyond the start's: graphs captured again mid-run (tables widened), which stalls a run.
+    result["capture_seconds_total"] = cuda.capture_seconds if cuda is not None else 0.0
     result["cold_load"] = cold_loads(engine, segs)
     progress(f"adapter cold load {result['cold_load']}")
     shared = next((v for v in chosen if v.name == "shared"), None)

@@ -71,6 +71,13 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     w3.add_argument("--variants", default="shared,distinct,shared-long", help="comma-separated")
     w3.add_argument("--no-baselines", action="store_true", help="skip PEFT and generate_batch")
     w3.add_argument("--no-graphs", action="store_true", help="decode steps eagerly")
+    w3.add_argument(
+        "--window",
+        type=int,
+        default=8,
+        help="greedy decode steps run back to back on the GPU (EngineConfig.decode_window)",
+    )
+    w3.add_argument("--blas", choices=["cublas", "cublaslt"], help="the products' library")
     w3.add_argument("--json", default="bench/results/w3.json", help="where to write the JSON")
     w2 = which.add_parser("w2", help="W1's tenants served over HTTP at concurrency 1, 4, 16")
     w2.add_argument("--tenants", type=int, default=4)
@@ -175,6 +182,8 @@ def _bench(args: argparse.Namespace) -> int:
             not args.no_baselines,
             args.json,
             not args.no_graphs,
+            window=args.window,
+            blas=args.blas,
         )
     else:
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]

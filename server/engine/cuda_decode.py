@@ -20,6 +20,7 @@ same bits, which the GPU tests check).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -161,6 +162,16 @@ class _Graph:
     nonfinite: torch.Tensor  # [B] bool
 
 
+@dataclass(frozen=True)
+class Window:
+    """What a run of decode steps gave: per step and row the greedy token (-1 where the row's
+    logits were not all finite) and whether the row wrote a key or value that was not finite;
+    ``[steps, n]`` each. A row's entries past its own step count are meaningless."""
+
+    ids: np.ndarray  # int32
+    nonfinite: np.ndarray  # bool
+
+
 class CudaDecoder:
     """Runs decode steps of up to ``max_seqs`` sequences. The block tables' width starts at
     ``max_blocks`` and doubles when a step needs more (the graphs are then captured again)."""
@@ -174,6 +185,7 @@ class CudaDecoder:
         max_seqs: int,
         max_blocks: int = 256,
         use_graphs: bool = True,
+        window: int = 8,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -181,6 +193,8 @@ class CudaDecoder:
         self.scratch_block = scratch_block
         self.buckets = [b for b in BUCKETS if b < max_seqs] + [max_seqs]
         self.use_graphs = use_graphs
+        self.window = max(1, window)  # the most steps ``run_window`` runs at once
+        self.capture_seconds = 0.0  # spent capturing graphs (and compiling their kernels)
         self.layers = fuse_layers(model)
         device = kv_cache.device
         # Enough programs to fill the device twice over (the CPU: the tests' interpreter runs).
@@ -205,6 +219,8 @@ class CudaDecoder:
             "positions": top,
             "slots": top,
             "lens": top,
+            "limits": top,
+            "step": 1,
             "starts": top,
             "seg_lens": groups,
             "members": groups * top,
@@ -219,6 +235,13 @@ class CudaDecoder:
         self._host = torch.zeros(at, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._dev = torch.zeros(at, dtype=torch.int32, device=device)
         self._nonfinite = torch.zeros(top, dtype=torch.bool, device=device)
+        # Each step's greedy ids and flags, by step of the window (``_advance``), and their
+        # pinned host copies.
+        pinned = device.type == "cuda"
+        self._ids = torch.zeros(self.window, top, dtype=torch.int32, device=device)
+        self._flags = torch.zeros(self.window, top, dtype=torch.bool, device=device)
+        self._host_ids = torch.zeros(self.window, top, dtype=torch.int32, pin_memory=pinned)
+        self._host_flags = torch.zeros(self.window, top, dtype=torch.bool, pin_memory=pinned)
         self._graphs: dict[int, _Graph] = {}
         self._host_views: dict[int, dict[str, np.ndarray]] = {}
         self._pool: Any = None
@@ -252,7 +275,8 @@ class CudaDecoder:
         width = self.max_blocks
         return {
             **{n: self._part(buffer, n, batch) for n in ("tokens", "positions", "slots")},
-            **{n: self._part(buffer, n, batch) for n in ("lens", "starts")},
+            **{n: self._part(buffer, n, batch) for n in ("lens", "limits", "starts")},
+            "step": self._part(buffer, "step", 1),
             "seg_lens": self._part(buffer, "seg_lens", groups),
             "members": self._part(buffer, "members", groups, batch),
             "tables": self._part(buffer, "tables", batch, width),
@@ -267,15 +291,23 @@ class CudaDecoder:
             self._host_views[batch] = found
         return found
 
-    def _fill(self, plan: BatchPlan, batch: int) -> None:
+    def _fill(
+        self,
+        plan: BatchPlan,
+        batch: int,
+        limits: list[int] | None = None,
+        block_tables: tuple[tuple[int, ...], ...] | None = None,
+    ) -> None:
         """Write the plan (padded to ``batch`` rows) into the host buffer and copy it over.
-        Padding rows read and write the scratch block; unused groups have no keys. A row's
-        table columns past its own blocks keep whatever they held: the kernels read a row's
-        table only below its key count."""
+        ``limits``: how many steps each row runs (one each by default); ``block_tables``:
+        the rows' tables when they hold more blocks than the plan's (for the later steps of
+        a window). Padding rows read and write the scratch block; unused groups have no keys.
+        A row's table columns past its own blocks keep whatever they held: the kernels read a
+        row's table only below its key count."""
         n, bs = len(plan.chunks), self.block_size
         host = self._host_parts(batch)
         positions = np.asarray(plan.positions, dtype=np.int64)
-        tables = block_table_array(plan.block_tables)
+        tables = block_table_array(block_tables or plan.block_tables)
         host["tokens"][:n] = plan.token_ids
         host["tokens"][n:] = 0
         host["positions"][:n] = positions
@@ -284,6 +316,9 @@ class CudaDecoder:
         host["slots"][n:] = self.scratch_block * bs
         host["lens"][:n] = plan.context_lens
         host["lens"][n:] = 1
+        host["limits"][:n] = 1 if limits is None else limits
+        host["limits"][n:] = 0
+        host["step"][0] = 0
         host["tables"][:n, : tables.shape[1]] = tables
         host["tables"][n:, 0] = self.scratch_block
         host["starts"][:] = 0
@@ -333,19 +368,52 @@ class CudaDecoder:
             paged,
         )
         logits = model.lm_head(hidden).float()
+        self._advance(v, logits, nonfinite)
         return logits, nonfinite
+
+    def _advance(
+        self, v: dict[str, torch.Tensor], logits: torch.Tensor, nonfinite: torch.Tensor
+    ) -> None:
+        """After a step, on the device: record each row's greedy id (-1 where its logits are
+        not all finite) and its flag under the step's index, then make the buffers the next
+        step's: the ids become its tokens, and each row still within its ``limits`` moves one
+        position on (its slot looked up in its table); a row past them writes the scratch
+        block and stays where it is (what it computes then is never read)."""
+        bs, batch = self.block_size, logits.shape[0]
+        step = v["step"]
+        index = step.long()
+        finite = torch.isfinite(logits).all(dim=-1)
+        ids = torch.where(finite, logits.argmax(dim=-1), -1).to(torch.int32)
+        self._ids[:, :batch].index_copy_(0, index, ids.unsqueeze(0))
+        self._flags[:, :batch].index_copy_(0, index, nonfinite.unsqueeze(0))
+        nxt = step + 1
+        active = (nxt < v["limits"]).to(torch.int32)
+        positions = v["positions"] + active
+        tables = v["tables"]
+        column = torch.div(positions, bs, rounding_mode="floor").clamp_max(tables.shape[1] - 1)
+        slots = tables.gather(1, column.long().unsqueeze(1)).squeeze(1) * bs + positions % bs
+        scratch = self.scratch_block * bs
+        v["slots"].copy_(torch.where(active.bool(), slots, scratch))
+        v["positions"].copy_(positions)
+        v["lens"].add_(active)
+        v["tokens"].copy_(ids.clamp_min(0))
+        step.copy_(nxt)
 
     def _graph_for(self, batch: int) -> _Graph:
         found = self._graphs.get(batch)
         if found is not None:
             return found
         # Capture on padding rows only (scratch slots), after two eager runs on a side stream
-        # (Triton compiles, cuBLAS picks its kernels, lazily made tensors exist).
+        # (Triton compiles, cuBLAS picks its kernels, lazily made tensors exist); each run
+        # starts at step 0 of a window (the step index addresses the ids' rows).
+        began = time.perf_counter()
         self._fill_padding(batch)
+        step = self._parts(self._dev, batch)["step"]
         stream = torch.cuda.Stream(self.kv_cache.device)  # type: ignore[no-untyped-call]
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
+                step.zero_()
                 self._forward(batch)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -356,7 +424,9 @@ class CudaDecoder:
         torch.cuda.synchronize()
         found = _Graph(graph, logits, nonfinite)
         self._graphs[batch] = found
-        log.info("captured the decode graph of %d rows", batch)
+        took = time.perf_counter() - began
+        self.capture_seconds += took
+        log.info("captured the decode graph of %d rows in %.1f s", batch, took)
         return found
 
     def _fill_padding(self, batch: int) -> None:
@@ -390,3 +460,31 @@ class CudaDecoder:
         self._fill(plan, batch)
         graph.graph.replay()
         return graph.logits[:n], graph.nonfinite[:n]
+
+    def run_window(
+        self,
+        plan: BatchPlan,
+        limits: list[int],
+        block_tables: tuple[tuple[int, ...], ...],
+    ) -> Window:
+        """Up to ``self.window`` greedy decode steps back to back, with no host work between
+        them: row i runs ``limits[i]`` steps, each fed the token the step before chose, its
+        table ``block_tables[i]`` holding the blocks of every position it reaches. One copy
+        over, one back; returns each step's ids and flags."""
+        n, steps = len(plan.chunks), max(limits)
+        assert len(limits) == n and 1 <= steps <= self.window
+        batch = self.bucket(n)
+        self.reserve(max(c + k - 1 for c, k in zip(plan.context_lens, limits, strict=True)))
+        graph = self._graph_for(batch) if self.use_graphs else None
+        self._fill(plan, batch, limits, block_tables)
+        for _ in range(steps):
+            if graph is not None:
+                graph.graph.replay()
+            else:
+                self._forward(batch)
+        ids, flags = self._host_ids[:steps, :n], self._host_flags[:steps, :n]
+        ids.copy_(self._ids[:steps, :n], non_blocking=True)
+        flags.copy_(self._flags[:steps, :n], non_blocking=True)
+        if self.kv_cache.device.type == "cuda":
+            torch.cuda.current_stream(self.kv_cache.device).synchronize()
+        return Window(ids.numpy().copy(), flags.numpy().copy())

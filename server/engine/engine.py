@@ -35,8 +35,8 @@ from server.engine.request import (
     SeqStatus,
     Sequence,
 )
-from server.engine.sampler import NON_FINITE, make_generator, sample
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.sampler import NON_FINITE, make_generator, plain_greedy, sample
+from server.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -64,8 +64,18 @@ class EngineConfig:
     # modules (``engine/decoder.py``, same bits); False: always transformers' forward.
     direct_decoder: bool = True
     # On CUDA, decode steps run through the paged Triton kernel (``engine/cuda_decode.py``),
-    # replayed as CUDA graphs when ``cuda_graphs`` (else run eagerly, for checks).
+    # replayed as CUDA graphs when ``cuda_graphs`` (else run eagerly, for checks); the graphs
+    # of every batch-size bucket are captured when the engine starts.
     cuda_graphs: bool = True
+    # On that path, when every running request is greedy with nothing to adjust and no
+    # logprobs, up to this many decode steps run back to back on the device, each fed the
+    # token the one before chose, before the host reads their tokens (and applies stops,
+    # which discard what a stopped request computed past its stop). 1: one step at a time.
+    decode_window: int = 8
+    # The decode graphs' block tables cover sequences of this many positions from the start;
+    # a longer sequence widens them (to a power of two of blocks), which captures the graphs
+    # again, mid-run.
+    decode_context: int = 4096
 
 
 @dataclass
@@ -115,9 +125,16 @@ class LLMEngine:
             direct_decoder=config.direct_decoder,
         )
         if self.runner.device.type == "cuda" and self.runner.direct_decoder:
-            why = self.runner.enable_cuda_decode(config.max_num_seqs, config.cuda_graphs)
+            why = self.runner.enable_cuda_decode(
+                config.max_num_seqs, config.cuda_graphs, config.decode_window
+            )
+            if not why:
+                assert self.runner.cuda_decoder is not None
+                self.runner.cuda_decoder.reserve(config.decode_context)
             if why:
                 log.warning("decode steps run eagerly: %s", why)
+            elif config.cuda_graphs:
+                self._capture_graphs()
         self.max_model_len = min(
             getattr(model.config, "max_position_embeddings", 1 << 30),
             num_blocks * config.block_size,
@@ -129,6 +146,20 @@ class LLMEngine:
         self.eos_ids = tuple(sorted(ids))
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
+
+    def _capture_graphs(self) -> None:
+        """Every bucket's decode graph now, not when a batch size is first met mid-run (a
+        capture, with its kernels' compilation, takes seconds)."""
+        cuda = self.runner.cuda_decoder
+        assert cuda is not None
+        log.info("capturing the decode graphs of %d batch sizes ...", len(cuda.buckets))
+        try:
+            cuda.capture()
+        except Exception:
+            log.exception("capturing the decode graphs failed; decoding on the general path")
+            self.runner.cuda_decoder = None
+            return
+        log.info("decode graphs captured in %.1f s", cuda.capture_seconds)
 
     # Requests -----------------------------------------------------------------------------
     def add_request(
@@ -204,6 +235,11 @@ class LLMEngine:
         if not out.chunks:
             return []
         assert out.plan is not None  # the scheduler lays out a plan whenever it has chunks
+        limits = self._window_limits(out.plan)
+        if limits is not None:
+            outputs = self._run_window(out.plan, limits)
+            if outputs is not None:
+                return outputs
         (forwarded, all_logits), failed = self._forward(out.plan)
         keep = [i for i, c in enumerate(forwarded) if c not in failed]
         sampling = [forwarded[i] for i in keep]
@@ -229,6 +265,62 @@ class LLMEngine:
         self.stats.computed_tokens += kept.num_tokens
         self.stats.generated_tokens += len(sampled)
         return outputs + [self._after_token(c.seq) for c in sampled]
+
+    def _window_limits(self, plan: BatchPlan) -> list[int] | None:
+        """How many decode steps each chunk of ``plan`` runs back to back on the GPU path, its
+        blocks reserved (``EngineConfig.decode_window``); None for one ordinary step."""
+        cuda = self.runner.cuda_decoder
+        if cuda is None or cuda.window <= 1 or not cuda.fits(plan):
+            return None
+        limits = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            if seq.params.logprobs is not None or not plain_greedy(seq, self.eos_ids):
+                return None
+            limits.append(min(cuda.window, seq.params.max_tokens - len(seq.output_ids)))
+        if max(limits) <= 1:
+            return None
+        ends = [(c.seq, c.end + k - 1) for c, k in zip(plan.chunks, limits, strict=True)]
+        return limits if self.scheduler.reserve_ahead(ends) else None
+
+    def _run_window(self, plan: BatchPlan, limits: list[int]) -> list[RequestOutput] | None:
+        """Run the window, then hand its tokens to the requests step by step as ``step``
+        would have: a request that stops (or fails) keeps nothing computed after that.
+        None if the GPU path failed (nothing was handed; the caller runs an ordinary step)."""
+        bs = self.config.block_size
+        tables = tuple(
+            tuple(c.seq.block_table[: -(-(c.end + k - 1) // bs)])
+            for c, k in zip(plan.chunks, limits, strict=True)
+        )
+        window = self.runner.run_window(plan, limits, tables)
+        if window is None:
+            return None
+        ids, nonfinite = window.ids.tolist(), window.nonfinite.tolist()
+        live = list(enumerate(plan.chunks))
+        outputs: dict[str, RequestOutput] = {}
+        for k in range(len(ids)):
+            accepted: list[Chunk] = []
+            tokens: list[int] = []
+            for i, chunk in live:
+                if k >= limits[i]:
+                    continue
+                seq = chunk.seq
+                if nonfinite[k][i] or ids[k][i] < 0:
+                    error = RequestError("non_finite", NON_FINITE)
+                    outputs[seq.request_id] = self._fail(seq, error)
+                    continue
+                accepted.append(Chunk(seq, seq.num_computed, seq.num_computed + 1))
+                tokens.append(ids[k][i])
+            if not accepted:
+                break
+            self.scheduler.update_from_output(SchedulerOutput(accepted), tokens)
+            self.stats.steps += 1
+            self.stats.computed_tokens += len(accepted)
+            self.stats.generated_tokens += len(accepted)
+            for chunk in accepted:
+                outputs[chunk.seq.request_id] = self._after_token(chunk.seq)
+            live = [(i, c) for i, c in live if c.seq.status == SeqStatus.RUNNING]
+        return list(outputs.values())
 
     def _forward(
         self, plan: BatchPlan

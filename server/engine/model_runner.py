@@ -22,7 +22,7 @@ from server.engine import attention, decoder, native, triton_attention
 from server.engine.attention import build_metadata
 from server.engine.batch import BatchPlan
 from server.engine.cpu_kernels import route_linears
-from server.engine.cuda_decode import CudaDecoder
+from server.engine.cuda_decode import CudaDecoder, Window
 from server.engine.decoder import run_decoder
 from server.engine.flat import FlatBatch, flatten
 from server.engine.logprobs import wants_prompt_logits
@@ -129,7 +129,7 @@ class ModelRunner:
             size_of=lambda t: t.numel() * t.element_size(),
         )
 
-    def enable_cuda_decode(self, max_seqs: int, use_graphs: bool = True) -> str:
+    def enable_cuda_decode(self, max_seqs: int, use_graphs: bool = True, window: int = 8) -> str:
         """Run decode steps through ``CudaDecoder`` (CUDA and Triton needed); returns why not,
         or an empty string when enabled."""
         if self.device.type != "cuda":
@@ -144,6 +144,7 @@ class ModelRunner:
             self.num_blocks,
             max_seqs,
             use_graphs=use_graphs,
+            window=window,
         )
         return ""
 
@@ -169,6 +170,21 @@ class ModelRunner:
         self.adapter_tier.evict(key)
 
     # One step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run_window(
+        self, plan: BatchPlan, limits: list[int], block_tables: tuple[tuple[int, ...], ...]
+    ) -> Window | None:
+        """Several greedy decode steps on the GPU path (``CudaDecoder.run_window``), or None
+        when that path has failed (it is then off for good, as in ``run``; the caller runs
+        the step on the general path, which rewrites the same cache slots)."""
+        assert self.cuda_decoder is not None and self.cuda_decoder.fits(plan)
+        try:
+            return self.cuda_decoder.run_window(plan, limits, block_tables)
+        except Exception:
+            log.exception("the GPU decode path failed; decoding on the general path now")
+            self.cuda_decoder = None
+            return None
+
     @torch.inference_mode()
     def run(self, plan: BatchPlan) -> StepResult:
         """Compute every chunk of ``plan``: logits of the sampling chunks, and whether each

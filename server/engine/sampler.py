@@ -94,7 +94,7 @@ def sample(
     one (non-finite logits, a sampling error) gives a ``RequestError`` for that request only.
     Runs on the CPU, where the per-request generators live (N x vocab floats: small next to a
     forward)."""
-    if logits.device.type != "cpu" and all(_plain_greedy(seq, eos_ids) for seq in seqs):
+    if logits.device.type != "cpu" and all(plain_greedy(seq, eos_ids) for seq in seqs):
         # On the device, read back one id per row (the argmax, or -1 where the row's sum is
         # not finite), not the whole rows; a row marked -1 is settled on the CPU below.
         ok = torch.isfinite(logits.sum(dim=-1))
@@ -130,7 +130,7 @@ def sample(
     return tokens
 
 
-def _plain_greedy(seq: Sequence, eos_ids: tuple[int, ...]) -> bool:
+def plain_greedy(seq: Sequence, eos_ids: tuple[int, ...]) -> bool:
     """Greedy with nothing banned and no logit adjusted: the argmax of the raw row."""
     return (
         seq.params.temperature == 0

@@ -128,6 +128,18 @@ class Scheduler:
                 seq.output_ids.append(tok)
         assert next(tokens, None) is None, "more sampled tokens than sampling chunks"
 
+    def reserve_ahead(self, ends: list[tuple[Sequence, int]]) -> bool:
+        """Blocks for each running sequence's positions up to ``end`` (several decode steps
+        run at once), from free blocks only: all of them, or none and False. Nobody is
+        preempted and no cached block evicted for positions that may never be kept."""
+        need = [self._blocks_needed(seq, end) for seq, end in ends]
+        if sum(need) > self.pool.num_free:
+            return False
+        for (seq, _), n in zip(ends, need, strict=True):
+            if n:
+                seq.block_table.extend(self.pool.allocate(n))
+        return True
+
     # Internals ----------------------------------------------------------------------------
     def _reserve_running(self, seq: Sequence, end: int, out: SchedulerOutput) -> bool:
         """Give ``seq`` blocks up to position ``end``, preempting later sequences if needed.

@@ -88,11 +88,22 @@ def reference(cpu_model, workload):
     return _reference(cpu_model, workload)
 
 
-def _run(model, workload, dtype, graphs=True, logprobs=None):
+def _run(model, workload, dtype, graphs=True, logprobs=None, window=8, windows=None):
     model = copy.deepcopy(model).to("cuda", dtype)
-    config = EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 28, cuda_graphs=graphs)
+    config = EngineConfig(
+        max_num_seqs=8, kv_cache_memory=1 << 28, cuda_graphs=graphs, decode_window=window
+    )
     engine = LLMEngine(model, IdsTokenizer(), config)
-    assert engine.runner.kv_cache.is_cuda and engine.runner.cuda_decoder is not None
+    cuda = engine.runner.cuda_decoder
+    assert engine.runner.kv_cache.is_cuda and cuda is not None
+    if windows is not None:  # each window's per-row step counts
+        run_window = cuda.run_window
+
+        def counted(plan, limits, tables):
+            windows.append(list(limits))
+            return run_window(plan, limits, tables)
+
+        cuda.run_window = counted
     prompts, adapters = workload
     params = SamplingParams(
         max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=logprobs
@@ -138,3 +149,15 @@ def test_graph_replay_gives_the_bits_of_the_eager_step(cpu_model, workload):
     for g, e in zip(graphed, eager, strict=True):
         assert g.token_ids == e.token_ids
         assert g.logprobs == e.logprobs  # every value, to the last bit
+
+
+def test_windows_of_replayed_steps_give_the_tokens_of_single_steps(cpu_model, workload):
+    """Eight decode steps replayed back to back, each fed the ids the one before left on the
+    device: the tokens of the same steps one at a time (bfloat16, graphs both ways)."""
+    windows: list[list[int]] = []
+    windowed, engine = _run(cpu_model, workload, torch.bfloat16, window=8, windows=windows)
+    single, _ = _run(cpu_model, workload, torch.bfloat16, window=1)
+    assert windows and max(max(w) for w in windows) == 8
+    assert engine.runner.cuda_decoder is not None  # the GPU path never gave way
+    for w, s in zip(windowed, single, strict=True):
+        assert w.token_ids == s.token_ids

@@ -42,23 +42,45 @@ def model():
     return model
 
 
-def _engine(model, decoder: bool, calls: list[int] | None = None) -> LLMEngine:
+def _engine(
+    model,
+    decoder: bool,
+    calls: list[int] | None = None,
+    window: int = 1,
+    windows: list[list[int]] | None = None,
+    kv_cache_memory: int = 1 << 20,
+) -> LLMEngine:
+    """An engine on the CPU; with ``decoder``, decode steps take the GPU path uncaptured,
+    ``window`` of them at once, the rows of each single step appended to ``calls`` and each
+    window's per-row step counts to ``windows``."""
     config = EngineConfig(
-        block_size=4, max_num_seqs=6, max_num_batched_tokens=256, kv_cache_memory=1 << 20
+        block_size=4, max_num_seqs=6, max_num_batched_tokens=256, kv_cache_memory=kv_cache_memory
     )
     engine = LLMEngine(model, IdsTokenizer(), config)
     if decoder:
         runner = engine.runner
         cuda = CudaDecoder(
-            model, runner.kv_cache, 4, runner.num_blocks, 6, max_blocks=4, use_graphs=False
+            model,
+            runner.kv_cache,
+            4,
+            runner.num_blocks,
+            6,
+            max_blocks=4,
+            use_graphs=False,
+            window=window,
         )
-        run = cuda.run
+        run, run_window = cuda.run, cuda.run_window
 
         def counted(plan):
             calls.append(len(plan.chunks))
             return run(plan)
 
-        cuda.run = counted
+        def counted_window(plan, limits, tables):
+            if windows is not None:
+                windows.append(list(limits))
+            return run_window(plan, limits, tables)
+
+        cuda.run, cuda.run_window = counted, counted_window
         runner.cuda_decoder = cuda
     return engine
 
@@ -217,3 +239,138 @@ def test_projection_biases_are_stacked_with_their_weights():
             assert abs(mine.logprob - theirs.logprob) < 1e-4
             for (a, x), (b, y) in zip(mine.top, theirs.top, strict=True):
                 assert a == b and abs(x - y) < 1e-4
+
+
+# Windows: several decode steps at once -------------------------------------------------------
+
+
+def test_windows_of_decode_steps_give_the_step_by_step_tokens(model):
+    """Four decode steps at a time, each fed the token the one before chose (the shared
+    prefix's group, an adapter, the tables widening mid-window): the CPU engine's tokens,
+    with fewer host round trips."""
+    gen = torch.Generator().manual_seed(5)
+    kv = torch.randn(2, 2, 2, 7, 16, generator=gen)
+    adapter = AdapterSegment(key="a" * 64, kind="prefix_tuning", length=7, kv=kv)
+    want = _generate(_engine(model, decoder=False), adapter)
+    windows: list[list[int]] = []
+    engine = _engine(model, decoder=True, calls=[], window=4, windows=windows)
+    assert _generate(engine, adapter) == want
+    # 12 tokens each. Three requests wait a step for the shared block another computes, so
+    # when the first windows start, three have 10 tokens to go and three 11: windows of 4
+    # and 4, then each runs what it has left.
+    assert windows == [[4] * 6, [4] * 6, [2, 2, 2, 3, 3, 3]]
+    assert engine.stats.generated_tokens == 6 * 12
+
+
+def _stopping_params(reference: dict[str, RequestOutput]) -> dict[str, SamplingParams]:
+    """Stops that fall inside a window of four, chosen from a run without them: a stop token
+    (its first appearance at output index 5), a stop string spanning tokens 5 and 6, a
+    max_tokens of 6, and a min_tokens of 3 (no window before it is reached) with a stop
+    token at index 3."""
+
+    def first_new(ids: list[int], at: int) -> int:
+        return next(j for j in range(at, len(ids)) if ids[j] not in ids[:j])
+
+    r0, r1, r3 = (reference[k].token_ids for k in ("r0", "r1", "r3"))
+    base = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    return {
+        "r0": SamplingParams(**base, stop_token_ids=(r0[first_new(r0, 5)],)),
+        "r1": SamplingParams(**base, stop=(f"{r1[5]} {r1[6]}",)),
+        "r2": SamplingParams(**{**base, "max_tokens": 6}),
+        "r3": SamplingParams(**base, min_tokens=3, stop_token_ids=(r3[first_new(r3, 3)],)),
+        "r4": SamplingParams(**base),
+    }
+
+
+def test_stops_inside_a_window_keep_nothing_computed_after_them(model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16], [17, 18, 19], [20, 21, 22, 23]]
+    prompts.append([24, 25, 26, 27, 28, 29])
+
+    def run(engine, params) -> dict[str, RequestOutput]:
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params[f"r{i}"])
+        return _finish(engine)
+
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    params = _stopping_params(
+        run(_engine(model, decoder=False), dict.fromkeys([f"r{i}" for i in range(5)], plain))
+    )
+    reference = _engine(model, decoder=False)
+    want = run(reference, params)
+    windows: list[list[int]] = []
+    engine = _engine(model, decoder=True, calls=[], window=4, windows=windows)
+    got = run(engine, params)
+    assert windows, "decode steps ran in windows"
+    for rid, out in want.items():
+        assert (got[rid].token_ids, got[rid].text, got[rid].finish_reason) == (
+            out.token_ids,
+            out.text,
+            out.finish_reason,
+        ), rid
+    stopped = {rid: len(o.token_ids) for rid, o in want.items() if o.finish_reason == "stop"}
+    assert set(stopped) == {"r0", "r1", "r3"} and len(want["r2"].token_ids) == 6
+    # Positions computed past a stop are given back: the pools end the same.
+    assert engine.pool.num_free == reference.pool.num_free
+    assert engine.tree.num_cached_blocks == reference.tree.num_cached_blocks
+
+
+def test_a_row_that_turns_non_finite_inside_a_window_fails_alone(model):
+    """Token T's embedding is NaN: the step fed T (inside a window, for r1) writes a key that
+    is not finite, so r1 fails there, keeping the tokens up to T; the others go on. The CPU
+    engine on the same model decides the same."""
+    import copy
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[40, 41, 42], [50, 51, 52, 53, 54], [60, 61, 62, 63]]
+
+    def run(m, decoder: bool, windows=None) -> dict[str, RequestOutput]:
+        engine = _engine(m, decoder=decoder, calls=[], window=4, windows=windows)
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", p, params)
+        return _finish(engine)
+
+    clean = run(model, decoder=False)
+    r0, r1, r2 = (clean[r].token_ids for r in ("r0", "r1", "r2"))
+    # r1's first token from its third on that nobody is fed before (the last is never fed)
+    at = next(j for j in range(2, 7) if r1[j] not in r1[:j] + r0[:-1] + r2[:-1])
+    poison = r1[at]
+    poisoned = copy.deepcopy(model)
+    with torch.no_grad():
+        poisoned.get_input_embeddings().weight[poison] = float("nan")
+    want = run(poisoned, decoder=False)
+    windows: list[list[int]] = []
+    got = run(poisoned, decoder=True, windows=windows)
+    assert windows
+    assert got["r1"].finish_reason == "error" and got["r1"].error.kind == "non_finite"
+    assert got["r1"].token_ids == r1[: at + 1] == want["r1"].token_ids
+    for rid in ("r0", "r2"):
+        assert got[rid].token_ids == want[rid].token_ids == clean[rid].token_ids
+        assert got[rid].finish_reason == "length"
+
+
+def test_steps_go_one_at_a_time_without_free_blocks_or_with_logprobs_or_sampling(
+    model, monkeypatch
+):
+    """No window when a request wants logprobs or samples, or when the blocks the window
+    would write are not free: ordinary steps, the CPU engine's tokens."""
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    cases = [
+        (greedy, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)),
+        (greedy, SamplingParams(max_tokens=6, temperature=0.7, seed=3, ignore_eos=True)),
+        (greedy, greedy),
+    ]
+
+    def run(engine, pair):
+        for i, (p, sp) in enumerate(zip(prompts, pair, strict=True)):
+            engine.add_request(f"r{i}", p, sp)
+        return {k: o.token_ids for k, o in _finish(engine).items()}
+
+    for index, pair in enumerate(cases):
+        windows: list[list[int]] = []
+        calls: list[int] = []
+        engine = _engine(model, decoder=True, calls=calls, window=4, windows=windows)
+        if index == 2:
+            monkeypatch.setattr(engine.scheduler, "reserve_ahead", lambda ends: False)
+        assert run(engine, pair) == run(_engine(model, decoder=False), pair)
+        assert windows == [] and len(calls) >= 5

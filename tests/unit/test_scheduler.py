@@ -158,3 +158,25 @@ def test_abort_frees_blocks():
     assert a.status == SeqStatus.FINISHED and a.finish_reason == "abort"
     assert pool.num_free == 16 - 1  # the one full block stays cached in the tree
     assert not s.has_unfinished()
+
+
+def test_reserve_ahead_takes_free_blocks_for_every_sequence_or_none():
+    """Several decode steps at once: blocks up to each end, all from free blocks, else
+    nothing changes (no preemption, no cached block evicted)."""
+    s, pool, tree = make(num_blocks=8)
+    a, b = seq("a", range(6)), seq("b", range(100, 103))
+    s.add(a)
+    s.add(b)
+    step(s)  # a: positions 0..5 in blocks [0, 1]; b: 0..2 in [2]; then each has 1 token more
+    assert a.block_table == [0, 1] and b.block_table == [2]
+    assert tree.num_cached_blocks == 1 and pool.num_free == 5
+    # a to 13 positions: blocks for 8..12 -> 2 more; b to 7: 1 more.
+    assert s.reserve_ahead([(a, 13), (b, 7)])
+    assert a.block_table == [0, 1, 3, 4] and b.block_table == [2, 5]
+    assert pool.num_free == 2
+    # 3 blocks wanted, 2 free: nothing taken, the cached block stays.
+    assert not s.reserve_ahead([(a, 24), (b, 9)])  # a: 2 more, b: 1 more
+    assert a.block_table == [0, 1, 3, 4] and b.block_table == [2, 5]
+    assert pool.num_free == 2 and tree.num_cached_blocks == 1
+    # Already covered: nothing to take.
+    assert s.reserve_ahead([(a, 16), (b, 8)]) and pool.num_free == 2
