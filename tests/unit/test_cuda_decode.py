@@ -374,3 +374,19 @@ def test_steps_go_one_at_a_time_without_free_blocks_or_with_logprobs_or_sampling
             monkeypatch.setattr(engine.scheduler, "reserve_ahead", lambda ends: False)
         assert run(engine, pair) == run(_engine(model, decoder=False), pair)
         assert windows == [] and len(calls) >= 5
+
+
+def test_a_step_run_more_often_than_a_window_stays_within_its_buffers(model):
+    """Timing runs replay one step many times without new input: the step index stops at
+    the window's last row (an index past it would be a device-side assert on CUDA)."""
+    engine = _engine(model, decoder=True, calls=[], window=2)
+    cuda = engine.runner.cuda_decoder
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    engine.add_request("r", [5, 6, 7], params)
+    engine.step()
+    out = engine.scheduler.schedule()
+    cuda.run(out.plan)
+    with torch.inference_mode():
+        for _ in range(5):
+            cuda._forward(cuda.bucket(1))
+    assert int(cuda._views(1)["step"][0]) == 2
