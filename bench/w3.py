@@ -364,6 +364,7 @@ def kernel_times(engine: LLMEngine, batch: int, repeats: int = 3) -> dict[str, f
         "rmsnorm+residual": ("add_rms_norm",),
         "rotary+cache write": ("rope_write",),
         "silu*up": ("silu_mul",),
+        "greedy id + next step": ("greedy_advance", "bump_step"),
         "products (cuBLAS)": ("gemm", "gemv", "nvjet", "cutlass", "sm90", "xmma", "splitk"),
     }
     totals: dict[str, float] = {}

@@ -31,7 +31,7 @@ from server.engine.batch import BatchPlan
 from server.engine.flat import block_table_array
 from server.engine.logprobs import wants_prompt_logits
 from server.engine.triton_attention import PagedDecode, paged_decode, splits_for, workspace
-from server.engine.triton_layers import add_rms_norm, rope_write, silu_mul
+from server.engine.triton_layers import add_rms_norm, greedy_advance, rope_write, silu_mul
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def fused_decoder(
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    logits: torch.Tensor  # [B, vocab] float32
+    logits: torch.Tensor  # [B, vocab] in the model's dtype
     nonfinite: torch.Tensor  # [B] bool
 
 
@@ -340,7 +340,8 @@ class CudaDecoder:
 
     # The step -----------------------------------------------------------------------------
     def _forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The step on the buffers' first ``batch`` rows: float32 logits and row flags."""
+        """The step on the buffers' first ``batch`` rows: logits (the model's dtype) and row
+        flags; the buffers are left holding the next step's inputs (``_advance``)."""
         v = self._views(batch)
         nonfinite = self._nonfinite[:batch]
         nonfinite.zero_()
@@ -367,38 +368,31 @@ class CudaDecoder:
             nonfinite,
             paged,
         )
-        logits = model.lm_head(hidden).float()
+        logits = model.lm_head(hidden)  # the model's dtype: ``run`` widens the rows it returns
         self._advance(v, logits, nonfinite)
         return logits, nonfinite
 
     def _advance(
         self, v: dict[str, torch.Tensor], logits: torch.Tensor, nonfinite: torch.Tensor
     ) -> None:
-        """After a step, on the device: record each row's greedy id (-1 where its logits are
-        not all finite) and its flag under the step's index, then make the buffers the next
-        step's: the ids become its tokens, and each row still within its ``limits`` moves one
-        position on (its slot looked up in its table); a row past them writes the scratch
-        block and stays where it is (what it computes then is never read)."""
-        bs, batch = self.block_size, logits.shape[0]
-        step = v["step"]
-        # A graph replayed more often than a window (timing runs) keeps rewriting the last row.
-        index = step.clamp_max(self.window - 1).long()
-        finite = torch.isfinite(logits).all(dim=-1)
-        ids = torch.where(finite, logits.argmax(dim=-1), -1).to(torch.int32)
-        self._ids[:, :batch].index_copy_(0, index, ids.unsqueeze(0))
-        self._flags[:, :batch].index_copy_(0, index, nonfinite.unsqueeze(0))
-        nxt = step + 1
-        active = (nxt < v["limits"]).to(torch.int32)
-        positions = v["positions"] + active
-        tables = v["tables"]
-        column = torch.div(positions, bs, rounding_mode="floor").clamp_max(tables.shape[1] - 1)
-        slots = tables.gather(1, column.long().unsqueeze(1)).squeeze(1) * bs + positions % bs
-        scratch = self.scratch_block * bs
-        v["slots"].copy_(torch.where(active.bool(), slots, scratch))
-        v["positions"].copy_(positions)
-        v["lens"].add_(active)
-        v["tokens"].copy_(ids.clamp_min(0))
-        step.copy_(nxt.clamp_max(self.window))
+        """After a step, on the device (``triton_layers.greedy_advance``): record each row's
+        greedy id and flag under the step's index, and make the buffers the next step's, each
+        row fed the id it chose."""
+        greedy_advance(
+            logits,
+            nonfinite,
+            self._ids[:, : logits.shape[0]],
+            self._flags[:, : logits.shape[0]],
+            v["step"],
+            v["tokens"],
+            v["positions"],
+            v["slots"],
+            v["lens"],
+            v["limits"],
+            v["tables"],
+            self.block_size,
+            self.scratch_block * self.block_size,
+        )
 
     def _graph_for(self, batch: int) -> _Graph:
         found = self._graphs.get(batch)
@@ -456,11 +450,11 @@ class CudaDecoder:
         if not self.use_graphs:
             self._fill(plan, batch)
             logits, nonfinite = self._forward(batch)
-            return logits[:n], nonfinite[:n]
+            return logits[:n].float(), nonfinite[:n]
         graph = self._graph_for(batch)
         self._fill(plan, batch)
         graph.graph.replay()
-        return graph.logits[:n], graph.nonfinite[:n]
+        return graph.logits[:n].float(), graph.nonfinite[:n]
 
     def run_window(
         self,

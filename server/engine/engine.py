@@ -298,6 +298,7 @@ class LLMEngine:
         ids, nonfinite = window.ids.tolist(), window.nonfinite.tolist()
         live = list(enumerate(plan.chunks))
         outputs: dict[str, RequestOutput] = {}
+        texts: dict[str, tuple[Sequence, str]] = {}  # reported once, after the window
         for k in range(len(ids)):
             accepted: list[Chunk] = []
             tokens: list[int] = []
@@ -318,8 +319,11 @@ class LLMEngine:
             self.stats.computed_tokens += len(accepted)
             self.stats.generated_tokens += len(accepted)
             for chunk in accepted:
-                outputs[chunk.seq.request_id] = self._after_token(chunk.seq)
+                texts[chunk.seq.request_id] = (chunk.seq, self._settle_token(chunk.seq))
             live = [(i, c) for i, c in live if c.seq.status == SeqStatus.RUNNING]
+        for rid, (seq, text) in texts.items():
+            if rid not in outputs:  # a failure's output stands
+                outputs[rid] = self.output(seq, text)
         return list(outputs.values())
 
     def _forward(
@@ -372,8 +376,11 @@ class LLMEngine:
         return self.output(seq, seq.detok.text if seq.detok is not None else "")
 
     def _after_token(self, seq: Sequence) -> RequestOutput:
-        """Decode the new token, stop if due (cutting at a stop string), report. A finishing
-        request's text is completed once more if a character was held back."""
+        return self.output(seq, self._settle_token(seq))
+
+    def _settle_token(self, seq: Sequence) -> str:
+        """Decode the new token, stop if due (cutting at a stop string); the output's text.
+        A finishing request's text is completed once more if a character was held back."""
         text = self.decode(seq)
         cut = self._stop_string(seq, text) if seq.params.stop else None
         reason = self._stop_reason(seq, cut)
@@ -388,7 +395,7 @@ class LLMEngine:
             self.seqs.pop(seq.request_id, None)
             if cut is not None:
                 text = text[:cut]
-        return self.output(seq, text)
+        return text
 
     def _stop_reason(self, seq: Sequence, stop_at: int | None) -> str | None:
         p, out = seq.params, seq.output_ids

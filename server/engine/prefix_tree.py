@@ -252,6 +252,13 @@ class PrefixTree:
                 break
             n = 1  # the first block matched through the children lookup
             limit = min(len(child.blocks), num_blocks - matched)
+            # The common case, a long edge matched whole, in one comparison (in C); else
+            # block by block to the first difference.
+            if limit > 1:
+                span = tuple(key[matched * bs : (matched + limit) * bs])
+                edge = child.edge if limit == len(child.blocks) else child.edge[: limit * bs]
+                if span == edge:
+                    n = limit
             while (
                 n < limit
                 and tuple(key[(matched + n) * bs : (matched + n + 1) * bs])

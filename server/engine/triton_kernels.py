@@ -363,3 +363,65 @@ def silu_mul(gu_ptr, out_ptr, n, BLOCK: tl.constexpr):
     g = gate.to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
     tl.store(out_ptr + row * n + cols, act * up, mask=ok)
+
+
+@triton.jit
+def greedy_advance(
+    logits_ptr,
+    vocab,
+    logits_stride,
+    nonfinite_ptr,
+    ids_ptr,
+    flags_ptr,
+    out_stride,
+    step_ptr,
+    window,
+    tokens_ptr,
+    positions_ptr,
+    slots_ptr,
+    lens_ptr,
+    limits_ptr,
+    tables_ptr,
+    tables_stride,
+    width,
+    block_size,
+    scratch_slot,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * logits_stride
+    # Per lane: the largest value so far and its first index (blocks come in index order, a
+    # later equal value does not replace it), and how many values were not finite.
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_at = tl.zeros([BLOCK], dtype=tl.int32)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = cols < vocab
+        x = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        bad += tl.where(ok & ((x != x) | (tl.abs(x) == float("inf"))), 1, 0)
+        take = x > best
+        best = tl.where(take, x, best)
+        best_at = tl.where(take, cols, best_at)
+    top = tl.max(best, 0)
+    first = tl.min(tl.where(best == top, best_at, vocab), 0)
+    token = tl.where(tl.sum(bad, 0) > 0, -1, first)
+    step = tl.load(step_ptr)
+    index = tl.minimum(step, window - 1)
+    tl.store(ids_ptr + index * out_stride + row, token)
+    tl.store(flags_ptr + index * out_stride + row, tl.load(nonfinite_ptr + row))
+    # The row's next step: one position on while within its limit, else the scratch slot.
+    active = (step + 1 < tl.load(limits_ptr + row)).to(tl.int32)
+    pos = tl.load(positions_ptr + row) + active
+    col = tl.minimum(pos // block_size, width - 1)
+    block = tl.load(tables_ptr + row * tables_stride + col)
+    slot = tl.where(active > 0, block * block_size + pos % block_size, scratch_slot)
+    tl.store(slots_ptr + row, slot)
+    tl.store(positions_ptr + row, pos)
+    tl.store(lens_ptr + row, tl.load(lens_ptr + row) + active)
+    tl.store(tokens_ptr + row, tl.maximum(token, 0))
+
+
+@triton.jit
+def bump_step(step_ptr, window):
+    tl.store(step_ptr, tl.minimum(tl.load(step_ptr) + 1, window))

@@ -111,3 +111,60 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, _pow2(n))
     _kernels().silu_mul[(rows, -(-n // block))](gate_up, out, n, BLOCK=block)
     return out
+
+
+def greedy_advance(
+    logits: torch.Tensor,
+    nonfinite: torch.Tensor,
+    ids: torch.Tensor,
+    flags: torch.Tensor,
+    step: torch.Tensor,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    lens: torch.Tensor,
+    limits: torch.Tensor,
+    tables: torch.Tensor,
+    block_size: int,
+    scratch_slot: int,
+) -> None:
+    """The end of a decode step on the device, as two kernels (one program per row, then one
+    that moves the step index on), for windows of steps that no host looks at in between:
+
+    - each row's greedy token, the first index of its largest logit (``torch.argmax``'s
+      choice), or -1 where any of its logits is not finite, into row ``step`` of ``ids``
+      (``[window, >= T]`` int32), and its ``nonfinite`` flag into the same row of ``flags``
+      (the last row once ``step`` reaches the window's end);
+    - the next step's inputs, in place: the token (0 for -1: that row's later steps are never
+      read), and for a row still within its ``limits`` the next position, its slot looked up
+      in its row of ``tables`` and one key more; a row past them gets ``scratch_slot`` and
+      stays where it is.
+
+    ``logits [T, vocab]`` in any float dtype; the rest int32 ``[T]`` (``step [1]``), bool
+    flags."""
+    rows, vocab = logits.shape
+    window = ids.shape[0]
+    kernels = _kernels()
+    kernels.greedy_advance[(rows,)](
+        logits,
+        vocab,
+        logits.stride(0),
+        nonfinite.view(torch.uint8),
+        ids,
+        flags.view(torch.uint8),
+        ids.stride(0),
+        step,
+        window,
+        tokens,
+        positions,
+        slots,
+        lens,
+        limits,
+        tables,
+        tables.stride(0),
+        tables.shape[1],
+        block_size,
+        scratch_slot,
+        BLOCK=min(2048, _pow2(vocab)),
+    )
+    kernels.bump_step[(1,)](step, window)

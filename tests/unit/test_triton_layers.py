@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine.decoder import _rms_norm, _rotate
-from server.engine.triton_layers import add_rms_norm, rope_write, silu_mul
+from server.engine.triton_layers import add_rms_norm, greedy_advance, rope_write, silu_mul
 
 pytestmark = pytest.mark.triton_interpreter
 
@@ -63,3 +63,73 @@ def test_silu_mul_is_silu_of_the_gate_times_up():
     gate_up = torch.randn(3, 2 * 1500, generator=gen)  # two column blocks, the second partial
     want = torch.nn.functional.silu(gate_up[:, :1500]) * gate_up[:, 1500:]
     torch.testing.assert_close(silu_mul(gate_up), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_advance_picks_torchs_argmax_and_moves_each_row_on(dtype):
+    """Five rows over a vocabulary of 5,000 (three blocks of 2,048, the last partial): a tie
+    between two blocks and one inside a block (the first index wins, as torch.argmax), a NaN
+    and an infinity (-1), a row past its limit (scratch slot, no move); written to row
+    ``step`` of a window of 3, then the step moves on (and stops at the window's end)."""
+    gen = torch.Generator().manual_seed(4)
+    rows, vocab, bs = 5, 5000, 4
+    logits = torch.randn(rows, vocab, generator=gen).to(dtype)
+    logits[0, 4500] = logits[0, 300] = 9.0  # the first (300) wins, across blocks
+    logits[1, 70] = logits[1, 71] = 8.0  # within a block: 70
+    logits[2, 4999] = float("nan")
+    logits[3, 10] = float("-inf")
+    nonfinite = torch.tensor([False, True, False, False, False])
+    window = 3
+    ids = torch.full((window, 8), 77, dtype=torch.int32)  # wider than the rows, as per bucket
+    flags = torch.zeros(window, 8, dtype=torch.bool)
+    step = torch.tensor([1], dtype=torch.int32)
+    tokens = torch.zeros(rows, dtype=torch.int32)
+    positions = torch.tensor([5, 7, 3, 0, 11], dtype=torch.int32)
+    lens = positions + 1
+    limits = torch.tensor([3, 3, 3, 3, 2], dtype=torch.int32)  # row 4: step 2 is past it
+    tables = torch.tensor([[9, 4, 6, 0], [1, 2, 3, 8], [5, 0, 0, 0], [7, 0, 0, 0], [2, 3, 4, 0]])
+    tables = tables.to(torch.int32)
+    slots = torch.zeros(rows, dtype=torch.int32)
+    greedy_advance(
+        logits,
+        nonfinite,
+        ids[:, :rows],
+        flags[:, :rows],
+        step,
+        tokens,
+        positions,
+        slots,
+        lens,
+        limits,
+        tables,
+        bs,
+        40,
+    )
+    want = logits.float().argmax(dim=-1).tolist()
+    assert want[:2] == [300, 70]
+    assert ids[1, :rows].tolist() == [300, 70, -1, -1, want[4]]
+    assert ids[0].tolist() == [77] * 8 and ids[1, rows:].tolist() == [77] * 3
+    assert flags[1, :rows].tolist() == [False, True, False, False, False]
+    assert tokens.tolist() == [300, 70, 0, 0, want[4]]
+    # Rows 0-3 move to positions 6, 8, 4, 1: slot = table[pos // 4] * 4 + pos % 4.
+    assert positions.tolist() == [6, 8, 4, 1, 11]
+    assert slots.tolist() == [4 * 4 + 2, 3 * 4 + 0, 0 * 4 + 0, 7 * 4 + 1, 40]
+    assert lens.tolist() == [7, 9, 5, 2, 12]
+    assert step.tolist() == [2]
+    for _ in range(3):  # past the window: the last row is rewritten, the step stays at 3
+        greedy_advance(
+            logits,
+            nonfinite,
+            ids[:, :rows],
+            flags[:, :rows],
+            step,
+            tokens,
+            positions,
+            slots,
+            lens,
+            limits,
+            tables,
+            bs,
+            40,
+        )
+    assert step.tolist() == [3] and ids[2, :rows].tolist() == [300, 70, -1, -1, want[4]]
