@@ -224,7 +224,9 @@ class _StepClocks:
         engine_module.sample = self._timed("sample", engine_module.sample)
         self.engine.scheduler.schedule = self._timed("schedule", self.engine.scheduler.schedule)
         self.engine.runner.run = self._timed("forward", self.engine.runner.run)
-        self.engine.runner.run_window = self._timed("forward", self.engine.runner.run_window)
+        runner = self.engine.runner
+        runner.launch_window = self._timed("forward", runner.launch_window)
+        runner.window_result = self._timed("forward", runner.window_result)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -233,7 +235,8 @@ class _StepClocks:
         engine_module.sample = self._sample
         del self.engine.scheduler.schedule  # the class's methods again
         del self.engine.runner.run
-        del self.engine.runner.run_window
+        del self.engine.runner.launch_window
+        del self.engine.runner.window_result
 
 
 def weight_bytes(model) -> int:

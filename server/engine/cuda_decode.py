@@ -172,6 +172,20 @@ class Window:
     nonfinite: np.ndarray  # bool
 
 
+@dataclass
+class PendingWindow:
+    """A window launched on the device whose ids are on their way back (``result`` waits)."""
+
+    ids: torch.Tensor  # pinned host views [steps, n] the device copies into
+    flags: torch.Tensor
+    done: torch.cuda.Event | None  # recorded after the copies (None on the CPU: done)
+
+    def result(self) -> Window:
+        if self.done is not None:
+            self.done.synchronize()
+        return Window(self.ids.numpy().copy(), self.flags.numpy().copy())
+
+
 class CudaDecoder:
     """Runs decode steps of up to ``max_seqs`` sequences. The block tables' width starts at
     ``max_blocks`` and doubles when a step needs more (the graphs are then captured again)."""
@@ -232,18 +246,25 @@ class CudaDecoder:
         for name, size in sizes.items():
             self._at[name] = at
             at += size
-        self._host = torch.zeros(at, dtype=torch.int32, pin_memory=device.type == "cuda")
+        # Two host buffers taken in turn: the next window's integers are written while the
+        # last one's copy may still be on its way (``_fill`` waits for the copy of the one
+        # it takes).
+        pinned = device.type == "cuda"
+        self._hosts = [torch.zeros(at, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         self._dev = torch.zeros(at, dtype=torch.int32, device=device)
         self._nonfinite = torch.zeros(top, dtype=torch.bool, device=device)
-        # Each step's greedy ids and flags, by step of the window (``_advance``), and their
-        # pinned host copies.
-        pinned = device.type == "cuda"
+        # Each step's greedy ids and flags, by step of the window (``_advance``), and two
+        # pinned host copies taken in turn (a window's ids are read while the next runs).
         self._ids = torch.zeros(self.window, top, dtype=torch.int32, device=device)
         self._flags = torch.zeros(self.window, top, dtype=torch.bool, device=device)
-        self._host_ids = torch.zeros(self.window, top, dtype=torch.int32, pin_memory=pinned)
-        self._host_flags = torch.zeros(self.window, top, dtype=torch.bool, pin_memory=pinned)
+        shape = (2, self.window, top)
+        self._host_ids = torch.zeros(shape, dtype=torch.int32, pin_memory=pinned)
+        self._host_flags = torch.zeros(shape, dtype=torch.bool, pin_memory=pinned)
+        self._windows = 0
         self._graphs: dict[int, _Graph] = {}
-        self._host_views: dict[int, dict[str, np.ndarray]] = {}
+        self._host_views: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._pool: Any = None
 
     def reserve(self, tokens: int) -> None:
@@ -252,6 +273,13 @@ class CudaDecoder:
         blocks = -(-tokens // self.block_size)
         if blocks > self.max_blocks:
             self._allocate(1 << (blocks - 1).bit_length())
+
+    def can_follow(self, rows: int, tokens: int) -> bool:
+        """Whether a window of ``rows`` rows reaching ``tokens`` keys can follow the last one
+        on the device as it is: its tables wide enough and its graph captured (widening or
+        capturing rewrites the buffers, the last window's ids among them)."""
+        wide = -(-tokens // self.block_size) <= self.max_blocks
+        return wide and (not self.use_graphs or self.bucket(rows) in self._graphs)
 
     def fits(self, plan: BatchPlan) -> bool:
         return len(plan.chunks) <= self.buckets[-1] and is_decode_step(plan)
@@ -284,11 +312,12 @@ class CudaDecoder:
         }
 
     def _host_parts(self, batch: int) -> dict[str, np.ndarray]:
-        """``_parts`` of the host buffer as numpy arrays, made once per bucket."""
-        found = self._host_views.get(batch)
+        """``_parts`` of the host buffer in turn as numpy arrays, made once per bucket."""
+        found = self._host_views.get((self._turn, batch))
         if found is None:
-            found = {k: v.numpy() for k, v in self._parts(self._host, batch).items()}
-            self._host_views[batch] = found
+            parts = self._parts(self._hosts[self._turn], batch)
+            found = {k: v.numpy() for k, v in parts.items()}
+            self._host_views[(self._turn, batch)] = found
         return found
 
     def _fill(
@@ -297,14 +326,20 @@ class CudaDecoder:
         batch: int,
         limits: list[int] | None = None,
         block_tables: tuple[tuple[int, ...], ...] | None = None,
+        keep_tokens: bool = False,
     ) -> None:
-        """Write the plan (padded to ``batch`` rows) into the host buffer and copy it over.
+        """Write the plan (padded to ``batch`` rows) into a host buffer and copy it over.
         ``limits``: how many steps each row runs (one each by default); ``block_tables``:
         the rows' tables when they hold more blocks than the plan's (for the later steps of
-        a window). Padding rows read and write the scratch block; unused groups have no keys.
-        A row's table columns past its own blocks keep whatever they held: the kernels read a
-        row's table only below its key count."""
+        a window); ``keep_tokens``: the device's token ids stay (the ids a window before
+        chose there, unknown to the host yet). Padding rows read and write the scratch block;
+        unused groups have no keys. A row's table columns past its own blocks keep whatever
+        they held: the kernels read a row's table only below its key count."""
         n, bs = len(plan.chunks), self.block_size
+        self._turn ^= 1
+        copied = self._copied[self._turn]
+        if copied is not None:  # this buffer's last copy has left it
+            copied.synchronize()
         host = self._host_parts(batch)
         positions = np.asarray(plan.positions, dtype=np.int64)
         tables = block_table_array(block_tables or plan.block_tables)
@@ -336,7 +371,12 @@ class CudaDecoder:
             host["seg_lens"][index] = group.num_blocks * bs
             host["members"][index, : len(members)] = members
             host["seg_tables"][index, : group.num_blocks] = tables[members[0], : group.num_blocks]
-        self._dev.copy_(self._host, non_blocking=True)
+        skip = self._at["positions"] if keep_tokens else 0  # the tokens come first
+        self._dev[skip:].copy_(self._hosts[self._turn][skip:], non_blocking=True)
+        if self._dev.is_cuda:
+            copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            copied.record()
+            self._copied[self._turn] = copied
 
     # The step -----------------------------------------------------------------------------
     def _forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,13 +465,15 @@ class CudaDecoder:
         return found
 
     def _fill_padding(self, batch: int) -> None:
-        host = {k: v.numpy() for k, v in self._parts(self._host, batch).items()}
-        self._host.zero_()
+        torch.cuda.synchronize()  # no copy from the host buffers is on its way
+        buffer = self._hosts[self._turn]
+        host = {k: v.numpy() for k, v in self._parts(buffer, batch).items()}
+        buffer.zero_()
         host["slots"][:] = self.scratch_block * self.block_size
         host["lens"][:] = 1
         host["tables"][:] = self.scratch_block
         host["members"][:] = -1
-        self._dev.copy_(self._host)
+        self._dev.copy_(buffer)
         torch.cuda.synchronize()
 
     @torch.inference_mode()
@@ -462,24 +504,41 @@ class CudaDecoder:
         limits: list[int],
         block_tables: tuple[tuple[int, ...], ...],
     ) -> Window:
+        """``launch`` and wait for its ids."""
+        return self.launch(plan, limits, block_tables).result()
+
+    def launch(
+        self,
+        plan: BatchPlan,
+        limits: list[int],
+        block_tables: tuple[tuple[int, ...], ...],
+        keep_tokens: bool = False,
+    ) -> PendingWindow:
         """Up to ``self.window`` greedy decode steps back to back, with no host work between
         them: row i runs ``limits[i]`` steps, each fed the token the step before chose, its
         table ``block_tables[i]`` holding the blocks of every position it reaches. One copy
-        over, one back; returns each step's ids and flags."""
+        over, one back, nothing waited for: the returned window's ``result`` waits.
+        ``keep_tokens``: the first step's tokens are the ones the last window left on the
+        device (a window that follows one whose ids the host has not read yet; the rows
+        must be the same, in the same order)."""
         n, steps = len(plan.chunks), max(limits)
         assert len(limits) == n and 1 <= steps <= self.window
         batch = self.bucket(n)
         self.reserve(max(c + k - 1 for c, k in zip(plan.context_lens, limits, strict=True)))
         graph = self._graph_for(batch) if self.use_graphs else None
-        self._fill(plan, batch, limits, block_tables)
+        self._fill(plan, batch, limits, block_tables, keep_tokens)
         for _ in range(steps):
             if graph is not None:
                 graph.graph.replay()
             else:
                 self._forward(batch)
-        ids, flags = self._host_ids[:steps, :n], self._host_flags[:steps, :n]
+        slot = self._windows % 2
+        self._windows += 1
+        ids, flags = self._host_ids[slot, :steps, :n], self._host_flags[slot, :steps, :n]
         ids.copy_(self._ids[:steps, :n], non_blocking=True)
         flags.copy_(self._flags[:steps, :n], non_blocking=True)
-        if self.kv_cache.device.type == "cuda":
-            torch.cuda.current_stream(self.kv_cache.device).synchronize()
-        return Window(ids.numpy().copy(), flags.numpy().copy())
+        done = None
+        if self._dev.is_cuda:
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record()
+        return PendingWindow(ids, flags, done)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from server.engine.batch import BatchPlan, Chunk
+from server.engine.cuda_decode import PendingWindow, Window
 from server.engine.detokenizer import IncrementalText, Tokenizer
 from server.engine.kv_cache import BlockPool
 from server.engine.logprobs import record_prompt, token_logprobs
@@ -76,6 +77,16 @@ class EngineConfig:
     # a longer sequence widens them (to a power of two of blocks), which captures the graphs
     # again, mid-run.
     decode_context: int = 4096
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A window of decode steps on the device: its plan (each row's request and first
+    position), each row's step count, and its ids on their way back."""
+
+    plan: BatchPlan
+    limits: list[int]
+    pending: PendingWindow
 
 
 @dataclass
@@ -146,6 +157,8 @@ class LLMEngine:
         self.eos_ids = tuple(sorted(ids))
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        # A window of decode steps launched on the device and not settled yet (``step``).
+        self._inflight: _Window | None = None
 
     def _capture_graphs(self) -> None:
         """Every bucket's decode graph now, not when a batch size is first met mid-run (a
@@ -231,15 +244,17 @@ class LLMEngine:
         Containment: a request whose computation is not finite, whose token cannot be drawn, or
         whose part of the forward raises is stopped alone (``finish_reason`` "error"); the rest
         of the step goes on and gets exactly the tokens it would have got without it."""
+        if self._inflight is not None:
+            return self._settle_and_follow()
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
         assert out.plan is not None  # the scheduler lays out a plan whenever it has chunks
         limits = self._window_limits(out.plan)
         if limits is not None:
-            outputs = self._run_window(out.plan, limits)
-            if outputs is not None:
-                return outputs
+            self._inflight = self._launch(out.plan, limits)
+            if self._inflight is not None:
+                return self._settle_and_follow()
         (forwarded, all_logits), failed = self._forward(out.plan)
         keep = [i for i, c in enumerate(forwarded) if c not in failed]
         sampling = [forwarded[i] for i in keep]
@@ -283,20 +298,78 @@ class LLMEngine:
         ends = [(c.seq, c.end + k - 1) for c, k in zip(plan.chunks, limits, strict=True)]
         return limits if self.scheduler.reserve_ahead(ends) else None
 
-    def _run_window(self, plan: BatchPlan, limits: list[int]) -> list[RequestOutput] | None:
-        """Run the window, then hand its tokens to the requests step by step as ``step``
-        would have: a request that stops (or fails) keeps nothing computed after that.
-        None if the GPU path failed (nothing was handed; the caller runs an ordinary step)."""
+    def _launch(self, plan: BatchPlan, limits: list[int], follows: bool = False) -> _Window | None:
+        """Start a window on the device (its blocks reserved); None if the GPU path failed.
+        ``follows``: it takes the tokens the window before it left on the device."""
         bs = self.config.block_size
         tables = tuple(
-            tuple(c.seq.block_table[: -(-(c.end + k - 1) // bs)])
-            for c, k in zip(plan.chunks, limits, strict=True)
+            tuple(c.seq.block_table[: -(-(n + k - 1) // bs)])
+            for c, n, k in zip(plan.chunks, plan.context_lens, limits, strict=True)
         )
-        window = self.runner.run_window(plan, limits, tables)
-        if window is None:
+        pending = self.runner.launch_window(plan, limits, tables, keep_tokens=follows)
+        return None if pending is None else _Window(plan, limits, pending)
+
+    def _follow(self, window: _Window) -> _Window | None:
+        """The window after ``window``, launched before ``window``'s ids are read (so the
+        device runs it while the host settles them), when nothing can change the batch in
+        between: every row runs the whole window and has tokens left after it, every request
+        is still running, none is waiting for a seat, and the blocks are free. Its rows are
+        ``window``'s, one window on; a row whose request stops inside ``window`` computes
+        what nobody reads (its blocks are its own until ``_settle`` gives them back)."""
+        cuda = self.runner.cuda_decoder
+        if cuda is None:
             return None
-        ids, nonfinite = window.ids.tolist(), window.nonfinite.tolist()
-        live = list(enumerate(plan.chunks))
+        size = cuda.window
+        plan = window.plan
+        seqs = [c.seq for c in plan.chunks]
+        if min(window.limits) < size or any(s.status != SeqStatus.RUNNING for s in seqs):
+            return None
+        waiting = self.scheduler.num_waiting()
+        if waiting and len(self.scheduler.running) < self.config.max_num_seqs:
+            return None  # settle first: the next schedule admits them
+        # Tokens each has left after ``window``'s (its outputs do not hold them yet).
+        left = [s.params.max_tokens - len(s.output_ids) - size for s in seqs]
+        if min(left) < 1:
+            return None
+        limits = [min(size, n) for n in left]
+        lens = [n + size for n in plan.context_lens]
+        reach = max(n + k - 1 for n, k in zip(lens, limits, strict=True))
+        if not cuda.can_follow(len(seqs), reach):
+            return None
+        ends = [(s, n + k - 1) for s, n, k in zip(seqs, lens, limits, strict=True)]
+        if not self.scheduler.reserve_ahead(ends):
+            return None
+        nxt = replace(
+            plan,
+            positions=tuple(p + size for p in plan.positions),
+            context_lens=tuple(lens),
+        )
+        return self._launch(nxt, limits, follows=True)
+
+    def _settle_and_follow(self) -> list[RequestOutput]:
+        """Launch the window that follows the one in flight (when it can), then settle the
+        one in flight."""
+        window = self._inflight
+        assert window is not None
+        self._inflight = self._follow(window)
+        result = self.runner.window_result(window.pending)
+        if result is None:  # the GPU path failed: nothing of it is taken, nor of the next
+            self._inflight = None
+            return []
+        return self._settle(window, result)
+
+    def _settle(self, window: _Window, result: Window) -> list[RequestOutput]:
+        """Hand a window's tokens to its requests step by step, as ``step`` would have: a
+        request that stops (or fails) keeps nothing computed after that. A row whose
+        request is no longer running (aborted, or stopped in the window before) or is not
+        where the window started it is passed over."""
+        plan, limits = window.plan, window.limits
+        ids, nonfinite = result.ids.tolist(), result.nonfinite.tolist()
+        live = [
+            (i, c)
+            for i, c in enumerate(plan.chunks)
+            if c.seq.status == SeqStatus.RUNNING and c.seq.num_computed == plan.positions[i]
+        ]
         outputs: dict[str, RequestOutput] = {}
         texts: dict[str, tuple[Sequence, str]] = {}  # reported once, after the window
         for k in range(len(ids)):

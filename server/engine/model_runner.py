@@ -22,7 +22,7 @@ from server.engine import attention, decoder, native, triton_attention
 from server.engine.attention import build_metadata
 from server.engine.batch import BatchPlan
 from server.engine.cpu_kernels import route_linears
-from server.engine.cuda_decode import CudaDecoder, Window
+from server.engine.cuda_decode import CudaDecoder, PendingWindow, Window
 from server.engine.decoder import run_decoder
 from server.engine.flat import FlatBatch, flatten
 from server.engine.logprobs import wants_prompt_logits
@@ -171,15 +171,31 @@ class ModelRunner:
 
     # One step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run_window(
-        self, plan: BatchPlan, limits: list[int], block_tables: tuple[tuple[int, ...], ...]
-    ) -> Window | None:
-        """Several greedy decode steps on the GPU path (``CudaDecoder.run_window``), or None
-        when that path has failed (it is then off for good, as in ``run``; the caller runs
-        the step on the general path, which rewrites the same cache slots)."""
-        assert self.cuda_decoder is not None and self.cuda_decoder.fits(plan)
+    def launch_window(
+        self,
+        plan: BatchPlan,
+        limits: list[int],
+        block_tables: tuple[tuple[int, ...], ...],
+        keep_tokens: bool = False,
+    ) -> PendingWindow | None:
+        """Several greedy decode steps on the GPU path (``CudaDecoder.launch``), or None when
+        that path has failed (it is then off for good, as in ``run``; the caller runs the
+        step on the general path, which rewrites the same cache slots)."""
+        # A decode plan (``CudaDecoder.fits``; a following window's chunks are the window
+        # before's, whose keys the host has not extended yet).
+        assert self.cuda_decoder is not None
         try:
-            return self.cuda_decoder.run_window(plan, limits, block_tables)
+            return self.cuda_decoder.launch(plan, limits, block_tables, keep_tokens)
+        except Exception:
+            log.exception("the GPU decode path failed; decoding on the general path now")
+            self.cuda_decoder = None
+            return None
+
+    def window_result(self, pending: PendingWindow) -> Window | None:
+        """A launched window's ids (waiting for them), or None if the device failed it (the
+        GPU path is then off, as above)."""
+        try:
+            return pending.result()
         except Exception:
             log.exception("the GPU decode path failed; decoding on the general path now")
             self.cuda_decoder = None

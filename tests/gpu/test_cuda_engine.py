@@ -97,13 +97,13 @@ def _run(model, workload, dtype, graphs=True, logprobs=None, window=8, windows=N
     cuda = engine.runner.cuda_decoder
     assert engine.runner.kv_cache.is_cuda and cuda is not None
     if windows is not None:  # each window's per-row step counts
-        run_window = cuda.run_window
+        launch = cuda.launch
 
-        def counted(plan, limits, tables):
+        def counted(plan, limits, tables, keep_tokens=False):
             windows.append(list(limits))
-            return run_window(plan, limits, tables)
+            return launch(plan, limits, tables, keep_tokens)
 
-        cuda.run_window = counted
+        cuda.launch = counted
     prompts, adapters = workload
     params = SamplingParams(
         max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=logprobs

@@ -49,10 +49,12 @@ def _engine(
     window: int = 1,
     windows: list[list[int]] | None = None,
     kv_cache_memory: int = 1 << 20,
+    follows: list[bool] | None = None,
 ) -> LLMEngine:
     """An engine on the CPU; with ``decoder``, decode steps take the GPU path uncaptured,
-    ``window`` of them at once, the rows of each single step appended to ``calls`` and each
-    window's per-row step counts to ``windows``."""
+    ``window`` of them at once, the rows of each single step appended to ``calls``, each
+    window's per-row step counts to ``windows`` and whether it followed the one before on
+    the device (its tokens left there) to ``follows``."""
     config = EngineConfig(
         block_size=4, max_num_seqs=6, max_num_batched_tokens=256, kv_cache_memory=kv_cache_memory
     )
@@ -69,18 +71,20 @@ def _engine(
             use_graphs=False,
             window=window,
         )
-        run, run_window = cuda.run, cuda.run_window
+        run, launch = cuda.run, cuda.launch
 
         def counted(plan):
             calls.append(len(plan.chunks))
             return run(plan)
 
-        def counted_window(plan, limits, tables):
+        def counted_window(plan, limits, tables, keep_tokens=False):
             if windows is not None:
                 windows.append(list(limits))
-            return run_window(plan, limits, tables)
+            if follows is not None:
+                follows.append(keep_tokens)
+            return launch(plan, limits, tables, keep_tokens)
 
-        cuda.run, cuda.run_window = counted, counted_window
+        cuda.run, cuda.launch = counted, counted_window
         runner.cuda_decoder = cuda
     return engine
 
@@ -253,12 +257,15 @@ def test_windows_of_decode_steps_give_the_step_by_step_tokens(model):
     adapter = AdapterSegment(key="a" * 64, kind="prefix_tuning", length=7, kv=kv)
     want = _generate(_engine(model, decoder=False), adapter)
     windows: list[list[int]] = []
-    engine = _engine(model, decoder=True, calls=[], window=4, windows=windows)
+    follows: list[bool] = []
+    engine = _engine(model, decoder=True, calls=[], window=4, windows=windows, follows=follows)
     assert _generate(engine, adapter) == want
     # 12 tokens each. Three requests wait a step for the shared block another computes, so
     # when the first windows start, three have 10 tokens to go and three 11: windows of 4
-    # and 4, then each runs what it has left.
+    # and 4, then each runs what it has left; each launched before the one before it was
+    # read, fed the tokens that one left on the device.
     assert windows == [[4] * 6, [4] * 6, [2, 2, 2, 3, 3, 3]]
+    assert follows == [False, True, True]
     assert engine.stats.generated_tokens == 6 * 12
 
 
@@ -390,3 +397,37 @@ def test_a_step_run_more_often_than_a_window_stays_within_its_buffers(model):
         for _ in range(5):
             cuda._forward(cuda.bucket(1))
     assert int(cuda._views(1)["step"][0]) == 2
+
+
+def test_an_abort_or_an_arrival_between_windows_on_the_device(model):
+    """A window runs on the device while the host settles the one before. An abort between
+    steps: the aborted request's row of the window in flight is passed over, its blocks go
+    back, the others' tokens are unchanged. An arrival: no window follows until it is
+    admitted (the next step settles the one in flight, then schedules). Tokens equal the CPU
+    engine's."""
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    prompts = [[40, 41, 42], [50, 51, 52, 53, 54], [60, 61, 62, 63]]
+    late = [70, 71, 72, 73, 74, 75]
+    want = {}
+    reference = _engine(model, decoder=False)
+    for i, p in enumerate(prompts + [late]):
+        reference.add_request(f"r{i}", p, params)
+    want = {k: o.token_ids for k, o in _finish(reference).items()}
+
+    follows: list[bool] = []
+    engine = _engine(model, decoder=True, calls=[], window=4, follows=follows)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    engine.step()  # the prompts: one token each
+    engine.step()  # a window launched, the next launched behind it, the first settled
+    assert follows == [False, True] and engine._inflight is not None
+    engine.abort("r1")
+    engine.add_request("r3", late, params)
+    outs = {o.request_id: o for o in engine.step()}  # settles the window in flight only
+    assert set(outs) == {"r0", "r2"} and len(outs["r0"].token_ids) == 9
+    assert engine._inflight is None and follows == [False, True]
+    got = _finish(engine)
+    assert {k: o.token_ids for k, o in got.items()} == {k: want[k] for k in ("r0", "r2", "r3")}
+    # Every block not cached by the tree is free again.
+    pool, tree = engine.pool, engine.tree
+    assert pool.num_free == engine.runner.num_blocks - tree.num_cached_blocks
