@@ -90,21 +90,12 @@ def test_greedy_advance_picks_torchs_argmax_and_moves_each_row_on(dtype):
     tables = torch.tensor([[9, 4, 6, 0], [1, 2, 3, 8], [5, 0, 0, 0], [7, 0, 0, 0], [2, 3, 4, 0]])
     tables = tables.to(torch.int32)
     slots = torch.zeros(rows, dtype=torch.int32)
-    greedy_advance(
-        logits,
-        nonfinite,
-        ids[:, :rows],
-        flags[:, :rows],
-        step,
-        tokens,
-        positions,
-        slots,
-        lens,
-        limits,
-        tables,
-        bs,
-        40,
-    )
+    buffers = (step, tokens, positions, slots, lens, limits, tables)
+
+    def advance() -> None:
+        greedy_advance(logits, nonfinite, ids[:, :rows], flags[:, :rows], *buffers, bs, 40)
+
+    advance()
     want = logits.float().argmax(dim=-1).tolist()
     assert want[:2] == [300, 70]
     assert ids[1, :rows].tolist() == [300, 70, -1, -1, want[4]]
@@ -117,19 +108,5 @@ def test_greedy_advance_picks_torchs_argmax_and_moves_each_row_on(dtype):
     assert lens.tolist() == [7, 9, 5, 2, 12]
     assert step.tolist() == [2]
     for _ in range(3):  # past the window: the last row is rewritten, the step stays at 3
-        greedy_advance(
-            logits,
-            nonfinite,
-            ids[:, :rows],
-            flags[:, :rows],
-            step,
-            tokens,
-            positions,
-            slots,
-            lens,
-            limits,
-            tables,
-            bs,
-            40,
-        )
+        advance()
     assert step.tolist() == [3] and ids[2, :rows].tolist() == [300, 70, -1, -1, want[4]]
