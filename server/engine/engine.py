@@ -371,7 +371,8 @@ class LLMEngine:
             if c.seq.status == SeqStatus.RUNNING and c.seq.num_computed == plan.positions[i]
         ]
         outputs: dict[str, RequestOutput] = {}
-        texts: dict[str, tuple[Sequence, str]] = {}  # reported once, after the window
+        # Reported once, after the window; None: decoded then (``_settle_token``'s lazy).
+        texts: dict[str, tuple[Sequence, str | None]] = {}
         for k in range(len(ids)):
             accepted: list[Chunk] = []
             tokens: list[int] = []
@@ -392,11 +393,12 @@ class LLMEngine:
             self.stats.computed_tokens += len(accepted)
             self.stats.generated_tokens += len(accepted)
             for chunk in accepted:
-                texts[chunk.seq.request_id] = (chunk.seq, self._settle_token(chunk.seq))
+                text = self._settle_token(chunk.seq, lazy=True)
+                texts[chunk.seq.request_id] = (chunk.seq, text)
             live = [(i, c) for i, c in live if c.seq.status == SeqStatus.RUNNING]
         for rid, (seq, text) in texts.items():
             if rid not in outputs:  # a failure's output stands
-                outputs[rid] = self.output(seq, text)
+                outputs[rid] = self.output(seq, self.decode(seq) if text is None else text)
         return list(outputs.values())
 
     def _forward(
@@ -449,11 +451,17 @@ class LLMEngine:
         return self.output(seq, seq.detok.text if seq.detok is not None else "")
 
     def _after_token(self, seq: Sequence) -> RequestOutput:
-        return self.output(seq, self._settle_token(seq))
+        text = self._settle_token(seq)
+        assert text is not None  # decoded: not lazy
+        return self.output(seq, text)
 
-    def _settle_token(self, seq: Sequence) -> str:
+    def _settle_token(self, seq: Sequence, lazy: bool = False) -> str | None:
         """Decode the new token, stop if due (cutting at a stop string); the output's text.
-        A finishing request's text is completed once more if a character was held back."""
+        A finishing request's text is completed once more if a character was held back.
+        ``lazy``: a request without stop strings that does not stop here is not decoded
+        (None): its text only matters when it is reported, so a window decodes it once."""
+        if lazy and not seq.params.stop and self._stop_reason(seq, None) is None:
+            return None
         text = self.decode(seq)
         cut = self._stop_string(seq, text) if seq.params.stop else None
         reason = self._stop_reason(seq, cut)

@@ -76,3 +76,25 @@ def test_each_step_decodes_a_short_window(tokenizer):
         inc.update(ids[:n])
     assert len(ids) > 300 and counting.longest <= 8
     assert inc.text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=["ascii", "accents", "cjk", "emoji", "special"])
+def test_updates_of_several_tokens_give_the_texts_of_single_ones(tokenizer, text):
+    """A decode window settles up to eight tokens before its text is read: growing the list
+    by several tokens at a time gives, at each update, the text that updating token by token
+    gives at the same length (where the whole decode ends on a complete character), always a
+    prefix of the whole decode, and the same final text."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] * 2
+    rng = random.Random(len(ids))
+    one = IncrementalText(tokenizer)
+    single = [one.update(ids[:n]) for n in range(1, len(ids) + 1)]
+    jumps = IncrementalText(tokenizer)
+    n = 0
+    while n < len(ids):
+        n = min(len(ids), n + rng.randrange(1, 9))
+        text_n = jumps.update(ids[:n])
+        whole = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        assert whole.startswith(text_n), (n, text_n, whole)
+        if "\ufffd" not in whole:
+            assert text_n == single[n - 1] == whole
+    assert jumps.final(ids) == one.final(ids) == tokenizer.decode(ids, skip_special_tokens=True)
