@@ -79,6 +79,17 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     w3.add_argument("--blas", choices=["cublas", "cublaslt"], help="the products' library")
     w3.add_argument("--json", default="bench/results/w3.json", help="where to write the JSON")
+    host = which.add_parser(
+        "host", help="the host's part of GPU decode windows, the device's part replaced"
+    )
+    host.add_argument("--requests", default="64,256", help="requests in flight, comma-separated")
+    host.add_argument("--prefix", type=int, default=1024, help="system prompt tokens")
+    host.add_argument("--question", type=int, default=128, help="question tokens")
+    host.add_argument("--new-tokens", type=int, default=128)
+    host.add_argument("--window", type=int, default=8, help="EngineConfig.decode_window")
+    host.add_argument("--model", default="default", help="whose tokenizer")
+    host.add_argument("--data-dir", default="./data")
+    host.add_argument("--json", default=None, help="where to write the JSON")
     w2 = which.add_parser("w2", help="W1's tenants served over HTTP at concurrency 1, 4, 16")
     w2.add_argument("--tenants", type=int, default=4)
     w2.add_argument("--requests", type=int, default=4, help="requests per tenant")
@@ -125,6 +136,8 @@ def _bench(args: argparse.Namespace) -> int:
             from bench.profile import format_profile, profile_w1
         elif args.workload == "w3":
             from bench.w3 import run as run_w3
+        elif args.workload == "host":
+            from bench.host_step import run as run_host
         else:
             from bench.w2 import run as run_w2
     except ModuleNotFoundError as exc:
@@ -172,6 +185,17 @@ def _bench(args: argparse.Namespace) -> int:
             from pathlib import Path
 
             Path(args.json).write_text(json.dumps(result, indent=2))
+    elif args.workload == "host":
+        run_host(
+            tuple(int(n) for n in args.requests.split(",") if n.strip()),
+            args.prefix,
+            args.question,
+            args.new_tokens,
+            args.window,
+            args.model,
+            args.data_dir,
+            args.json,
+        )
     elif args.workload == "w3":
         run_w3(
             args.requests,
