@@ -88,7 +88,7 @@ def reference(cpu_model, workload):
     return _reference(cpu_model, workload)
 
 
-def _run(model, workload, dtype, graphs=True, logprobs=None, window=8, windows=None):
+def _run(model, workload, dtype, graphs=True, logprobs=None, window=8, windows=None, params=None):
     model = copy.deepcopy(model).to("cuda", dtype)
     config = EngineConfig(
         max_num_seqs=8, kv_cache_memory=1 << 28, cuda_graphs=graphs, decode_window=window
@@ -105,11 +105,9 @@ def _run(model, workload, dtype, graphs=True, logprobs=None, window=8, windows=N
 
         cuda.launch = counted
     prompts, adapters = workload
-    params = SamplingParams(
-        max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=logprobs
-    )
+    plain = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=logprobs)
     for i, (p, a) in enumerate(zip(prompts, adapters, strict=True)):
-        engine.add_request(f"r{i}", p, params, a)
+        engine.add_request(f"r{i}", p, (params or {}).get(i, plain), a)
     done = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -161,3 +159,30 @@ def test_windows_of_replayed_steps_give_the_tokens_of_single_steps(cpu_model, wo
     assert engine.runner.cuda_decoder is not None  # the GPU path never gave way
     for w, s in zip(windowed, single, strict=True):
         assert w.token_ids == s.token_ids
+
+
+def test_stops_inside_windows_on_the_device_give_the_single_steps_outputs(cpu_model, workload):
+    """Stop tokens that fall inside windows (the next window already launched behind the
+    one that holds the stop), a max_tokens that ends inside one: the outputs of single steps,
+    and every block not cached by the tree free again at the end."""
+    single, _ = _run(cpu_model, workload, torch.bfloat16, window=1)
+    params = {}
+    for i in (0, 2, 4):  # a token's first appearance, past the first window's start
+        ids = single[i].token_ids
+        at = next((j for j in range(3 + i, NEW_TOKENS) if ids[j] not in ids[:j]), None)
+        if at is not None:
+            stop = (ids[at],)
+            params[i] = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, stop_token_ids=stop)
+    params[1] = SamplingParams(max_tokens=NEW_TOKENS - 3, temperature=0, ignore_eos=True)
+    want, _ = _run(cpu_model, workload, torch.bfloat16, window=1, params=params)
+    windows: list[list[int]] = []
+    got, engine = _run(
+        cpu_model, workload, torch.bfloat16, window=8, windows=windows, params=params
+    )
+    assert len(windows) >= 2
+    for g, w in zip(got, want, strict=True):
+        assert (g.token_ids, g.finish_reason) == (w.token_ids, w.finish_reason)
+    assert want[1].finish_reason == "length"
+    assert sum(o.finish_reason == "stop" for o in want) >= 1, "no stop fell inside a window"
+    pool, tree = engine.pool, engine.tree
+    assert pool.num_free == engine.runner.num_blocks - tree.num_cached_blocks
