@@ -235,7 +235,9 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests to run, or a window still on the device (the next ``step`` settles it,
+        even when every request it holds has stopped since it was launched)."""
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # The loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -316,7 +316,9 @@ def test_stops_inside_a_window_keep_nothing_computed_after_them(model):
         ), rid
     stopped = {rid: len(o.token_ids) for rid, o in want.items() if o.finish_reason == "stop"}
     assert set(stopped) == {"r0", "r1", "r3"} and len(want["r2"].token_ids) == 6
-    # Positions computed past a stop are given back: the pools end the same.
+    # Positions computed past a stop are given back: the pools end the same, and no window
+    # is left on the device.
+    assert engine._inflight is None
     assert engine.pool.num_free == reference.pool.num_free
     assert engine.tree.num_cached_blocks == reference.tree.num_cached_blocks
 
@@ -431,3 +433,33 @@ def test_an_abort_or_an_arrival_between_windows_on_the_device(model):
     # Every block not cached by the tree is free again.
     pool, tree = engine.pool, engine.tree
     assert pool.num_free == engine.runner.num_blocks - tree.num_cached_blocks
+
+
+def test_a_window_launched_for_requests_that_all_stop_is_settled_before_the_engine_idles(model):
+    """Every request stops inside a window while the next is already launched: the engine
+    still has something unfinished (that window) until a step settles it, which reports
+    nothing; then it is idle with every block not cached by the tree free."""
+    prompts = [[40, 41, 42], [50, 51, 52, 53, 54]]
+    plain = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    reference = _engine(model, decoder=False)
+    for i, p in enumerate(prompts):
+        reference.add_request(f"r{i}", p, plain)
+    want = {k: o.token_ids for k, o in _finish(reference).items()}
+    follows: list[bool] = []
+    engine = _engine(model, decoder=True, calls=[], window=4, follows=follows)
+    kept = []
+    for i, p in enumerate(prompts):  # each stops at a token of the first window (1..4)
+        ids = want[f"r{i}"]
+        at = next(j for j in range(1, 12) if ids[j] not in ids[:j])
+        assert at <= 4
+        kept.append(ids[: at + 1])
+        params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(ids[at],))
+        engine.add_request(f"r{i}", p, params)
+    engine.step()  # the prompts
+    outs = engine.step()  # the first window settled, the second launched behind it
+    assert follows == [False, True] and all(o.finished for o in outs)
+    assert [o.token_ids for o in outs] == kept
+    assert engine.has_unfinished() and not engine.scheduler.has_unfinished()
+    assert engine.step() == []
+    assert not engine.has_unfinished() and engine._inflight is None
+    assert engine.pool.num_free == engine.runner.num_blocks - engine.tree.num_cached_blocks
