@@ -207,7 +207,7 @@ class CudaDecoder:
         self.scratch_block = scratch_block
         self.buckets = [b for b in BUCKETS if b < max_seqs] + [max_seqs]
         self.use_graphs = use_graphs
-        self.window = max(1, window)  # the most steps ``run_window`` runs at once
+        self.window = max(1, window)  # the most steps ``launch`` runs at once
         self.capture_seconds = 0.0  # spent capturing graphs (and compiling their kernels)
         self.layers = fuse_layers(model)
         device = kv_cache.device
@@ -497,15 +497,6 @@ class CudaDecoder:
         self._fill(plan, batch)
         graph.graph.replay()
         return graph.logits[:n].float(), graph.nonfinite[:n]
-
-    def run_window(
-        self,
-        plan: BatchPlan,
-        limits: list[int],
-        block_tables: tuple[tuple[int, ...], ...],
-    ) -> Window:
-        """``launch`` and wait for its ids."""
-        return self.launch(plan, limits, block_tables).result()
 
     def launch(
         self,
