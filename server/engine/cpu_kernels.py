@@ -66,6 +66,7 @@ from __future__ import annotations
 import logging
 import threading
 import types
+from functools import cache, lru_cache
 from typing import Any
 
 import torch
@@ -78,10 +79,22 @@ LINEAR_BACKENDS = ("auto", "native", "onednn", "torch")
 PACKED_MAX_ROWS = 64
 
 
-def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's linear kernel and it can run here."""
+@cache
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build has oneDNN's linear kernel and it runs here in ``dtype``.
+    Builds carry the kernel on every x86 CPU, but oneDNN's bfloat16 products need AVX512
+    (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU they raise, so this tries one tiny
+    product once per dtype rather than trusting the build."""
     available = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
-    return bool(available) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    if not (available and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    try:
+        x, weight = torch.ones(2, 16, dtype=dtype), torch.ones(8, 16, dtype=dtype)
+        out = torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    except RuntimeError as error:
+        log.info("oneDNN's %s linear kernel does not run on this CPU: %s", dtype, error)
+        return False
+    return bool((out.float() == 16.0).all())
 
 
 def mkl_packing_available() -> bool:
@@ -94,9 +107,20 @@ def mkl_packing_available() -> bool:
     )
 
 
+@lru_cache(maxsize=1)
 def bf16_packing_available() -> bool:
-    """Whether this torch build can pack bfloat16 weights for oneDNN's linear kernel."""
-    return onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether oneDNN can pack bfloat16 weights for its linear kernel on this CPU (the same
+    instruction needs as its bfloat16 product; tried once)."""
+    if not (
+        onednn_available(torch.bfloat16) and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    ):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 16, dtype=torch.bfloat16), 4)
+    except RuntimeError as error:
+        log.info("oneDNN cannot pack bfloat16 weights on this CPU: %s", error)
+        return False
+    return True
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -280,21 +304,23 @@ def route_linears(model: torch.nn.Module, backend: str = "auto") -> int:
             # Bfloat16: the native product takes decode-sized calls; larger ones stay on
             # oneDNN (the LM head through its matmul), which is as fast there.
             for name, module in linears:
-                if name.endswith("lm_head") and onednn_available():
+                if name.endswith("lm_head") and onednn_available(param.dtype):
                     _route_onednn(module)
                 _route_native(module, width, max_rows=PACKED_MAX_ROWS)
             return len(linears)
     usable = (
         param.device.type == "cpu"
         and param.dtype in (torch.float32, torch.bfloat16)
-        and onednn_available()
+        and onednn_available(param.dtype)
     )
     if not usable:
         if backend == "onednn":
             raise ValueError(
-                "linear backend 'onednn' needs a CPU model in float32 or bfloat16 and a torch "
-                "built with oneDNN"
+                "linear backend 'onednn' needs a CPU model in float32 or bfloat16, a torch "
+                "built with oneDNN, and for bfloat16 a CPU with AVX512 or AVX-NE-CONVERT"
             )
+        if param.device.type == "cpu" and param.dtype == torch.bfloat16:
+            log.info("oneDNN has no bfloat16 product on this CPU; linear layers stay on torch")
         return 0
     can_pack = mkl_packing_available() if param.dtype == torch.float32 else bf16_packing_available()
     shapes = {(m.out_features, m.in_features) for _, m in linears}

@@ -7,11 +7,12 @@ same inputs, at every row count a step can give (below, at and above ``PACKED_MA
 import pytest
 import torch
 
-from server.engine import cpu_kernels
+from server.engine import cpu_kernels, native
 from server.engine.cpu_kernels import (
     PACKED_MAX_ROWS,
     bf16_packing_available,
     mkl_packing_available,
+    onednn_available,
     packing_agrees,
     route_linears,
 )
@@ -49,17 +50,27 @@ def test_routed_layers_give_the_product(rows: int) -> None:
             h = got
 
 
-@pytest.mark.skipif(not bf16_packing_available(), reason="this torch build cannot pack bf16")
 @pytest.mark.parametrize("rows", [1, 3, 16, PACKED_MAX_ROWS, PACKED_MAX_ROWS + 1, 200])
 def test_bfloat16_routed_layers_give_the_product(rows: int) -> None:
     """Bfloat16 in, float32 accumulation, one rounding to bfloat16 out: each output is within
-    half a bfloat16 step (2**-8 relative) of the float64 product of the same bfloat16 inputs."""
+    half a bfloat16 step (2**-8 relative) of the float64 product of the same bfloat16 inputs.
+    On a CPU where oneDNN has no bfloat16 product (AVX2 only), ``onednn`` refuses with the
+    reason, ``auto`` routes nothing, and the layers (torch's own product) meet the same bound."""
     model = _model().to(torch.bfloat16)
     gen = torch.Generator().manual_seed(rows)
+    names = ("up", "proj", "lm_head")
     with torch.no_grad():
-        assert route_linears(model, "onednn") == 3
-        assert all(hasattr(getattr(model, n), "_ps_packed") for n in ("up", "proj", "lm_head"))
-        for name in ("up", "proj", "lm_head"):
+        if bf16_packing_available():
+            assert route_linears(model, "onednn") == 3
+            assert all(hasattr(getattr(model, n), "_ps_packed") for n in names)
+        else:
+            assert not onednn_available(torch.bfloat16)
+            with pytest.raises(ValueError, match="bfloat16 a CPU with AVX512 or AVX-NE-CONVERT"):
+                route_linears(model, "onednn")
+            if not native.load().bf16_linear:
+                assert route_linears(model, "auto") == 0
+            assert not any(hasattr(getattr(model, n), "_ps_packed") for n in names)
+        for name in names:
             layer = getattr(model, name)
             x = torch.randn(1, rows, layer.in_features, generator=gen).to(torch.bfloat16)
             want = x.double() @ layer.weight.double().T
@@ -69,6 +80,17 @@ def test_bfloat16_routed_layers_give_the_product(rows: int) -> None:
             assert got.shape == (1, rows, layer.out_features)
             assert got.dtype == torch.bfloat16
             assert bool(((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-4).all())
+
+
+def test_onednn_probe_answers_per_dtype() -> None:
+    """The probe runs oneDNN's product for real: float32 runs on every x86 CPU torch supports;
+    bfloat16 runs exactly where packing does (both need AVX512 or AVX-NE-CONVERT), and where it
+    runs it gives the exact product of small integers."""
+    assert onednn_available(torch.float32)
+    assert onednn_available(torch.bfloat16) == bf16_packing_available()
+    flags = native._cpu_flags().split()
+    if "avx512bw" not in flags and "avx_ne_convert" not in flags:
+        assert not onednn_available(torch.bfloat16)
 
 
 def test_packing_check_rejects_a_wrong_layout(monkeypatch: pytest.MonkeyPatch) -> None:
