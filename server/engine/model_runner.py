@@ -272,8 +272,9 @@ class ModelRunner:
 
 def _attention_backend(model: PreTrainedModel, asked: str) -> str:
     """The attention backend to run: ``asked``, with "auto" settled for this model and
-    machine ("native" where its kernel can run, else "fused"). Raises ValueError for an
-    unknown name, or for "native" where it cannot run (saying why)."""
+    machine: "native" where its kernel can run and its vectors are the CPU's own (AVX-512),
+    else "fused"). Raises ValueError for an unknown name, or for "native" where it cannot run
+    (saying why)."""
     if asked != "auto" and asked not in attention.BACKENDS:
         choices = ("auto", *attention.BACKENDS)
         raise ValueError(f"attention backend {asked!r}: expected one of {choices}")
@@ -281,10 +282,14 @@ def _attention_backend(model: PreTrainedModel, asked: str) -> str:
         return asked
     param = next(model.parameters())
     why = native.usable(param.device, param.dtype, head_dim_of(decoder_config(model)))
+    if asked == "native":
+        if why:
+            raise ValueError(f"attention backend 'native': {why}")
+        return "native"
+    if not why and not native.load().attention_vectors:
+        why = "the native attention kernel is built for AVX-512 and this CPU has none"
     if not why:
         return "native"
-    if asked == "native":
-        raise ValueError(f"attention backend 'native': {why}")
     if param.device.type == "cpu":
         log.info("%s; attention runs on torch's fused kernel", why)
     return "fused"

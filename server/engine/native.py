@@ -102,6 +102,9 @@ class Kernel:
     max_head_dim: int = 0
     panel_width: int = 0  # output columns per packed panel of the linear product
     bf16_linear: bool = False  # built with the bfloat16 product (AVX512-BF16 targeted)
+    # The attention kernel's 16-float vectors are the CPU's registers (AVX-512); without, it
+    # runs, slower than torch's fused kernel, and "auto" passes it over.
+    attention_vectors: bool = False
 
 
 def cache_dir() -> Path:
@@ -193,6 +196,7 @@ def load() -> Kernel:
     lib.linear_product_bf16.argtypes = [ctypes.POINTER(LinearJob)]
     lib.linear_product_bf16.restype = None
     lib.linear_bf16_available.restype = ctypes.c_int
+    lib.paged_attention_native_vectors.restype = ctypes.c_int
     if lib.paged_attention_job_size() != ctypes.sizeof(
         Job
     ) or lib.linear_job_size() != ctypes.sizeof(LinearJob):
@@ -202,6 +206,7 @@ def load() -> Kernel:
         max_head_dim=int(lib.paged_attention_max_head_dim()),
         panel_width=int(lib.linear_panel_width()),
         bf16_linear=bool(lib.linear_bf16_available()),
+        attention_vectors=bool(lib.paged_attention_native_vectors()),
     )
 
 

@@ -155,9 +155,16 @@ def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
 
 
 def test_auto_picks_native_where_it_builds() -> None:
+    """ "auto": the kernel where it builds for AVX-512 (its 16-float vectors in the CPU's
+    registers), torch's fused kernel on other CPUs (AVX2: slower there); "native" takes the
+    kernel on any CPU it builds on."""
     runner = ModelRunner(tiny_llama(), num_blocks=4, block_size=4)
     assert native.load().lib is not None, native.load().reason
-    assert runner.attention_backend == "native"
+    wide = "avx512f" in native._cpu_flags().split()
+    assert native.load().attention_vectors == wide
+    assert runner.attention_backend == ("native" if wide else "fused")
+    forced = ModelRunner(tiny_llama(), num_blocks=4, block_size=4, attention_backend="native")
+    assert forced.attention_backend == "native"
     half = ModelRunner(tiny_llama(torch.float16), num_blocks=4, block_size=4)
     assert half.attention_backend == "fused"  # the kernel takes float32 and bfloat16 only
     with pytest.raises(ValueError, match="float32 or bfloat16, not torch.float16"):
