@@ -60,13 +60,19 @@ def _rate(fn, work: float, seconds: float, windows: int = 5) -> float:
 def measure_rates(hidden: int, dtype: torch.dtype, seconds: float = 2.0) -> MachineRates:
     """Matmul rates at the model's width and the read bandwidth of a 512 MiB tensor (a sum:
     one pass, little arithmetic), with the threads torch is set to use; each the best of five
-    short windows. The matmul rate is the faster of torch's product and, where it runs here
-    (float32, the native kernels built), the engine's own native product: the floor must not
-    be slower than a product this machine is known to run."""
+    short windows. The matmul rate is the fastest of torch's product, the same product widened
+    to float32 (for narrower dtypes) and, where it runs here (float32, the native kernels
+    built), the engine's own native product: the floor must not be slower than a product this
+    machine is known to run."""
     big = torch.randn(512, hidden).to(dtype)
     w = torch.randn(hidden, 3 * hidden).to(dtype)
     work = 2 * 512 * hidden * 3 * hidden
     matmul = _rate(lambda: big @ w, work, seconds)
+    if dtype != torch.float32:
+        # Widening to float32 and multiplying there is a product every CPU runs: where this
+        # dtype has no fast kernel (bfloat16 on an AVX2-only CPU, where torch's product
+        # measured 2 GFLOP/s against float32's 140), that is the floor's rate.
+        matmul = max(matmul, _rate(lambda: big.float() @ w.float(), work, seconds))
     layer = torch.nn.Linear(hidden, 3 * hidden, bias=False).to(dtype)
     holder = torch.nn.Module()
     holder.layer = layer
