@@ -216,8 +216,19 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(
+        cls, value: str | list[TextPart] | None, info: ValidationInfo
+    ) -> str | list[TextPart] | None:
+        # As OpenAI's API: only an assistant turn may come without content.
+        role = info.data.get("role")
+        if value is None and role is not None and role != "assistant":
+            raise refuse(f"required for a {role} message (a string or a list of text parts)")
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, list):

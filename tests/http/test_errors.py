@@ -101,6 +101,24 @@ def test_invalid_chat_requests_are_400(server):
             r = http.post("/v1/chat/completions", json=body)
             assert r.status_code == 400, (body, r.text)
             error_of(r)
+        # As OpenAI's API: content may be missing or null only on an assistant turn.
+        for role in ("system", "developer", "user"):
+            for message in ({"role": role}, {"role": role, "content": None}):
+                r = http.post(
+                    "/v1/chat/completions", json={"model": TINY_ID, "messages": [message]}
+                )
+                assert r.status_code == 400, (message, r.text)
+                assert error_of(r)["message"] == (
+                    f"messages.0.content: required for a {role} message (a string or a list "
+                    "of text parts)"
+                ), r.text
+        turns = [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": "b"},
+        ]
+        body = {"model": TINY_ID, "messages": turns, "max_tokens": 1}
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
         r = http.post(
             "/v1/chat/completions",
             content=b'{"model": "x", "messages": [',
