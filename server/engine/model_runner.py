@@ -272,9 +272,8 @@ class ModelRunner:
 
 def _attention_backend(model: PreTrainedModel, asked: str) -> str:
     """The attention backend to run: ``asked``, with "auto" settled for this model and
-    machine: "native" where its kernel can run and its vectors are the CPU's own (AVX-512),
-    else "fused"). Raises ValueError for an unknown name, or for "native" where it cannot run
-    (saying why)."""
+    machine: "native" where its kernel can run and the CPU has AVX-512, else "fused"). Raises
+    ValueError for an unknown name, or for "native" where it cannot run (saying why)."""
     if asked != "auto" and asked not in attention.BACKENDS:
         choices = ("auto", *attention.BACKENDS)
         raise ValueError(f"attention backend {asked!r}: expected one of {choices}")
@@ -287,7 +286,7 @@ def _attention_backend(model: PreTrainedModel, asked: str) -> str:
             raise ValueError(f"attention backend 'native': {why}")
         return "native"
     if not why and not native.load().attention_vectors:
-        why = "the native attention kernel is built for AVX-512 and this CPU has none"
+        why = "this CPU has no AVX-512, where the native attention kernel is the faster"
     if not why:
         return "native"
     if param.device.type == "cpu":

@@ -102,8 +102,8 @@ class Kernel:
     max_head_dim: int = 0
     panel_width: int = 0  # output columns per packed panel of the linear product
     bf16_linear: bool = False  # built with the bfloat16 product (AVX512-BF16 targeted)
-    # The attention kernel's 16-float vectors are the CPU's registers (AVX-512); without, it
-    # runs, slower than torch's fused kernel, and "auto" passes it over.
+    # The attention kernel was built for AVX-512. Its AVX2 build runs W1 slower than torch's
+    # fused kernel (faster decode, slower prefill), and "auto" passes it over.
     attention_vectors: bool = False
 
 

@@ -37,11 +37,18 @@
 #define PAIR_DOT 0
 #endif
 
-#define VLEN 16                /* floats per vector */
-#define SUB 4                  /* vectors of keys per block */
-#define BLOCK (SUB * VLEN)     /* keys per block */
+#if defined(__AVX512F__)
+#define VLEN 16 /* floats per vector */
+#define ROWS 4  /* query rows per tile: 16 score vectors + 4 key vectors of 32 registers */
+#else
+/* AVX2 and others: 8-float vectors (a 16-float one would be split in two, and a tile's scores
+ * spilled out of the 16 registers), 2 rows a tile: 8 score vectors + 4 key vectors. */
+#define VLEN 8
+#define ROWS 2
+#endif
+#define SUB 4              /* vectors of keys per block */
+#define BLOCK (SUB * VLEN) /* keys per block */
 #define MAX_HEAD_DIM 256
-#define ROWS 4                 /* query rows per tile */
 
 typedef struct {
     const void *q;
@@ -160,16 +167,17 @@ static float *task_buffer(size_t floats) {
     return buffer;
 }
 
-/* Two vectors' lanes picked by index (0-15: a's lanes, 16-31: b's), as the compiler spells it. */
+/* Two vectors' lanes picked by index (0 to VLEN - 1: a's lanes, then b's), as the compiler
+ * spells it. */
 #if defined(__clang__)
 #define PICK(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 #define PICK(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
 #endif
 
-/* One stage of a 16 x 16 transpose: rows i and i + step (i's `step` bit clear) trade the
- * lanes where the row's and the lane's `step` bits differ. After the stages 8, 4, 2, 1 lane j
- * of row i holds what lane i of row j held. */
+/* One stage of a VLEN x VLEN transpose: rows i and i + step (i's `step` bit clear) trade the
+ * lanes where the row's and the lane's `step` bits differ. After the stages VLEN / 2, ..., 2, 1
+ * lane j of row i holds what lane i of row j held. */
 #define TRADE(r, step, lo, hi)                                   \
     for (int i = 0; i < VLEN; i++)                               \
         if (!(i & (step))) {                                     \
@@ -178,7 +186,8 @@ static float *task_buffer(size_t floats) {
             r[i + (step)] = hi;                                  \
         }
 
-static inline void transpose16(vf r[VLEN]) {
+#if VLEN == 16
+static inline void transpose(vf r[VLEN]) {
     TRADE(r, 8, PICK(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
           PICK(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
     TRADE(r, 4, PICK(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
@@ -188,27 +197,47 @@ static inline void transpose16(vf r[VLEN]) {
     TRADE(r, 1, PICK(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
           PICK(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31));
 }
+/* Lanes of x, the halves, quarters, eighths and sixteenths swapped (for lane trees). */
+#define SWAP8(x) PICK(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
+#define SWAP4(x) PICK(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
+#define SWAP2(x) PICK(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
+#define SWAP1(x) PICK(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
+#else
+static inline void transpose(vf r[VLEN]) {
+    TRADE(r, 4, PICK(a, b, 0, 1, 2, 3, 8, 9, 10, 11), PICK(a, b, 4, 5, 6, 7, 12, 13, 14, 15));
+    TRADE(r, 2, PICK(a, b, 0, 1, 8, 9, 4, 5, 12, 13), PICK(a, b, 2, 3, 10, 11, 6, 7, 14, 15));
+    TRADE(r, 1, PICK(a, b, 0, 8, 2, 10, 4, 12, 6, 14), PICK(a, b, 1, 9, 3, 11, 5, 13, 7, 15));
+}
+#define SWAP4(x) PICK(x, x, 4, 5, 6, 7, 0, 1, 2, 3)
+#define SWAP2(x) PICK(x, x, 2, 3, 0, 1, 6, 7, 4, 5)
+#define SWAP1(x) PICK(x, x, 1, 0, 3, 2, 5, 4, 7, 6)
+#endif
 
 /* The largest of `start` and x's lanes (a comparison tree, so the same value as lane by lane;
  * the lanes hold no NaN: they come from `x > y ? x : y` selections). */
 static inline float most_of(vf x, float start) {
-    vf y = PICK(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    vf y;
+#if VLEN == 16
+    y = SWAP8(x);
     x = select(y > x, y, x);
-    y = PICK(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+#endif
+    y = SWAP4(x);
     x = select(y > x, y, x);
-    y = PICK(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    y = SWAP2(x);
     x = select(y > x, y, x);
-    y = PICK(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    y = SWAP1(x);
     x = select(y > x, y, x);
     return x[0] > start ? x[0] : start;
 }
 
 /* The sum of x's lanes, as a tree of halves. */
 static inline float lane_sum(vf x) {
-    x += PICK(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    x += PICK(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    x += PICK(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    x += PICK(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#if VLEN == 16
+    x += SWAP8(x);
+#endif
+    x += SWAP4(x);
+    x += SWAP2(x);
+    x += SWAP1(x);
     return x[0];
 }
 
@@ -228,7 +257,7 @@ static inline vf load_vec(const void *base, int64_t offset, int bf16) {
 
 /* The block's keys, transposed into keys_t [dp][BLOCK], and values into values [BLOCK][dp]
  * unless `values` is NULL (read in place); keys past `count` are zeros in keys_t (their values
- * are never read). A head dimension of whole vectors is moved as 16 x 16 tiles, any other key
+ * are never read). A head dimension of whole vectors is moved as VLEN x VLEN tiles, any other key
  * by key. */
 static inline void load_block(const Job *job, const int64_t *slots, int64_t count,
                               int64_t cache_base, float *keys_t, float *values, int64_t dp) {
@@ -243,7 +272,7 @@ static inline void load_block(const Job *job, const int64_t *slots, int64_t coun
                                   ? load_vec(job->k, cache_base + slots[key] * d + c, job->bf16)
                                   : (vf){0};
                 }
-                transpose16(tile);
+                transpose(tile);
                 for (int i = 0; i < VLEN; i++) *(vf *)(keys_t + (c + i) * BLOCK + s * VLEN) = tile[i];
             }
         if (values)
@@ -287,7 +316,7 @@ static inline void load_pair_block(const Job *job, const int64_t *slots, int64_t
                 else
                     tile[b] = (vf){0};
             }
-            transpose16(tile);
+            transpose(tile);
             for (int i = 0; i < VLEN; i++) memcpy(keys_t + (c + i) * BLOCK + s * VLEN, &tile[i], sizeof tile[i]);
         }
     uint16_t order[2 * VLEN]; /* lane 2i: a's lane i, lane 2i + 1: b's lane i */
@@ -569,11 +598,12 @@ int64_t paged_attention_job_size(void) { return (int64_t)sizeof(Job); }
 /* The largest head dimension the kernel takes. */
 int64_t paged_attention_max_head_dim(void) { return MAX_HEAD_DIM; }
 
-/* Whether the build's vectors are the CPU's own registers (AVX-512). The kernel is written for
- * 16-float vectors; without AVX-512 the compiler splits each in two and a tile's sums no longer
- * fit in the 16 AVX2 registers: measured on a 2-core AVX2 AMD EPYC, a W1-like batch ran at 48
- * tok/s through this kernel against 82 through torch's fused kernel, so "auto" takes the fused
- * one there. */
+/* Whether this build is the AVX-512 one, which "auto" prefers to torch's fused kernel. The
+ * AVX2 build (8-float vectors, 2-row tiles) is the faster of the two in decode steps and the
+ * slower in prefill: on a 2-core AVX2 AMD EPYC, W1's engine profile spent 0.75 s in decode
+ * attention against the fused kernel's 0.96, and 1.10 s in prefill attention against 0.70, and
+ * two runs of W1 gave 56 and 65 tok/s through it against 80 and 73 through the fused kernel;
+ * so "auto" takes the fused kernel there, and "native" this one. */
 int paged_attention_native_vectors(void) {
 #if defined(__AVX512F__)
     return 1;

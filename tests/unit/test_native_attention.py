@@ -155,9 +155,9 @@ def tiny_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
 
 
 def test_auto_picks_native_where_it_builds() -> None:
-    """ "auto": the kernel where it builds for AVX-512 (its 16-float vectors in the CPU's
-    registers), torch's fused kernel on other CPUs (AVX2: slower there); "native" takes the
-    kernel on any CPU it builds on."""
+    """ "auto": the kernel where it builds for AVX-512, torch's fused kernel on other CPUs
+    (the AVX2 build ran W1 slower than the fused kernel); "native" takes the kernel on any CPU
+    it builds on."""
     runner = ModelRunner(tiny_llama(), num_blocks=4, block_size=4)
     assert native.load().lib is not None, native.load().reason
     wide = "avx512f" in native._cpu_flags().split()
