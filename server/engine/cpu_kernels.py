@@ -66,7 +66,7 @@ from __future__ import annotations
 import logging
 import threading
 import types
-from functools import cache, lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -107,7 +107,7 @@ def mkl_packing_available() -> bool:
     )
 
 
-@lru_cache(maxsize=1)
+@cache
 def bf16_packing_available() -> bool:
     """Whether oneDNN can pack bfloat16 weights for its linear kernel on this CPU (the same
     instruction needs as its bfloat16 product; tried once)."""

@@ -37,8 +37,8 @@
 #else
 /* AVX2 (16 registers of 8 floats): 16-float vectors would be split in two and an 8-row tile's
  * sums spilled to memory, which measured 6-30x slower than MKL on a 2-core AVX2 EPYC; an
- * 8-float vector and a 6-row tile keep 12 sums + 2 weights in registers. The sums and their
- * order are the same at every width, so the products are equal bit for bit. */
+ * 8-float vector and a 6-row tile keep 12 sums + 2 weights in registers. Each output's sum
+ * runs over k in the same order at every width. */
 #define DL_VLEN 8
 #define MR 6
 #endif

@@ -285,8 +285,8 @@ def _attention_backend(model: PreTrainedModel, asked: str) -> str:
         if why:
             raise ValueError(f"attention backend 'native': {why}")
         return "native"
-    if not why and not native.load().attention_vectors:
-        why = "this CPU has no AVX-512, where the native attention kernel is the faster"
+    if not why and not native.load().attention_avx512:
+        why = "the native attention kernel is faster than the fused one only with AVX-512"
     if not why:
         return "native"
     if param.device.type == "cpu":

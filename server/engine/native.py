@@ -102,9 +102,9 @@ class Kernel:
     max_head_dim: int = 0
     panel_width: int = 0  # output columns per packed panel of the linear product
     bf16_linear: bool = False  # built with the bfloat16 product (AVX512-BF16 targeted)
-    # The attention kernel was built for AVX-512. Its AVX2 build runs W1 slower than torch's
+    # The attention kernel is the AVX-512 build. The AVX2 build runs W1 slower than torch's
     # fused kernel (faster decode, slower prefill), and "auto" passes it over.
-    attention_vectors: bool = False
+    attention_avx512: bool = False
 
 
 def cache_dir() -> Path:
@@ -196,7 +196,7 @@ def load() -> Kernel:
     lib.linear_product_bf16.argtypes = [ctypes.POINTER(LinearJob)]
     lib.linear_product_bf16.restype = None
     lib.linear_bf16_available.restype = ctypes.c_int
-    lib.paged_attention_native_vectors.restype = ctypes.c_int
+    lib.paged_attention_avx512.restype = ctypes.c_int
     if lib.paged_attention_job_size() != ctypes.sizeof(
         Job
     ) or lib.linear_job_size() != ctypes.sizeof(LinearJob):
@@ -206,7 +206,7 @@ def load() -> Kernel:
         max_head_dim=int(lib.paged_attention_max_head_dim()),
         panel_width=int(lib.linear_panel_width()),
         bf16_linear=bool(lib.linear_bf16_available()),
-        attention_vectors=bool(lib.paged_attention_native_vectors()),
+        attention_avx512=bool(lib.paged_attention_avx512()),
     )
 
 

@@ -604,7 +604,7 @@ int64_t paged_attention_max_head_dim(void) { return MAX_HEAD_DIM; }
  * attention against the fused kernel's 0.96, and 1.10 s in prefill attention against 0.70, and
  * two runs of W1 gave 56 and 65 tok/s through it against 80 and 73 through the fused kernel;
  * so "auto" takes the fused kernel there, and "native" this one. */
-int paged_attention_native_vectors(void) {
+int paged_attention_avx512(void) {
 #if defined(__AVX512F__)
     return 1;
 #else

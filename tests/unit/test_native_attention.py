@@ -161,7 +161,7 @@ def test_auto_picks_native_where_it_builds() -> None:
     runner = ModelRunner(tiny_llama(), num_blocks=4, block_size=4)
     assert native.load().lib is not None, native.load().reason
     wide = "avx512f" in native._cpu_flags().split()
-    assert native.load().attention_vectors == wide
+    assert native.load().attention_avx512 == wide
     assert runner.attention_backend == ("native" if wide else "fused")
     forced = ModelRunner(tiny_llama(), num_blocks=4, block_size=4, attention_backend="native")
     assert forced.attention_backend == "native"
