@@ -51,16 +51,6 @@ CONCURRENT = 6
 GRACE_S = 300.0
 
 
-class Clock:
-    """The store's clock, moved by the test (hidden versions age past the grace period)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Served:
     """An in-thread server whose keys include an admin (``ops``), and its store."""
 
@@ -315,11 +305,13 @@ def test_the_upload_budget_serves_the_tenant_holding_least_first() -> None:
 # -- 5. the byte quota counts every stored version until it is collected
 
 
-def test_byte_quota_counts_replaced_and_deleted_versions_until_collected(serve) -> None:
+def test_byte_quota_counts_replaced_and_deleted_versions_until_collected(
+    serve, store_clock
+) -> None:
     texts = [f"You are assistant number {i:03d}." for i in range(8)]
     size = len(encode(text_adapter(texts[0])))  # every one of these texts is stored this big
     assert {len(encode(text_adapter(t))) for t in texts} == {size}
-    clock = Clock()
+    clock = store_clock
     served = serve(quota=Quota(max_adapters=10, max_total_bytes=3 * size), clock=clock)
     store = served.store
     with served.http(KEYS["acme"]) as acme, served.http(KEYS["globex"]) as globex:

@@ -37,14 +37,6 @@ def blob_shas(store: AdapterStore) -> set[str]:
     return {sha for sha, _ in store.blobs.scan()}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_put_get_list_load_delete(store: AdapterStore, kind: str) -> None:
     adapter = make_adapter(kind, seed=1)
@@ -129,13 +121,13 @@ def test_invalid_names_are_refused_before_anything_is_written(
     assert store.list("acme") == [] and blob_shas(store) == set()
 
 
-def test_quotas_refuse_and_leave_the_store_as_it_was(make_store: StoreFactory) -> None:
+def test_quotas_refuse_and_leave_the_store_as_it_was(make_store: StoreFactory, store_clock) -> None:
     size = len(encode(prefix_adapter(seed=0)))  # every 3-token test prefix adapter is this big
     quotas = TenantQuotas(
         default=Quota(max_adapters=2, max_total_bytes=3 * size + 100, max_virtual_tokens=4),
         per_tenant={"big": Quota(max_adapters=10, max_upload_bytes=size - 1)},
     )
-    clock = Clock()
+    clock = store_clock
     store = make_store(quotas=quotas, clock=clock, gc_grace_s=10)
     store.put("acme", "a", prefix_adapter(seed=1))
     store.put("acme", "b", prefix_adapter(seed=2))
@@ -171,8 +163,10 @@ def test_quotas_refuse_and_leave_the_store_as_it_was(make_store: StoreFactory) -
     assert (limits.max_virtual_tokens, limits.max_file_bytes) == (512, size - 1)
 
 
-def test_stored_bytes_count_every_version_until_it_is_collected(make_store: StoreFactory) -> None:
-    clock = Clock()
+def test_stored_bytes_count_every_version_until_it_is_collected(
+    make_store: StoreFactory, store_clock
+) -> None:
+    clock = store_clock
     store = make_store(clock=clock, gc_grace_s=10)
     x = [store.put("acme", "x", prompt_adapter(seed=i)) for i in range(3)]  # 2 now hidden
     y = store.put("globex", "y", prefix_adapter(seed=9))
@@ -197,10 +191,11 @@ def test_stored_bytes_count_every_version_until_it_is_collected(make_store: Stor
 
 def test_reuploads_cannot_store_more_than_the_byte_quota_before_collection(
     make_store: StoreFactory,
+    store_clock,
 ) -> None:
     adapters = [prompt_adapter(seed=i) for i in range(4)]
     size = len(encode(adapters[0]))  # every 3-token prompt adapter is this big
-    clock = Clock()
+    clock = store_clock
     store = make_store(
         quotas=TenantQuotas(default=Quota(max_total_bytes=2 * size)), clock=clock, gc_grace_s=10
     )
@@ -221,8 +216,9 @@ def test_reuploads_cannot_store_more_than_the_byte_quota_before_collection(
 
 def test_delete_hides_at_once_and_collects_the_blob_after_the_grace(
     make_store: StoreFactory,
+    store_clock,
 ) -> None:
-    clock = Clock()
+    clock = store_clock
     store = make_store(clock=clock, gc_grace_s=300)
     adapter = prompt_adapter(seed=1)
     store.put("acme", "x", adapter)
@@ -243,8 +239,10 @@ def test_delete_hides_at_once_and_collects_the_blob_after_the_grace(
         store.load(in_flight)
 
 
-def test_a_blob_stays_while_any_version_names_its_content(make_store: StoreFactory) -> None:
-    clock = Clock()
+def test_a_blob_stays_while_any_version_names_its_content(
+    make_store: StoreFactory, store_clock
+) -> None:
+    clock = store_clock
     store = make_store(clock=clock, gc_grace_s=10)
     shared, other = prefix_adapter(seed=1), prefix_adapter(seed=2)
     store.put("acme", "x", shared)
@@ -262,10 +260,11 @@ def test_a_blob_stays_while_any_version_names_its_content(make_store: StoreFacto
 
 def test_collection_racing_an_upload_of_the_same_content_never_loses_the_blob(
     make_store: StoreFactory,
+    store_clock,
 ) -> None:
     """The collector hides a blob, then asks the registry again; an upload commits, then
     checks that its blob is there. Whichever of the two comes second sees the other."""
-    clock = Clock()
+    clock = store_clock
     store = make_store(clock=clock, gc_grace_s=10)
     adapter = prefix_adapter(seed=1)
     sha = adapter.sha256

@@ -224,17 +224,16 @@ def test_a_large_blob_goes_up_in_parts_and_reads_back(tmp_path: Path, s3_url: st
 
 
 def test_an_upload_cut_by_an_outage_is_never_visible_and_a_retry_succeeds(
-    tmp_path: Path, private_s3: LocalS3, bucket: str
+    tmp_path: Path, private_s3: LocalS3, bucket: str, store_clock
 ) -> None:
     """The server stops answering after the first part: the put fails with 503 within its
     timeout, no version exists, the half upload never becomes an object; once the server is
     back, collection aborts what is left and the same upload succeeds."""
-    clock = [time.time()]
     store = s3_store(
         tmp_path,
         bucket,
         timeout_s=1.0,
-        clock=lambda: clock[0],
+        clock=store_clock,
         multipart_threshold=5 * MiB,
         part_bytes=5 * MiB,
     )
@@ -258,11 +257,11 @@ def test_an_upload_cut_by_an_outage_is_never_visible_and_a_retry_succeeds(
 
         assert not blobs.exists(adapter.sha256)
         assert list(blobs.scan()) == []
-        clock[0] += store.gc_grace_s + 1
+        store_clock.now += store.gc_grace_s + 1
         store.collect()  # aborts an upload the failed abort left (if the server kept one)
         listing = blobs.client.list_multipart_uploads(Bucket=bucket)
         assert listing.get("Uploads", []) == []
-        clock[0] = time.time()
+        store_clock.now = time.time()
         assert store.put("acme", "x", adapter).version == 1
         store.host_tier.evict(adapter.sha256)
         assert same_content(store.load(store.get("acme", "x")), adapter)
@@ -332,7 +331,7 @@ def _stalled_uploader(data_dir: Path, bucket: str, adapter: CanonicalAdapter, fl
 
 
 def test_a_writer_killed_mid_upload_leaves_nothing_visible_and_the_retry_succeeds(
-    tmp_path: Path, private_s3: LocalS3, bucket: str
+    tmp_path: Path, private_s3: LocalS3, bucket: str, store_clock
 ) -> None:
     adapter = big_prompt_adapter(seed=3, nbytes=11 * MiB)
     flag = tmp_path / "stalled"
@@ -346,8 +345,7 @@ def test_a_writer_killed_mid_upload_leaves_nothing_visible_and_the_retry_succeed
     writer.join()
     assert writer.exitcode == -signal.SIGKILL
 
-    clock = [time.time()]
-    store = s3_store(tmp_path, bucket, clock=lambda: clock[0])
+    store = s3_store(tmp_path, bucket, clock=store_clock)
     try:
         blobs = store.blobs
         assert isinstance(blobs, S3BlobStore)
@@ -355,10 +353,10 @@ def test_a_writer_killed_mid_upload_leaves_nothing_visible_and_the_retry_succeed
         assert not blobs.exists(adapter.sha256) and list(blobs.scan()) == []
         uploads = blobs.client.list_multipart_uploads(Bucket=bucket)["Uploads"]
         assert [u["Key"] for u in uploads] == [blobs.key(adapter.sha256)]  # invisible
-        clock[0] += store.gc_grace_s + 1
+        store_clock.now += store.gc_grace_s + 1
         assert store.collect() == 0
         assert blobs.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-        clock[0] = time.time()
+        store_clock.now = time.time()
         assert store.put("acme", "x", adapter).version == 1
         store.host_tier.evict(adapter.sha256)
         assert same_content(store.load(store.get("acme", "x")), adapter)

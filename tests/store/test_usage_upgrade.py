@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from pathlib import Path
 
 import redis
@@ -50,15 +49,14 @@ def test_sqlite_usage_written_before_is_recomputed_once(tmp_path: Path) -> None:
 
 
 def test_redis_hidden_versions_recorded_before_are_purged_without_freeing_twice(
-    redis_server: LocalRedis, tmp_path: Path
+    redis_server: LocalRedis, tmp_path: Path, store_clock
 ) -> None:
-    now = [time.time()]
     store = open_store(
         tmp_path,
         redis_url=redis_server.url,
         gc_interval_s=None,
         gc_grace_s=10,
-        clock=lambda: now[0],
+        clock=store_clock,
     )
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
@@ -76,7 +74,7 @@ def test_redis_hidden_versions_recorded_before_are_purged_without_freeing_twice(
 
         store.delete("acme", "x")  # recorded the new way: counted until purged
         assert store.usage("acme") == TenantUsage("acme", 0, v2.size_bytes)
-        now[0] += 11
+        store_clock.now += 11
         assert store.collect() == 2
         assert store.usage("acme") == TenantUsage("acme", 0, 0)
         assert client.hgetall(usage_key) == {"count": "0", "bytes": "0", "hidden": "0"}
