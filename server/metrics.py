@@ -133,6 +133,9 @@ _SPECS = (
     MetricSpec("prefix_serve_preemptions", "counter",
                "Sequences preempted (KV dropped, recomputed later) for lack of KV blocks.", (),
                "vllm:num_preemptions_total"),
+    MetricSpec("prefix_serve_share_preemptions", "counter",
+               "Sequences preempted (KV dropped, recomputed later, mostly from the prefix cache) "
+               "to seat a waiting tenant below its share of the running seats."),
     MetricSpec("prefix_serve_engine_steps", "counter", "Engine iterations that ran the model."),
     MetricSpec("prefix_serve_adapters_running", "gauge",
                "Distinct adapters (prefix, prompt and P-tuning) used by running requests.", (),
@@ -333,6 +336,7 @@ def _engine_families(state: EngineSnapshot) -> Iterator[Metric]:
         "prefix_serve_prefix_cache_queries": state.prompt_tokens,
         "prefix_serve_prefix_cache_hits": state.cached_prompt_tokens,
         "prefix_serve_preemptions": state.preemptions,
+        "prefix_serve_share_preemptions": state.share_preemptions,
         "prefix_serve_engine_steps": state.steps,
         "prefix_serve_adapters_running": state.adapters_running,
         "prefix_serve_adapters_waiting": state.adapters_waiting,

@@ -11,7 +11,13 @@ decode phase: a sequence only has ``num_computed`` positions of ``key``.
   every prompt position, and a cached block has none.
 - Shared prefixes are computed once: a waiting sequence whose next block is being computed by
   a running one (a claim in the tree) waits for it, then finds it in the tree.
-- Fair share: admission picks the tenant with the fewest running sequences first.
+- Fair share: admission picks the tenant with the fewest running sequences first. When every
+  seat is taken and a tenant that could start a waiting sequence holds fewer than its share
+  (``max_num_seqs`` over the tenants running or waiting, rounded down), the newest sequences
+  of tenants above their share are preempted (as below) to free one seat per such waiting
+  sequence, up to the share: a tenant's long generations delay another tenant's requests by
+  one step, not until they end. A preempted sequence's full blocks stay in the prefix cache,
+  so its recomputation is mostly cache hits. These count in ``num_share_preemptions``.
 - Preemption by recompute: when blocks run out, unreferenced cached blocks are evicted first,
   then the most recently admitted sequences go back to the front of their queue (their KV is
   dropped and recomputed later, mostly from the cache). No request is dropped.
@@ -62,7 +68,8 @@ class Scheduler:
         self.tree = tree
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: list[Sequence] = []
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # for lack of blocks
+        self.num_share_preemptions = 0  # to seat a tenant below its share
         self.prompt_tokens = 0  # positions of first-admitted prompts, virtual tokens included
         self.cached_prompt_tokens = 0  # of those, taken from the prefix cache
 
@@ -93,6 +100,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self._share_seats(out)
+        seated = len(out.preempted)
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -103,7 +112,7 @@ class Scheduler:
                 continue
             out.chunks.append(Chunk(seq, seq.num_computed, seq.num_computed + n))
             budget -= n
-        if not out.preempted:
+        if len(out.preempted) == seated:  # no sequence lacked blocks: room to admit
             self._admit(out, budget)
         if out.chunks:
             out.plan = build_plan(out.chunks, self.config.block_size)
@@ -148,6 +157,7 @@ class Scheduler:
         while not self._ensure_free(need):
             victim = self.running[-1]
             self._preempt(victim, out)
+            self.num_preemptions += 1
             if victim is seq:
                 return False
         seq.block_table.extend(self.pool.allocate(need))
@@ -169,8 +179,39 @@ class Scheduler:
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.waiting.setdefault(seq.tenant, deque()).appendleft(seq)
-        self.num_preemptions += 1
         out.preempted.append(seq)
+
+    def _share_seats(self, out: SchedulerOutput) -> None:
+        """With every seat taken, preempt the newest sequences of tenants above their share,
+        one per sequence that a tenant below its share could start now, up to that share.
+        Victims keep at least their share; sequences scoring their prompt (echo: nothing to
+        take from the cache) are not preempted for this."""
+        cap = self.config.max_num_seqs
+        if len(self.running) < cap:
+            return
+        queued = {t: q for t, q in self.waiting.items() if q}
+        if not queued:
+            return
+        running = Counter(s.tenant for s in self.running)
+        share = max(1, cap // len(running.keys() | queued.keys()))
+        wanted = sum(
+            min(share - running[t], len(q))
+            for t, q in queued.items()
+            if running[t] < share and self._startable(q)
+        )
+        for seq in reversed(list(self.running)):  # newest first
+            if wanted == 0:
+                return
+            if running[seq.tenant] > share and not seq.scores_prompt:
+                self._preempt(seq, out)
+                self.num_share_preemptions += 1
+                running[seq.tenant] -= 1
+                wanted -= 1
+
+    def _startable(self, queue: deque[Sequence]) -> bool:
+        """Whether admission could start one of ``queue``'s first sequences now (not all
+        waiting for a shared block another sequence is computing)."""
+        return any(self._match(seq) is not None for seq in list(queue)[:WAITING_SCAN])
 
     def _release(self, seq: Sequence) -> None:
         if seq.block_table:

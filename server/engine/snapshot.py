@@ -35,7 +35,8 @@ class EngineSnapshot:
     cached_prompt_tokens: int = 0  # of those, taken from the prefix cache
     generation_tokens: int = 0
     computed_tokens: int = 0  # positions run through the model or copied as prefix KV
-    preemptions: int = 0
+    preemptions: int = 0  # for lack of KV blocks
+    share_preemptions: int = 0  # to seat a tenant below its share of the running seats
     steps: int = 0  # iterations that ran the model
     failed_requests: int = 0  # stopped alone with an error while the rest of a step went on
     split_forwards: int = 0  # forwards that raised and were re-run in halves
@@ -115,6 +116,7 @@ class SnapshotBuilder:
             generation_tokens=stats.generated_tokens,
             computed_tokens=stats.computed_tokens,
             preemptions=sched.num_preemptions,
+            share_preemptions=sched.num_share_preemptions,
             steps=stats.steps,
             failed_requests=stats.failed_requests,
             split_forwards=stats.split_forwards,

@@ -54,6 +54,7 @@ EXPECTED: dict[str, tuple[str, tuple[str, ...]]] = {
     "prefix_serve_prefix_cache_queries": ("counter", ()),
     "prefix_serve_prefix_cache_hits": ("counter", ()),
     "prefix_serve_preemptions": ("counter", ()),
+    "prefix_serve_share_preemptions": ("counter", ()),
     "prefix_serve_engine_steps": ("counter", ()),
     "prefix_serve_adapters_running": ("gauge", ()),
     "prefix_serve_adapters_waiting": ("gauge", ()),
@@ -270,6 +271,7 @@ def test_values_mirror_a_real_engine_and_store(engine: LLMEngine, store) -> None
     assert value(v, "prefix_serve_generation_tokens_total") == 3 + 2 + 4
     assert value(v, "prefix_serve_engine_steps_total") == 5
     assert value(v, "prefix_serve_preemptions_total") == 0
+    assert value(v, "prefix_serve_share_preemptions_total") == 0
     # Nothing runs; the finished requests' full blocks stay cached (evictable).
     assert value(v, "prefix_serve_kv_cache_usage_ratio") == 0
     assert value(v, "prefix_serve_kv_cache_occupied_ratio") == engine.pool.usage() > 0

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from http_helpers import CONFIG, WEIGHTS, error_of, files_of, upload
+from http_helpers import CONFIG, WEIGHTS, error_of, files_of, make_llm, upload
 from report import record
 from safetensors.torch import load, load_file, save
 from sharp_model import client, generate
@@ -195,6 +195,49 @@ def test_overflowing_adapter_fails_only_its_own_requests(make_server, llm, ref, 
         "globex's requests 400 non_finite_error; each of acme's equals its solo output, during "
         "and after; no block leaked",
         {"attacker_requests": len(attacks), "victim_requests": len(victims), "victim_equal": 5},
+    )
+
+
+def test_a_tenant_holding_every_seat_does_not_hold_off_another(make_server, model_dir):
+    """globex's n=4 request of 400 tokens each takes every seat of a 4-seat engine; acme's
+    request is seated within steps (one of globex's sequences preempted, resumed later mostly
+    from the prefix cache) and answered while globex's still runs; globex's four greedy
+    choices come back whole and equal, the preempted one included."""
+    server = make_server(make_llm(model_dir, max_num_seqs=4))
+    acme, globex = client(server, "key-acme"), client(server, "key-globex")
+    victim = {"model": "tiny-sharp", "prompt": "Hello there"}
+    alone, _ = generate(acme, victim)
+    server.wait_idle()
+    long = {"model": "tiny-sharp", "prompt": "Flood", "n": 4, "max_tokens": 400}
+    long |= {"temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(1) as pool:
+        flood = pool.submit(globex.post, "/v1/completions", json=long)
+        deadline = time.monotonic() + 30
+        while server.engine.snapshot().running < 4:
+            assert time.monotonic() < deadline and not flood.done()
+            time.sleep(0.005)
+        start = time.monotonic()
+        text, usage = generate(acme, victim)
+        latency = time.monotonic() - start
+        assert not flood.done(), "acme waited for globex's whole request"
+        r = flood.result(timeout=120)
+    assert (text, usage["completion_tokens"]) == (alone, 8)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 4 and r.json()["usage"]["completion_tokens"] == 4 * 400
+    assert len({c["text"] for c in choices}) == 1
+    snap = server.engine.snapshot()
+    assert snap.share_preemptions >= 1 and snap.preemptions == 0
+    record(
+        "hostile: one tenant holds every seat",
+        "globex's n=4 x 400-token request on a 4-seat engine; acme sends one 8-token request",
+        "acme seated within steps (globex's newest sequence preempted for its share) and "
+        "answered while globex's request ran; globex's 4 greedy choices whole and equal",
+        {
+            "seats": 4,
+            "share_preemptions": snap.share_preemptions,
+            "acme_latency_s": round(latency, 2),
+        },
     )
 
 

@@ -102,6 +102,126 @@ def test_fair_share_admits_least_served_tenant_first():
     assert [c.seq.request_id for c in step(s).chunks] == ["a0", "b0", "a1"]
 
 
+def _four_seats_of_a(max_tokens=100):
+    """Four seats, all taken by tenant a (6-token prompts: one full block each, cached)."""
+    s, pool, tree = make(num_blocks=64, max_seqs=4, budget=64)
+    a = [
+        seq(f"a{i}", range(i * 10, i * 10 + 6), tenant="a", max_tokens=max_tokens) for i in range(4)
+    ]
+    for q in a:
+        s.add(q)
+    assert spans(step(s)) == [(f"a{i}", 0, 6) for i in range(4)]
+    return s, pool, tree, a
+
+
+def test_a_tenant_below_its_share_gets_a_seat_at_once():
+    """a holds every seat with long generations; b's request is seated the next step: a's
+    newest sequence is preempted (back to the front of a's queue), not counted as a lack of
+    blocks, and later resumes from its cached block."""
+    s, _, _, a = _four_seats_of_a()
+    b0 = seq("b0", range(500, 503), tenant="b", max_tokens=2)
+    s.add(b0)
+    out = step(s)
+    assert out.preempted == [a[3]]
+    assert spans(out) == [("a0", 6, 7), ("a1", 6, 7), ("a2", 6, 7), ("b0", 0, 3)]
+    assert a[3].status == SeqStatus.WAITING and a[3].block_table == []
+    assert a[3].num_computed == 0 and a[3].key == list(range(30, 36)) + [99]
+    assert list(s.waiting["a"]) == [a[3]]
+    assert (s.num_share_preemptions, s.num_preemptions) == (1, 0)
+    # b holds 1 seat and waits for nothing; a holds 3, above its share (2), but its waiting
+    # sequence does not take a seat back from b.
+    out = step(s)
+    assert out.preempted == [] and spans(out) == [
+        ("a0", 7, 8),
+        ("a1", 7, 8),
+        ("a2", 7, 8),
+        ("b0", 3, 4),
+    ]
+    s.finish(b0, "length")
+    # a3 takes the free seat again from its cached block: positions 4..7 are recomputed.
+    out = step(s)
+    assert out.preempted == [] and spans(out)[-1] == ("a3", 4, 7)
+    assert a[3].num_cached_prompt == 0  # its first admission's figure (nothing cached), kept
+    assert a[3].num_preemptions == 1 and a[3].output_ids == [99, 99]
+
+
+def test_share_preemption_frees_one_seat_per_waiting_sequence_up_to_the_share():
+    """b has three requests waiting; its share of four seats between two tenants is two: a's
+    two newest go back to a's queue in their order, and a keeps its share."""
+    s, _, _, a = _four_seats_of_a()
+    b = [seq(f"b{i}", range(500 + 10 * i, 503 + 10 * i), tenant="b") for i in range(3)]
+    for q in b:
+        s.add(q)
+    out = step(s)
+    assert out.preempted == [a[3], a[2]]
+    assert spans(out) == [("a0", 6, 7), ("a1", 6, 7), ("b0", 0, 3), ("b1", 0, 3)]
+    assert list(s.waiting["a"]) == [a[2], a[3]] and list(s.waiting["b"]) == [b[2]]
+    assert s.num_share_preemptions == 2
+    out = step(s)  # both at their share: nobody is preempted for b2
+    assert out.preempted == [] and [c.seq.request_id for c in out.chunks] == [
+        "a0",
+        "a1",
+        "b0",
+        "b1",
+    ]
+
+
+def test_no_share_preemption_for_one_tenant_or_a_waiting_sequence_that_cannot_start():
+    """A tenant alone has every seat to itself. b's waiting sequence that needs the block b's
+    running one is computing cannot start, so no seat is taken for it; one with its own
+    prompt can, and gets one."""
+    s, _, _, a = _four_seats_of_a()
+    s.add(seq("a4", range(200, 203), tenant="a"))
+    assert step(s).preempted == []
+
+    s, _, _, a = _four_seats_of_a()
+    s.finish(a[3], "length")
+    shared = list(range(600, 612))
+    b0 = seq("b0", shared, tenant="b")
+    s.add(b0)
+    s.config = SchedulerConfig(4, 5, BS)  # b0's prompt takes several steps
+    assert spans(step(s)) == [("a0", 6, 7), ("a1", 6, 7), ("a2", 6, 7), ("b0", 0, 2)]
+    s.add(seq("b1", [*shared, 700], tenant="b"))  # needs b0's blocks: waits for them
+    out = step(s)
+    assert out.preempted == [] and spans(out)[-1] == ("b0", 2, 4)
+    s.add(seq("b2", range(800, 803), tenant="b"))  # its own prompt: can start now
+    out = step(s)
+    assert out.preempted == [a[2]]  # the token budget went to b0 this step: b2 starts next
+    assert spans(out) == [("a0", 8, 9), ("a1", 8, 9), ("b0", 4, 7)]
+    out = step(s)  # b0's prompt still takes the budget
+    assert out.preempted == [] and spans(out) == [
+        ("a0", 9, 10),
+        ("a1", 9, 10),
+        ("b0", 7, 10),
+    ]
+    s.config = SchedulerConfig(4, 64, BS)
+    out = step(s)  # the seat a2 left is b2's
+    assert out.preempted == [] and spans(out) == [
+        ("a0", 10, 11),
+        ("a1", 10, 11),
+        ("b0", 10, 12),
+        ("b2", 0, 3),
+    ]
+    assert s.num_share_preemptions == 1
+
+
+def test_a_sequence_scoring_its_prompt_is_not_preempted_for_a_share():
+    """Echo: its prompt has no cached logits to come back to, so share preemption skips it and
+    takes the next newest of its tenant."""
+    s, _, _ = make(num_blocks=64, max_seqs=2, budget=64)
+    s.add(seq("a0", range(6), tenant="a"))
+    echo = seq("a1", range(10, 16), tenant="a")
+    echo.params = SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0)
+    s.add(echo)
+    s.config = SchedulerConfig(2, 8, BS)  # a1's prompt needs two steps
+    assert spans(step(s)) == [("a0", 0, 6), ("a1", 0, 2)]
+    assert echo.scores_prompt
+    s.add(seq("b0", range(500, 503), tenant="b"))
+    out = step(s)
+    assert [p.request_id for p in out.preempted] == ["a0"]
+    assert spans(out) == [("a1", 2, 6), ("b0", 0, 3)]
+
+
 def test_preemption_by_recompute_loses_nothing():
     """Six blocks; two sequences that each grow to four blocks cannot both fit: the later
     one is preempted (blocks freed, back to the front of the queue) and finishes later."""
