@@ -243,17 +243,18 @@ def _route_native(module: torch.nn.Linear, width: int, max_rows: int | None = No
 
 def native_linear_usable(param: torch.Tensor, forced: bool = False) -> str:
     """Why the native linear product cannot serve a model whose weights are like ``param``,
-    or an empty string where it can. Bfloat16 needs a build for AVX512-BF16; unless
-    ``forced``, it also steps aside on CPUs with AMX tiles, whose oneDNN products use them."""
+    or an empty string where it can. Unless ``forced``, bfloat16 steps aside for oneDNN on
+    CPUs with AMX tiles (its products use them), and on CPUs without AVX512-BF16 where
+    oneDNN has a bfloat16 product (the native one widens to float32 there)."""
     if param.device.type != "cpu" or param.dtype not in (torch.float32, torch.bfloat16):
         return "the native linear product takes float32 or bfloat16 weights on the CPU"
     kernel = native.load()
     if kernel.lib is None:
         return f"the native linear product is not available: {kernel.reason}"
-    if param.dtype == torch.bfloat16:
-        if not kernel.bf16_linear:
-            return "the native bfloat16 product needs a CPU with AVX512-BF16"
-        if not forced and native.has_matrix_unit():
+    if param.dtype == torch.bfloat16 and not forced:
+        if kernel.bf16_widens and onednn_available(torch.bfloat16):
+            return "this CPU has no AVX512-BF16 and oneDNN has a bfloat16 product here"
+        if native.has_matrix_unit():
             return "this CPU has AMX tiles: oneDNN's bfloat16 products use them"
     return ""
 
@@ -298,6 +299,12 @@ def route_linears(model: torch.nn.Module, backend: str = "auto") -> int:
         if not why:
             width = native.load().panel_width
             if param.dtype == torch.float32:
+                for _, module in linears:
+                    _route_native(module, width)
+                return len(linears)
+            if native.load().bf16_widens and not onednn_available(param.dtype):
+                # No fast bfloat16 product here but the native one (torch's is generic
+                # code): every call goes to it.
                 for _, module in linears:
                     _route_native(module, width)
                 return len(linears)

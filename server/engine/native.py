@@ -101,7 +101,10 @@ class Kernel:
     reason: str = ""
     max_head_dim: int = 0
     panel_width: int = 0  # output columns per packed panel of the linear product
-    bf16_linear: bool = False  # built with the bfloat16 product (AVX512-BF16 targeted)
+    bf16_linear: bool = False  # built with a bfloat16 product
+    # That product widens bfloat16 to float32 (a CPU without AVX512-BF16) rather than
+    # multiplying bfloat16 pairs.
+    bf16_widens: bool = False
     # The attention kernel is the AVX-512 build. The AVX2 build runs W1 slower than torch's
     # fused kernel (faster decode, slower prefill), and "auto" passes it over.
     attention_avx512: bool = False
@@ -196,6 +199,7 @@ def load() -> Kernel:
     lib.linear_product_bf16.argtypes = [ctypes.POINTER(LinearJob)]
     lib.linear_product_bf16.restype = None
     lib.linear_bf16_available.restype = ctypes.c_int
+    lib.linear_bf16_widens.restype = ctypes.c_int
     lib.paged_attention_avx512.restype = ctypes.c_int
     if lib.paged_attention_job_size() != ctypes.sizeof(
         Job
@@ -206,6 +210,7 @@ def load() -> Kernel:
         max_head_dim=int(lib.paged_attention_max_head_dim()),
         panel_width=int(lib.linear_panel_width()),
         bf16_linear=bool(lib.linear_bf16_available()),
+        bf16_widens=bool(lib.linear_bf16_widens()),
         attention_avx512=bool(lib.paged_attention_avx512()),
     )
 

@@ -55,7 +55,8 @@ def test_bfloat16_routed_layers_give_the_product(rows: int) -> None:
     """Bfloat16 in, float32 accumulation, one rounding to bfloat16 out: each output is within
     half a bfloat16 step (2**-8 relative) of the float64 product of the same bfloat16 inputs.
     On a CPU where oneDNN has no bfloat16 product (AVX2 only), ``onednn`` refuses with the
-    reason, ``auto`` routes nothing, and the layers (torch's own product) meet the same bound."""
+    reason, ``auto`` routes every layer to the native product (which widens bfloat16 to
+    float32 there), and it meets the same bound."""
     model = _model().to(torch.bfloat16)
     gen = torch.Generator().manual_seed(rows)
     names = ("up", "proj", "lm_head")
@@ -67,9 +68,9 @@ def test_bfloat16_routed_layers_give_the_product(rows: int) -> None:
             assert not onednn_available(torch.bfloat16)
             with pytest.raises(ValueError, match="bfloat16 a CPU with AVX512 or AVX-NE-CONVERT"):
                 route_linears(model, "onednn")
-            if not native.load().bf16_linear:
-                assert route_linears(model, "auto") == 0
-            assert not any(hasattr(getattr(model, n), "_ps_packed") for n in names)
+            assert native.load().bf16_widens
+            assert route_linears(model, "auto") == 3
+            assert all(hasattr(getattr(model, n), "_ps_native") for n in names)
         for name in names:
             layer = getattr(model, name)
             x = torch.randn(1, rows, layer.in_features, generator=gen).to(torch.bfloat16)

@@ -141,22 +141,21 @@ def on_one_and_many_threads(
 
 
 def test_auto_routes_float32_and_bfloat16_to_native_where_they_run() -> None:
-    """Float32: every layer. Bfloat16: every layer where the build has the bfloat16 product
-    and the CPU has no AMX tiles (oneDNN's products use those); ``native`` asks for it even
-    there, and says why where the build has none."""
+    """Float32: every layer. Bfloat16: every layer unless oneDNN serves it better here (a CPU
+    with AMX tiles, or one without AVX512-BF16 where oneDNN has a bfloat16 product).
+    ``native`` asks for it on any CPU."""
     model = tiny_llama()
     assert route_linears(model, "auto") == 8  # seven projections and the LM head
     assert all(hasattr(m, "_ps_native") for m in model.modules() if type(m) is torch.nn.Linear)
+    kernel = native.load()
+    assert kernel.bf16_linear
     bf16 = tiny_llama(torch.bfloat16)
     route_linears(bf16, "auto")
-    bf16_native = native.load().bf16_linear
-    routed_bf16 = [hasattr(m, "_ps_native") for m in bf16.modules() if type(m) is torch.nn.Linear]
-    assert routed_bf16 == [bf16_native and not native.has_matrix_unit()] * 8
-    if bf16_native:
-        assert route_linears(tiny_llama(torch.bfloat16), "native") == 8
-    else:
-        with pytest.raises(ValueError, match="linear backend 'native': .*AVX512-BF16"):
-            route_linears(tiny_llama(torch.bfloat16), "native")
+    onednn = cpu_kernels.onednn_available(torch.bfloat16)
+    native_here = not native.has_matrix_unit() and not (kernel.bf16_widens and onednn)
+    routed = [hasattr(m, "_ps_native") for m in bf16.modules() if type(m) is torch.nn.Linear]
+    assert routed == [native_here] * 8
+    assert route_linears(tiny_llama(torch.bfloat16), "native") == 8
     with pytest.raises(ValueError, match="linear backend 'native': .*float32 or bfloat16"):
         route_linears(tiny_llama(torch.float16), "native")
 
@@ -171,25 +170,23 @@ def test_without_the_kernels_auto_keeps_the_blas_routes(fresh_loader, monkeypatc
         route_linears(tiny_llama(), "native")
 
 
-def route_bf16(layer: torch.nn.Linear) -> bool:
-    """Route a bfloat16 layer to the native product (``native`` asks for it on any CPU);
-    False, after checking that routing says why, where this build has no bfloat16 product
-    (a CPU without AVX512-BF16): the tests below then have nothing to run."""
+def route_bf16(layer: torch.nn.Linear) -> None:
+    """Route a bfloat16 layer to the native product (``native`` asks for it on any CPU: every
+    build has one, multiplying bfloat16 pairs with AVX512-BF16 and widening to float32
+    without)."""
+    kernel = native.load()
+    assert kernel.bf16_linear and kernel.bf16_widens == ("avx512_bf16" not in native._cpu_flags())
     holder = torch.nn.Module()
     holder.layer = layer
-    if not native.load().bf16_linear:
-        with pytest.raises(ValueError, match="needs a CPU with AVX512-BF16"):
-            route_linears(holder, "native")
-        return False
     assert route_linears(holder, "native") == 1
-    return True
 
 
-def routed_bf16(out_features: int, in_features: int, bias: bool, seed: int):
-    """A routed bfloat16 layer, or None where the build has no bfloat16 product."""
+def routed_bf16(out_features: int, in_features: int, bias: bool, seed: int) -> torch.nn.Linear:
+    """A bfloat16 layer routed to the native product."""
     torch.manual_seed(seed)
     layer = torch.nn.Linear(in_features, out_features, bias=bias).to(torch.bfloat16)
-    return layer if route_bf16(layer) else None
+    route_bf16(layer)
+    return layer
 
 
 @pytest.mark.parametrize("rows", [1, 7, 8, 9, 16, 64])
@@ -199,8 +196,6 @@ def test_bfloat16_product_within_half_a_step(rows: int, out_features: int, in_fe
     half a bfloat16 step (2**-8 relative) of the float32 sum, which lies within K + 1
     float32 roundings of the float64 product of the same inputs."""
     layer = routed_bf16(out_features, in_features, bias=True, seed=rows)
-    if layer is None:
-        return
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
     with torch.no_grad():
@@ -223,8 +218,7 @@ def test_bfloat16_integer_products_are_exact(rows: int, in_features: int) -> Non
     with torch.no_grad():
         layer.weight.copy_(torch.randint(-1, 2, (45, in_features), generator=gen))
         layer.bias.copy_(torch.randint(-100, 101, (45,), generator=gen))
-    if not route_bf16(layer):
-        return
+    route_bf16(layer)
     x = torch.randint(-1, 2, (rows, in_features), generator=gen).to(torch.bfloat16)
     want = x.long() @ layer.weight.long().T + layer.bias.long()
     assert int(want.abs().max()) < 256
@@ -237,8 +231,6 @@ def test_bfloat16_integer_products_are_exact(rows: int, in_features: int) -> Non
 def test_bfloat16_rows_a_stride_apart_and_any_thread_count() -> None:
     """Rows of a slice are read in place, and the threads torch runs with never change a bit."""
     layer = routed_bf16(300, 96, bias=False, seed=3)
-    if layer is None:
-        return
     gen = torch.Generator().manual_seed(3)
     wide = torch.randn(40, 130, generator=gen).to(torch.bfloat16)
     sliced = wide[:, 20:116]
