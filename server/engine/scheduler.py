@@ -15,8 +15,8 @@ decode phase: a sequence only has ``num_computed`` positions of ``key``.
   seat is taken and a tenant that could start a waiting sequence holds fewer than its share
   (``max_num_seqs`` over the tenants running or waiting, rounded down), the newest sequences
   of tenants above their share are preempted (as below) to free one seat per such waiting
-  sequence, up to the share: a tenant's long generations delay another tenant's requests by
-  one step, not until they end. A preempted sequence's full blocks stay in the prefix cache,
+  sequence, up to the share: another tenant's request waits for a seat about a step (blocks
+  and the token budget allowing), not until the long generations holding the seats end. A preempted sequence's full blocks stay in the prefix cache,
   so its recomputation is mostly cache hits. These count in ``num_share_preemptions``.
 - Preemption by recompute: when blocks run out, unreferenced cached blocks are evicted first,
   then the most recently admitted sequences go back to the front of their queue (their KV is
