@@ -16,8 +16,9 @@ decode phase: a sequence only has ``num_computed`` positions of ``key``.
   (``max_num_seqs`` over the tenants running or waiting, rounded down), the newest sequences
   of tenants above their share are preempted (as below) to free one seat per such waiting
   sequence, up to the share: another tenant's request waits for a seat about a step (blocks
-  and the token budget allowing), not until the long generations holding the seats end. A preempted sequence's full blocks stay in the prefix cache,
-  so its recomputation is mostly cache hits. These count in ``num_share_preemptions``.
+  and the token budget allowing), not until the long generations holding the seats end. A
+  preempted sequence's full blocks stay in the prefix cache, so its recomputation is mostly
+  cache hits. These count in ``num_share_preemptions``.
 - Preemption by recompute: when blocks run out, unreferenced cached blocks are evicted first,
   then the most recently admitted sequences go back to the front of their queue (their KV is
   dropped and recomputed later, mostly from the cache). No request is dropped.
