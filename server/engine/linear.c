@@ -36,6 +36,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__)
 #define DL_VLEN 16 /* floats per vector */
 #define MR 8       /* rows per register tile: 16 sums + 2 weights of 32 registers */
@@ -229,20 +231,6 @@ int linear_bf16_widens(void) { return 0; }
 
 typedef uint32_t dl_vu __attribute__((vector_size(4 * DL_VLEN)));
 
-static inline float bw_widen(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t bw_round(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 static inline __attribute__((always_inline)) void bw_tile(
     const int mr, const uint16_t *x, int64_t xs, const uint16_t *panel, int64_t k,
     float sums[MR][NR]) {
@@ -255,7 +243,7 @@ static inline __attribute__((always_inline)) void bw_tile(
         const int64_t p1 = p0 + KP < pairs ? p0 + KP : pairs;
         const int64_t i0 = 2 * p0, i1 = 2 * p1 < k ? 2 * p1 : k;
         for (int r = 0; r < mr; r++) {
-            for (int64_t i = i0; i < i1; i++) xf[r][i - i0] = bw_widen(x[r * xs + i]);
+            for (int64_t i = i0; i < i1; i++) xf[r][i - i0] = bf16_load(x + r * xs + i);
             if (i1 < 2 * p1) xf[r][i1 - i0] = 0.0f; /* an odd k: the padding's partner */
         }
         for (int64_t p = p0; p < p1; p++) {
@@ -289,7 +277,7 @@ static void bw_rows(const LinearJob *job, int64_t r0, int mr, int64_t p) {
     for (int r = 0; r < mr; r++) {
         uint16_t *y = (uint16_t *)job->y + (r0 + r) * job->y_stride + c0;
         for (int64_t c = 0; c < cols; c++)
-            y[c] = bw_round(sums[r][c] + (job->bias ? job->bias[c0 + c] : 0.0f));
+            y[c] = bf16_round(sums[r][c] + (job->bias ? job->bias[c0 + c] : 0.0f));
     }
 }
 

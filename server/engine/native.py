@@ -39,6 +39,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.c", "linear.c"))
+HEADERS = (Path(__file__).with_name("bf16.h"),)  # included by the sources: part of the key
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 
@@ -171,7 +172,7 @@ def load() -> Kernel:
     if compiler is None:
         return Kernel(None, f"no C compiler ({name}) on PATH")
     key = hashlib.sha256(
-        b"".join(source.read_bytes() for source in SOURCES)
+        b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS))
         + " ".join(FLAGS).encode()
         + _cpu_flags().encode()
     ).hexdigest()[:16]

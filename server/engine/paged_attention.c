@@ -28,6 +28,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -73,21 +75,6 @@ typedef struct {
 typedef float vf __attribute__((vector_size(4 * VLEN)));
 typedef int32_t vi __attribute__((vector_size(4 * VLEN)));
 typedef uint8_t vb __attribute__((vector_size(VLEN)));
-
-static inline float bf16_load(const uint16_t *p) {
-    uint32_t bits = (uint32_t)(*p) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t bf16_round(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest, ties to even */
-    return (uint16_t)(bits >> 16);
-}
 
 /* n values of a float32 or bfloat16 array from element `offset`, as float32 into dst. */
 static inline void load_row(float *dst, const void *base, int64_t offset, int64_t n, int bf16) {

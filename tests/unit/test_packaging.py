@@ -144,6 +144,7 @@ def test_product_wheel_holds_only_server_and_adapters_store(tmp_path):
         # The native kernels' sources travel with the engine (built where they run).
         assert "server/engine/paged_attention.c" in names
         assert "server/engine/linear.c" in names
+        assert "server/engine/bf16.h" in names
         metadata = wheel.read("prefix_serve-0.1.0.dist-info/METADATA").decode()
         entry_points = wheel.read("prefix_serve-0.1.0.dist-info/entry_points.txt").decode()
     assert "prefix-serve = server.cli:main" in entry_points
