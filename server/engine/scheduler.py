@@ -20,8 +20,9 @@ decode phase: a sequence only has ``num_computed`` positions of ``key``.
   preempted sequence's full blocks stay in the prefix cache, so its recomputation is mostly
   cache hits. These count in ``num_share_preemptions``.
 - Preemption by recompute: when blocks run out, unreferenced cached blocks are evicted first,
-  then the most recently admitted sequences go back to the front of their queue (their KV is
-  dropped and recomputed later, mostly from the cache). No request is dropped.
+  then a sequence goes back to the front of its queue (its KV is dropped and recomputed
+  later, mostly from the cache): the newest of the tenant holding the most blocks, each
+  tenant keeping its oldest running sequence (see ``_memory_victim``). No request is dropped.
 """
 
 from __future__ import annotations
@@ -156,13 +157,30 @@ class Scheduler:
         False if ``seq`` itself had to be preempted."""
         need = self._blocks_needed(seq, end)
         while not self._ensure_free(need):
-            victim = self.running[-1]
+            victim = self._memory_victim(seq)
             self._preempt(victim, out)
             self.num_preemptions += 1
             if victim is seq:
                 return False
         seq.block_table.extend(self.pool.allocate(need))
         return True
+
+    def _memory_victim(self, seq: Sequence) -> Sequence:
+        """The sequence to preempt so that ``seq`` gets blocks: of ``seq`` and the sequences
+        admitted after it (not yet given a chunk this step), the newest of the tenant that
+        holds the most blocks, leaving every tenant its oldest running sequence; the newest of
+        all when each of them is its tenant's last. So a tenant whose many long sequences fill
+        the pool gives up its own blocks rather than another tenant's one request, and every
+        tenant keeps making progress."""
+        oldest: dict[str, Sequence] = {}
+        blocks: dict[str, set[int]] = {}  # a block shared by a tenant's sequences counts once
+        for s in self.running:
+            oldest.setdefault(s.tenant, s)
+            blocks.setdefault(s.tenant, set()).update(s.block_table)
+        later = self.running[self.running.index(seq) :]
+        candidates = [s for s in reversed(later) if oldest[s.tenant] is not s]
+        # max keeps the first of equals: the newest candidate of the tenant holding the most
+        return max(candidates, key=lambda s: len(blocks[s.tenant]), default=self.running[-1])
 
     def _blocks_needed(self, seq: Sequence, end: int) -> int:
         bs = self.config.block_size

@@ -1,7 +1,8 @@
 """Hostile tenants against the engine: an adapter whose values overflow the model is refused
 at upload, and one that is already stored (an older server accepted it) fails its own requests
 alone while every other tenant's requests in the same steps get exactly their solo output;
-one tenant flooding the queue gets 429 while another is still admitted.
+one tenant flooding the queue gets 429 while another is still admitted; one holding every
+seat or filling the KV pool gives up its own sequences, not another tenant's.
 
 Real HTTP (uvicorn in a thread), the tiny model whose output follows its whole context
 (``sharp_model``), real PEFT adapters; nothing mocked.
@@ -17,13 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import torch
 from http_helpers import CONFIG, WEIGHTS, error_of, files_of, make_llm, upload
 from report import record
 from safetensors.torch import load, load_file, save
 from sharp_model import client, generate
+from transformers import AutoConfig
 
 from adapters_store.formats import parse_adapter
 from adapters_store.validate import ModelShape
+from server.engine.model_runner import kv_bytes_per_token
 
 N_NEW = 8
 MARGIN = 1000.0  # adapter values may be this many times the model's own (docs/api.md)
@@ -238,6 +242,61 @@ def test_a_tenant_holding_every_seat_does_not_hold_off_another(make_server, mode
             "share_preemptions": snap.share_preemptions,
             "acme_latency_s": round(latency, 2),
         },
+    )
+
+
+def test_a_tenant_filling_the_kv_pool_preempts_its_own_sequences(make_server, model_dir):
+    """A 24-block pool (384 positions); globex's n=4 request of 150 tokens each needs more
+    than that, so its sequences must take turns. acme's request, arriving once the pool is
+    full, is admitted and never the one preempted for blocks (before, as the newest running
+    sequence, it was): globex's own newest sequences are. Both answers come back whole; the
+    preempted globex choices equal the others."""
+    config = AutoConfig.from_pretrained(model_dir)
+    per_block = kv_bytes_per_token(config, torch.float32) * 16
+    llm = make_llm(model_dir, max_num_seqs=8, kv_cache_memory=24 * per_block)
+    assert llm.engine.pool.num_blocks == 24
+    server = make_server(llm)
+    acme, globex = client(server, "key-acme"), client(server, "key-globex")
+    victim = {"model": "tiny-sharp", "prompt": "Hello there, how are you today?"}
+    victim["max_tokens"] = 32
+    alone, _ = generate(acme, victim)
+    server.wait_idle()
+    victims: list[str] = []
+    sched = llm.engine.scheduler
+    preempt = sched._preempt
+
+    def recorded(seq, out):  # observe the real scheduler's choices
+        victims.append(seq.tenant)
+        preempt(seq, out)
+
+    sched._preempt = recorded
+    long = {"model": "tiny-sharp", "prompt": "Flood", "n": 4, "max_tokens": 150}
+    long |= {"temperature": 0, "ignore_eos": True}
+    with ThreadPoolExecutor(1) as pool:
+        flood = pool.submit(globex.post, "/v1/completions", json=long)
+        deadline = time.monotonic() + 60
+        while server.engine.snapshot().free_blocks > 1 or not victims:
+            assert time.monotonic() < deadline and not flood.done(), victims
+            time.sleep(0.005)
+        before = len(victims)
+        text, usage = generate(acme, victim)
+        during = victims[before:]
+        r = flood.result(timeout=120)
+    assert (text, usage["completion_tokens"]) == (alone, 32)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 4 and r.json()["usage"]["completion_tokens"] == 4 * 150
+    assert len({c["text"] for c in choices}) == 1
+    assert "acme" not in victims and set(victims) == {"globex"}, victims
+    snap = server.engine.snapshot()
+    assert snap.preemptions == len(victims) and snap.share_preemptions == 0
+    record(
+        "hostile: one tenant fills the KV pool",
+        "a 24-block pool; globex's n=4 x 150-token request needs more; acme sends a 32-token "
+        "request once the pool is full",
+        "acme admitted and never preempted for blocks; globex's own newest sequences were; "
+        "both answers whole, globex's 4 greedy choices equal",
+        {"blocks": 24, "preemptions": len(victims), "while_acme_ran": len(during)},
     )
 
 

@@ -253,6 +253,38 @@ def test_preemption_by_recompute_loses_nothing():
     assert all(pool.refcount(x) == 1 for x in range(6) if pool.refcount(x))
 
 
+def test_a_tenant_filling_the_pool_gives_up_its_own_blocks():
+    """Eight blocks. a's three sequences grow until the pool is full; b's one request, admitted
+    last, is not the victim (before, as the newest of all, it was): a's newest sequences are,
+    while a keeps its oldest. b0 is never preempted and everything finishes."""
+    s, pool, _ = make(num_blocks=8)
+    a = [seq(f"a{i}", range(i * 10, i * 10 + 7), tenant="a", max_tokens=20) for i in range(3)]
+    b0 = seq("b0", range(500, 503), tenant="b", max_tokens=8)
+    for q in a:
+        s.add(q)
+    step(s)
+    s.add(b0)
+    assert spans(step(s)) == [("a0", 7, 8), ("a1", 7, 8), ("a2", 7, 8), ("b0", 0, 3)]
+    assert pool.num_free == 1
+    out = step(s)  # a0 takes the free block; a1 needs one more: a2 goes
+    assert out.preempted == [a[2]] and spans(out) == [("a0", 8, 9), ("a1", 8, 9), ("b0", 3, 4)]
+    assert [q.block_table for q in a + [b0]] == [[0, 1, 7], [2, 3, 5], [], [6]]
+    preempted, finished = ["a2"], []
+    while s.has_unfinished():
+        out = step(s)
+        preempted += [p.request_id for p in out.preempted]
+        for q in a + [b0]:
+            if q.status == SeqStatus.RUNNING and len(q.output_ids) == q.params.max_tokens:
+                s.finish(q, "length")
+                finished.append(q.request_id)
+        assert len(preempted) < 20, preempted
+    # After b0 finishes, a's re-admitted sequences yield to a's older ones (a1 to a0, a2 to a1).
+    assert preempted == ["a2", "a1", "a1", "a2"] and finished == ["b0", "a0", "a1", "a2"]
+    assert b0.num_preemptions == 0 and a[0].num_preemptions == 0
+    assert s.num_preemptions == len(preempted)
+    assert all(q.output_ids == [99] * q.params.max_tokens for q in a + [b0])
+
+
 def test_eviction_before_preemption():
     s, pool, tree = make(num_blocks=4)
     a = seq("a", range(8), max_tokens=1)
