@@ -135,7 +135,7 @@ _SPECS = (
                "vllm:num_preemptions_total"),
     MetricSpec("prefix_serve_share_preemptions", "counter",
                "Sequences preempted (KV dropped, recomputed later, mostly from the prefix cache) "
-               "to seat a waiting tenant below its share of the running seats."),
+               "to seat a waiting tenant below its share of the running seats or of the KV pool."),
     MetricSpec("prefix_serve_engine_steps", "counter", "Engine iterations that ran the model."),
     MetricSpec("prefix_serve_adapters_running", "gauge",
                "Distinct adapters (prefix, prompt and P-tuning) used by running requests.", (),

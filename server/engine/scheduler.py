@@ -18,7 +18,11 @@ decode phase: a sequence only has ``num_computed`` positions of ``key``.
   sequence, up to the share: another tenant's request waits for a seat about a step (blocks
   and the token budget allowing), not until the long generations holding the seats end. A
   preempted sequence's full blocks stay in the prefix cache, so its recomputation is mostly
-  cache hits. These count in ``num_share_preemptions``.
+  cache hits. The pool is shared the same way: when admission finds no room for a sequence
+  of a tenant holding fewer blocks than its share (the pool over the tenants running or
+  waiting), sequences of tenants above their share are preempted at the start of the next
+  step until it fits (``_share_blocks``).
+  These count in ``num_share_preemptions``.
 - Preemption by recompute: when blocks run out, unreferenced cached blocks are evicted first,
   then a sequence goes back to the front of its queue (its KV is dropped and recomputed
   later, mostly from the cache): the newest of the tenant holding the most blocks, each
@@ -71,9 +75,11 @@ class Scheduler:
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # for lack of blocks
-        self.num_share_preemptions = 0  # to seat a tenant below its share
+        self.num_share_preemptions = 0  # to seat a tenant below its share of seats or blocks
         self.prompt_tokens = 0  # positions of first-admitted prompts, virtual tokens included
         self.cached_prompt_tokens = 0  # of those, taken from the prefix cache
+        # The tenant and block count of the sequence the last admission had no room for.
+        self._short: tuple[str, int] | None = None
 
     # Queue --------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -103,6 +109,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self._share_seats(out)
+        self._share_blocks(out)
         seated = len(out.preempted)
         for seq in list(self.running):
             if budget == 0:
@@ -172,11 +179,7 @@ class Scheduler:
         all when each of them is its tenant's last. So a tenant whose many long sequences fill
         the pool gives up its own blocks rather than another tenant's one request, and every
         tenant keeps making progress."""
-        oldest: dict[str, Sequence] = {}
-        blocks: dict[str, set[int]] = {}  # a block shared by a tenant's sequences counts once
-        for s in self.running:
-            oldest.setdefault(s.tenant, s)
-            blocks.setdefault(s.tenant, set()).update(s.block_table)
+        oldest, blocks = self._oldest_by_tenant(), self._blocks_by_tenant()
         later = self.running[self.running.index(seq) :]
         candidates = [s for s in reversed(later) if oldest[s.tenant] is not s]
         # max keeps the first of equals: the newest candidate of the tenant holding the most
@@ -227,6 +230,57 @@ class Scheduler:
                 running[seq.tenant] -= 1
                 wanted -= 1
 
+    def _share_blocks(self, out: SchedulerOutput) -> None:
+        """When the last admission found no room for a sequence of a tenant holding fewer
+        blocks than its share (the pool over the tenants running or waiting), even after
+        evicting every cached block it could, preempt sequences of tenants above their share
+        until the blocks no running sequence holds would fit it: each the newest of the tenant
+        holding the most, every tenant keeping its oldest running sequence (and sequences
+        scoring their prompt, which have nothing cached to resume from). So a tenant whose long
+        sequences fill the pool does not hold another tenant's request off until they end; the
+        preempted sequences resume later, mostly from the prefix cache."""
+        short, self._short = self._short, None
+        if short is None or not self.waiting.get(short[0]):
+            return
+        tenant, need = short
+        queued = {t for t, q in self.waiting.items() if q}
+        blocks = self._blocks_by_tenant()
+        share = self.pool.num_blocks // len(blocks.keys() | queued)
+        # Blocks no running sequence holds are free or cached and unreferenced: admission
+        # frees them by eviction.
+        while (
+            len(blocks.get(tenant, ())) < share
+            and self.pool.num_blocks - len(set().union(*blocks.values())) < need
+        ):
+            oldest = self._oldest_by_tenant()
+            candidates = [
+                s
+                for s in reversed(self.running)
+                if len(blocks[s.tenant]) > share
+                and oldest[s.tenant] is not s
+                and not s.scores_prompt
+            ]
+            if not candidates:
+                return
+            victim = max(candidates, key=lambda s: len(blocks[s.tenant]))
+            self._preempt(victim, out)
+            self.num_share_preemptions += 1
+            blocks = self._blocks_by_tenant()
+
+    def _blocks_by_tenant(self) -> dict[str, set[int]]:
+        """The distinct blocks each tenant's running sequences hold (shared ones count once)."""
+        blocks: dict[str, set[int]] = {}
+        for s in self.running:
+            blocks.setdefault(s.tenant, set()).update(s.block_table)
+        return blocks
+
+    def _oldest_by_tenant(self) -> dict[str, Sequence]:
+        """Each tenant's earliest admitted running sequence."""
+        oldest: dict[str, Sequence] = {}
+        for s in self.running:
+            oldest.setdefault(s.tenant, s)
+        return oldest
+
     def _startable(self, queue: deque[Sequence]) -> bool:
         """Whether admission could start one of ``queue``'s first sequences now (not all
         waiting for a shared block another sequence is computing)."""
@@ -253,6 +307,7 @@ class Scheduler:
             if not self._ensure_free(need):
                 self.pool.decref(cached)
                 seq.block_table = []
+                self._short = (seq.tenant, need)  # for the next step's _share_blocks
                 return
             seq.block_table.extend(self.pool.allocate(need))
             self.waiting[seq.tenant].remove(seq)

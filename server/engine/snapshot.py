@@ -36,7 +36,7 @@ class EngineSnapshot:
     generation_tokens: int = 0
     computed_tokens: int = 0  # positions run through the model or copied as prefix KV
     preemptions: int = 0  # for lack of KV blocks
-    share_preemptions: int = 0  # to seat a tenant below its share of the running seats
+    share_preemptions: int = 0  # to seat a tenant below its share of the seats or blocks
     steps: int = 0  # iterations that ran the model
     failed_requests: int = 0  # stopped alone with an error while the rest of a step went on
     split_forwards: int = 0  # forwards that raised and were re-run in halves

@@ -289,7 +289,7 @@ def test_a_tenant_filling_the_kv_pool_preempts_its_own_sequences(make_server, mo
     assert len({c["text"] for c in choices}) == 1
     assert "acme" not in victims and set(victims) == {"globex"}, victims
     snap = server.engine.snapshot()
-    assert snap.preemptions == len(victims) and snap.share_preemptions == 0
+    assert snap.preemptions + snap.share_preemptions == len(victims) and snap.preemptions >= 1
     record(
         "hostile: one tenant fills the KV pool",
         "a 24-block pool; globex's n=4 x 150-token request needs more; acme sends a 32-token "

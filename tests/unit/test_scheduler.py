@@ -285,6 +285,40 @@ def test_a_tenant_filling_the_pool_gives_up_its_own_blocks():
     assert all(q.output_ids == [99] * q.params.max_tokens for q in a + [b0])
 
 
+def test_a_tenant_below_its_share_of_the_pool_gets_room_the_next_step():
+    """Eight blocks, six held by a's three sequences (their next blocks still a step away);
+    b's 12-token request needs three, two are free. Before, b waited until a's sequences
+    needed blocks themselves; now, the step after admission found no room for it, a's newest
+    goes back to its queue (a keeps more than its share, four) and b is admitted in that
+    step; later, blocks run short only for a."""
+    s, pool, _ = make(num_blocks=8)
+    a = [seq(f"a{i}", range(i * 10, i * 10 + 6), tenant="a", max_tokens=20) for i in range(3)]
+    for q in a:
+        s.add(q)
+    step(s)
+    assert pool.num_free == 2
+    b0 = seq("b0", range(500, 512), tenant="b", max_tokens=4)
+    s.add(b0)
+    out = step(s)  # no room for b0's three blocks
+    assert out.preempted == [] and spans(out) == [("a0", 6, 7), ("a1", 6, 7), ("a2", 6, 7)]
+    out = step(s)
+    assert out.preempted == [a[2]]
+    assert spans(out) == [("a0", 7, 8), ("a1", 7, 8), ("b0", 0, 12)]
+    assert [q.block_table for q in a + [b0]] == [[0, 1], [2, 3], [], [6, 7, 5]]
+    assert (s.num_share_preemptions, s.num_preemptions) == (1, 0)
+    preempted = []
+    while s.has_unfinished():
+        out = step(s)
+        preempted += [p.request_id for p in out.preempted]
+        for q in a + [b0]:
+            if q.status == SeqStatus.RUNNING and len(q.output_ids) == q.params.max_tokens:
+                s.finish(q, "length")
+        assert len(preempted) < 20, preempted
+    assert b0.num_preemptions == 0 and a[0].num_preemptions == 0
+    assert preempted == ["a1", "a2", "a1", "a2"] and s.num_share_preemptions == 1
+    assert all(q.output_ids == [99] * q.params.max_tokens for q in a + [b0])
+
+
 def test_eviction_before_preemption():
     s, pool, tree = make(num_blocks=4)
     a = seq("a", range(8), max_tokens=1)
