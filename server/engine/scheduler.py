@@ -1,8 +1,12 @@
 """Continuous batching over the block pool and the prefix tree. Never touches tensors.
 
-Each step every running sequence gets its next chunk (one token when decoding, up to the
-token budget while its prompt is being computed: chunked prefill mixed with decode), then
-waiting sequences are admitted while seats, tokens and blocks remain. There is no prefill or
+Each step every running sequence gets its next chunk (one token when decoding, first; up to
+the token budget while its prompt is being computed: chunked prefill mixed with decode), then
+waiting sequences are admitted while seats, tokens and blocks remain. When two tenants or more
+have prompts to compute (running, or waiting while a seat is free), each tenant's running
+prompts take at most its share of the budget (``_prompt_share``) and what admission leaves
+goes back to them: one tenant's long prompt does not hold another's request off for the
+steps it takes. There is no prefill or
 decode phase: a sequence only has ``num_computed`` positions of ``key``.
 
 - Prefix caching: at admission the longest cached prefix of the key (in whole blocks, under
@@ -111,21 +115,75 @@ class Scheduler:
         self._share_seats(out)
         self._share_blocks(out)
         seated = len(out.preempted)
-        for seq in list(self.running):
+        # Decoding sequences first (one token each), then prompts: a long prompt's chunk never
+        # takes another running sequence's next token.
+        order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1)
+        share = self._prompt_share(budget)
+        used: Counter[str] = Counter()  # prompt tokens given to each tenant this step
+        cut: list[Sequence] = []  # prompts given less than the budget allowed, for their share
+        for i, seq in enumerate(order):
             if budget == 0:
                 break
             if seq.status != SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._reserve_running(seq, seq.num_computed + n, out):
+            remaining = seq.num_tokens - seq.num_computed
+            n = min(remaining, budget)
+            if remaining > 1:
+                if n > share - used[seq.tenant]:
+                    cut.append(seq)
+                    n = share - used[seq.tenant]
+                if n < 1:  # this tenant's prompts have had their share of the step
+                    continue
+                used[seq.tenant] += n
+            if not self._reserve_running(seq, seq.num_computed + n, out, order[i:]):
                 continue
             out.chunks.append(Chunk(seq, seq.num_computed, seq.num_computed + n))
             budget -= n
         if len(out.preempted) == seated:  # no sequence lacked blocks: room to admit
-            self._admit(out, budget)
+            budget = self._admit(out, budget)
+        if budget and cut:
+            self._give_leftover(out, cut, budget)
         if out.chunks:
             out.plan = build_plan(out.chunks, self.config.block_size)
         return out
+
+    def _give_leftover(self, out: SchedulerOutput, cut: list[Sequence], budget: int) -> None:
+        """The step's unused budget to the prompts that the share cut, in order, from free
+        and evictable blocks only (nobody is preempted after admission)."""
+        at = {id(c.seq): i for i, c in enumerate(out.chunks)}
+        for seq in cut:
+            if budget == 0:
+                return
+            if seq.status != SeqStatus.RUNNING:
+                continue
+            i = at.get(id(seq))
+            start = out.chunks[i].start if i is not None else seq.num_computed
+            end = out.chunks[i].end if i is not None else seq.num_computed
+            more = min(seq.num_tokens - end, budget)
+            need = self._blocks_needed(seq, end + more)
+            if more < 1 or not self._ensure_free(need):
+                continue
+            seq.block_table.extend(self.pool.allocate(need))
+            chunk = Chunk(seq, start, end + more)
+            if i is None:
+                out.chunks.append(chunk)
+            else:
+                out.chunks[i] = chunk
+            budget -= more
+
+    def _prompt_share(self, budget: int) -> int:
+        """The most prompt tokens (chunked prefill, recomputation) one tenant's running
+        sequences take in a step: the whole budget when one tenant has prompts to compute,
+        else the budget over the tenants with a running prompt or, while a seat is free, a
+        waiting sequence (at least a block). So one tenant's long prompts do not hold
+        another's off for the steps they take; what the others leave goes back to them
+        (``_give_leftover``)."""
+        tenants = {s.tenant for s in self.running if s.num_tokens - s.num_computed > 1}
+        if tenants and len(self.running) < self.config.max_num_seqs:
+            tenants |= {t for t, q in self.waiting.items() if q}
+        if len(tenants) < 2:
+            return budget
+        return max(self.config.block_size, budget // len(tenants))
 
     def update_from_output(self, out: SchedulerOutput, sampled: list[int]) -> None:
         """Advance each chunk's sequence, cache its completed blocks, append sampled tokens
@@ -159,12 +217,15 @@ class Scheduler:
         return True
 
     # Internals ----------------------------------------------------------------------------
-    def _reserve_running(self, seq: Sequence, end: int, out: SchedulerOutput) -> bool:
-        """Give ``seq`` blocks up to position ``end``, preempting later sequences if needed.
-        False if ``seq`` itself had to be preempted."""
+    def _reserve_running(
+        self, seq: Sequence, end: int, out: SchedulerOutput, rest: list[Sequence]
+    ) -> bool:
+        """Give ``seq`` blocks up to position ``end``, preempting sequences of ``rest`` (``seq``
+        and those not yet given a chunk this step) if needed. False if ``seq`` itself had to be
+        preempted."""
         need = self._blocks_needed(seq, end)
         while not self._ensure_free(need):
-            victim = self._memory_victim(seq)
+            victim = self._memory_victim(seq, rest)
             self._preempt(victim, out)
             self.num_preemptions += 1
             if victim is seq:
@@ -172,18 +233,19 @@ class Scheduler:
         seq.block_table.extend(self.pool.allocate(need))
         return True
 
-    def _memory_victim(self, seq: Sequence) -> Sequence:
-        """The sequence to preempt so that ``seq`` gets blocks: of ``seq`` and the sequences
-        admitted after it (not yet given a chunk this step), the newest of the tenant that
-        holds the most blocks, leaving every tenant its oldest running sequence; the newest of
-        all when each of them is its tenant's last. So a tenant whose many long sequences fill
-        the pool gives up its own blocks rather than another tenant's one request, and every
-        tenant keeps making progress."""
+    def _memory_victim(self, seq: Sequence, rest: list[Sequence]) -> Sequence:
+        """The sequence to preempt so that ``seq`` gets blocks: of ``rest`` (``seq`` and the
+        sequences not yet given a chunk this step), the newest of the tenant that holds the
+        most blocks, leaving every tenant its oldest running sequence; the newest of them all
+        when each is its tenant's oldest. So a tenant whose many long sequences fill the pool
+        gives up its own blocks rather than another tenant's one request, and every tenant
+        keeps making progress."""
         oldest, blocks = self._oldest_by_tenant(), self._blocks_by_tenant()
-        later = self.running[self.running.index(seq) :]
-        candidates = [s for s in reversed(later) if oldest[s.tenant] is not s]
+        pending = {id(s) for s in rest if s.status == SeqStatus.RUNNING}
+        later = [s for s in reversed(self.running) if id(s) in pending]  # newest first
+        candidates = [s for s in later if oldest[s.tenant] is not s]
         # max keeps the first of equals: the newest candidate of the tenant holding the most
-        return max(candidates, key=lambda s: len(blocks[s.tenant]), default=self.running[-1])
+        return max(candidates, key=lambda s: len(blocks[s.tenant]), default=later[0])
 
     def _blocks_needed(self, seq: Sequence, end: int) -> int:
         bs = self.config.block_size
@@ -292,12 +354,14 @@ class Scheduler:
             seq.block_table = []
         self.tree.release(seq.request_id)
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        """Start waiting sequences while seats, ``budget`` tokens and blocks remain; returns
+        the budget left."""
         skipped: set[str] = set()
         while budget > 0 and len(self.running) < self.config.max_num_seqs:
             picked = self._pick_waiting(skipped)
             if picked is None:
-                return
+                return budget
             seq, cached = picked
             n = min(seq.num_tokens - len(cached) * self.config.block_size, budget)
             start = len(cached) * self.config.block_size
@@ -308,7 +372,7 @@ class Scheduler:
                 self.pool.decref(cached)
                 seq.block_table = []
                 self._short = (seq.tenant, need)  # for the next step's _share_blocks
-                return
+                return budget
             seq.block_table.extend(self.pool.allocate(need))
             self.waiting[seq.tenant].remove(seq)
             if seq.num_preemptions == 0:
@@ -322,6 +386,7 @@ class Scheduler:
             self.tree.claim(seq.namespace, seq.key, len(cached), seq.request_id)
             out.chunks.append(Chunk(seq, start, start + n))
             budget -= n
+        return budget
 
     def _pick_waiting(self, skipped: set[str]) -> tuple[Sequence, list[int]] | None:
         """The next sequence to admit: tenants with the fewest running sequences first (then

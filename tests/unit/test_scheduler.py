@@ -319,6 +319,37 @@ def test_a_tenant_below_its_share_of_the_pool_gets_room_the_next_step():
     assert all(q.output_ids == [99] * q.params.max_tokens for q in a + [b0])
 
 
+def test_a_long_prompt_shares_the_token_budget_with_another_tenant():
+    """a's 200-token prompt is being computed in chunks of the whole 64-token budget when b's
+    10-token request arrives. b is admitted in the next step: a's chunk is cut to its share
+    (half the budget between two tenants), b takes 10, and the 22 b leaves go back to a. Its
+    decode tokens then come first in every step (before, b waited for a's whole prompt: a took
+    64..128, 128..192, and b was admitted only in the step a's prompt ended)."""
+    s, _, _ = make(num_blocks=128, budget=64)
+    a0 = seq("a0", range(200), tenant="a", max_tokens=4)
+    s.add(a0)
+    assert spans(step(s)) == [("a0", 0, 64)]
+    b0 = seq("b0", range(500, 510), tenant="b", max_tokens=4)
+    s.add(b0)
+    assert spans(step(s)) == [("a0", 64, 118), ("b0", 0, 10)]
+    assert spans(step(s)) == [("b0", 10, 11), ("a0", 118, 181)]
+    assert spans(step(s)) == [("b0", 11, 12), ("a0", 181, 200)]
+    assert spans(step(s)) == [("a0", 200, 201), ("b0", 12, 13)]
+    assert b0.output_ids == [99] * 4 and a0.output_ids == [99] * 2
+
+
+def test_one_tenants_prompts_take_the_whole_budget():
+    """With no other tenant waiting or computing a prompt, nothing is cut: two of a's prompts
+    share the budget in admission order, as before."""
+    s, _, _ = make(num_blocks=128, budget=64)
+    a0, a1 = seq("a0", range(100), tenant="a"), seq("a1", range(200, 300), tenant="a")
+    s.add(a0)
+    s.add(a1)
+    assert spans(step(s)) == [("a0", 0, 64)]
+    assert spans(step(s)) == [("a0", 64, 100), ("a1", 0, 28)]
+    assert spans(step(s)) == [("a0", 100, 101), ("a1", 28, 91)]
+
+
 def test_eviction_before_preemption():
     s, pool, tree = make(num_blocks=4)
     a = seq("a", range(8), max_tokens=1)
