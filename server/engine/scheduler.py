@@ -2,11 +2,12 @@
 
 Each step every running sequence gets its next chunk (one token when decoding, first; up to
 the token budget while its prompt is being computed: chunked prefill mixed with decode), then
-waiting sequences are admitted while seats, tokens and blocks remain. When two tenants or more
-have prompts to compute (running, or waiting while a seat is free), each tenant's running
-prompts take at most its share of the budget (``_prompt_share``) and what admission leaves
-goes back to them: one tenant's long prompt does not hold another's request off for the
-steps it takes. There is no prefill or
+waiting sequences are admitted while seats, tokens and blocks remain. While a prompt is
+being computed and two tenants or more have work (running, or waiting while a seat is free),
+each tenant's running prompts take at most its share of the budget (``_prompt_share``); what
+admission leaves goes back to them unless another tenant is decoding: one tenant's long
+prompt does not hold another's request off for the steps it takes, nor make each of its
+decode steps as slow as a whole budget of prompt. There is no prefill or
 decode phase: a sequence only has ``num_computed`` positions of ``key``.
 
 - Prefix caching: at admission the longest cached prefix of the key (in whole blocks, under
@@ -141,7 +142,7 @@ class Scheduler:
             budget -= n
         if len(out.preempted) == seated:  # no sequence lacked blocks: room to admit
             budget = self._admit(out, budget)
-        if budget and cut:
+        if budget and cut and not self._others_decoding(cut):
             self._give_leftover(out, cut, budget)
         if out.chunks:
             out.plan = build_plan(out.chunks, self.config.block_size)
@@ -171,15 +172,27 @@ class Scheduler:
                 out.chunks[i] = chunk
             budget -= more
 
+    def _others_decoding(self, cut: list[Sequence]) -> bool:
+        """Whether a tenant other than those of the ``cut`` prompts has a sequence decoding
+        this step: then the leftover is not spent on the prompts, which would make the step,
+        and that tenant's next token, as slow as an uncut chunk."""
+        prompts = {s.tenant for s in cut}
+        return any(
+            s.tenant not in prompts and s.num_tokens - s.num_computed == 1 for s in self.running
+        )
+
     def _prompt_share(self, budget: int) -> int:
         """The most prompt tokens (chunked prefill, recomputation) one tenant's running
-        sequences take in a step: the whole budget when one tenant has prompts to compute,
-        else the budget over the tenants with a running prompt or, while a seat is free, a
-        waiting sequence (at least a block). So one tenant's long prompts do not hold
-        another's off for the steps they take; what the others leave goes back to them
-        (``_give_leftover``)."""
-        tenants = {s.tenant for s in self.running if s.num_tokens - s.num_computed > 1}
-        if tenants and len(self.running) < self.config.max_num_seqs:
+        sequences take in a step: the whole budget when one tenant has work, else the budget
+        over the tenants with a running sequence or, while a seat is free, a waiting one (at
+        least a block). So one tenant's long prompt neither holds another's request off for
+        the steps it takes nor makes each of that tenant's decode steps as slow as a whole
+        budget of prompt; what admission leaves goes back to the cut prompts unless another
+        tenant is decoding (``_give_leftover``)."""
+        if all(s.num_tokens - s.num_computed <= 1 for s in self.running):
+            return budget  # no running prompt to cut
+        tenants = {s.tenant for s in self.running}
+        if len(self.running) < self.config.max_num_seqs:
             tenants |= {t for t, q in self.waiting.items() if q}
         if len(tenants) < 2:
             return budget
