@@ -31,6 +31,22 @@ def step(s: Scheduler, token=99) -> SchedulerOutput:
     return out
 
 
+def run_out(s: Scheduler, seqs: list[Sequence]) -> tuple[list[str], list[str]]:
+    """Steps until every sequence is done, each stopped at its ``max_tokens``: the ids of the
+    sequences preempted and of those finished, in order."""
+    preempted: list[str] = []
+    finished: list[str] = []
+    while s.has_unfinished():
+        out = step(s)
+        preempted += [p.request_id for p in out.preempted]
+        for q in seqs:
+            if q.status == SeqStatus.RUNNING and len(q.output_ids) == q.params.max_tokens:
+                s.finish(q, "length")
+                finished.append(q.request_id)
+        assert len(preempted) < 20, preempted
+    return preempted, finished
+
+
 def spans(out):
     return [(c.seq.request_id, c.start, c.end) for c in out.chunks]
 
@@ -269,15 +285,8 @@ def test_a_tenant_filling_the_pool_gives_up_its_own_blocks():
     out = step(s)  # a0 takes the free block; a1 needs one more: a2 goes
     assert out.preempted == [a[2]] and spans(out) == [("a0", 8, 9), ("a1", 8, 9), ("b0", 3, 4)]
     assert [q.block_table for q in a + [b0]] == [[0, 1, 7], [2, 3, 5], [], [6]]
-    preempted, finished = ["a2"], []
-    while s.has_unfinished():
-        out = step(s)
-        preempted += [p.request_id for p in out.preempted]
-        for q in a + [b0]:
-            if q.status == SeqStatus.RUNNING and len(q.output_ids) == q.params.max_tokens:
-                s.finish(q, "length")
-                finished.append(q.request_id)
-        assert len(preempted) < 20, preempted
+    preempted, finished = run_out(s, a + [b0])
+    preempted = ["a2", *preempted]
     # After b0 finishes, a's re-admitted sequences yield to a's older ones (a1 to a0, a2 to a1).
     assert preempted == ["a2", "a1", "a1", "a2"] and finished == ["b0", "a0", "a1", "a2"]
     assert b0.num_preemptions == 0 and a[0].num_preemptions == 0
@@ -306,14 +315,7 @@ def test_a_tenant_below_its_share_of_the_pool_gets_room_the_next_step():
     assert spans(out) == [("a0", 7, 8), ("a1", 7, 8), ("b0", 0, 12)]
     assert [q.block_table for q in a + [b0]] == [[0, 1], [2, 3], [], [6, 7, 5]]
     assert (s.num_share_preemptions, s.num_preemptions) == (1, 0)
-    preempted = []
-    while s.has_unfinished():
-        out = step(s)
-        preempted += [p.request_id for p in out.preempted]
-        for q in a + [b0]:
-            if q.status == SeqStatus.RUNNING and len(q.output_ids) == q.params.max_tokens:
-                s.finish(q, "length")
-        assert len(preempted) < 20, preempted
+    preempted, _ = run_out(s, a + [b0])
     assert b0.num_preemptions == 0 and a[0].num_preemptions == 0
     assert preempted == ["a1", "a2", "a1", "a2"] and s.num_share_preemptions == 1
     assert all(q.output_ids == [99] * q.params.max_tokens for q in a + [b0])
