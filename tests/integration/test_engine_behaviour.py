@@ -1,5 +1,6 @@
 """Engine behaviour on the real default model: stop strings, stop tokens, EOS, max_tokens,
-min_tokens, seeded sampling, preemption under a tiny KV pool, and the errors a request or an
+min_tokens, seeded sampling, preemption under a tiny KV pool, another tenant's request served
+while a long prompt is computed, and the errors a request or an
 adapter directory can raise (with nothing left behind in the engine or the adapter table).
 
 Expected tokens come from the model's own greedy runs (module fixtures), so the assertions are
@@ -223,6 +224,42 @@ def test_preemption_gives_the_same_tokens_as_a_roomy_pool(llm, model_dir, data_d
 
 
 # Errors ---------------------------------------------------------------------------------
+
+
+def test_another_tenants_request_is_done_while_a_long_prompt_is_computed(
+    llm, model_dir, data_dir, story
+):
+    """A 64-token budget; globex's 300-token prompt is queued first, acme's story prompt right
+    after. acme is seated the next step and its 6 greedy tokens are all out before globex's
+    first (before, acme was admitted only in the step globex's prompt ended, so it finished
+    after); both outputs equal their solo greedy runs on a roomy engine."""
+    small = LLM(
+        str(model_dir),
+        data_dir=data_dir,
+        device="cpu",
+        dtype="float32",
+        engine_config=EngineConfig(max_num_batched_tokens=64),
+    )
+    long_prompt = (llm.tokenizer.encode(STORY + " girl named Emma.") * 30)[:300]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    alone = llm.generate(long_prompt, params, use_tqdm=False)[0].token_ids
+    engine = small.engine
+    engine.add_request("long", long_prompt, params, tenant="globex")
+    engine.add_request("short", llm.tokenizer.encode(STORY), params, tenant="acme")
+    first_token: dict[str, int] = {}
+    done: dict[str, tuple[int, list[int]]] = {}
+    step = 0
+    while engine.has_unfinished():
+        step += 1
+        for out in engine.step():
+            if out.token_ids:
+                first_token.setdefault(out.request_id, step)
+            if out.finished:
+                done[out.request_id] = (step, out.token_ids)
+    assert done["short"][1] == story and done["long"][1] == alone
+    assert done["short"][0] < first_token["long"], (done, first_token)
+    assert engine.scheduler.num_preemptions == 0
+    assert_engine_idle(engine)
 
 
 def test_a_request_longer_than_the_context_is_invalid(llm):
