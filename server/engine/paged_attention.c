@@ -73,6 +73,7 @@ typedef struct {
 } Job;
 
 typedef float vf __attribute__((vector_size(4 * VLEN)));
+typedef float vfu __attribute__((vector_size(4 * VLEN), aligned(4))); /* vf at any address */
 typedef int32_t vi __attribute__((vector_size(4 * VLEN)));
 typedef uint8_t vb __attribute__((vector_size(VLEN)));
 
@@ -526,11 +527,13 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
                 for (int t = 0; t < ROWS; t++)
                     for (int s = 0; s < SUB; s++) sum[t][s] = *(vf *)(acc + (r0 + t) * dp + c + s * VLEN);
                 for (int64_t b = 0; b < count; b++) {
+                    /* Vector by vector: one 128-byte copy into the stack is done in 16-byte
+                     * moves, and the 32-byte reads of it then wait on store forwarding (this
+                     * loop ran 3x slower on an AVX2 EPYC). */
+                    const float *row = in_place ? (const float *)job->v + cache_base + slots[start + b] * d + c
+                                                : values + b * dp + c;
                     vf vb[SUB];
-                    memcpy(vb,
-                           in_place ? (const float *)job->v + cache_base + slots[start + b] * d + c
-                                    : values + b * dp + c,
-                           sizeof vb);
+                    for (int s = 0; s < SUB; s++) vb[s] = *(const vfu *)(row + s * VLEN);
                     for (int t = 0; t < ROWS; t++) {
                         const float wb = w[t * BLOCK + b];
                         for (int s = 0; s < SUB; s++) sum[t][s] += wb * vb[s];
