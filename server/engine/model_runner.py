@@ -272,8 +272,9 @@ class ModelRunner:
 
 def _attention_backend(model: PreTrainedModel, asked: str) -> str:
     """The attention backend to run: ``asked``, with "auto" settled for this model and
-    machine: "native" where its kernel can run and the CPU has AVX-512, else "fused"). Raises
-    ValueError for an unknown name, or for "native" where it cannot run (saying why)."""
+    machine: "native" where its kernel can run (a CPU model in float32 or bfloat16, the kernel
+    built), else "fused". Raises ValueError for an unknown name, or for "native" where it
+    cannot run (saying why)."""
     if asked != "auto" and asked not in attention.BACKENDS:
         choices = ("auto", *attention.BACKENDS)
         raise ValueError(f"attention backend {asked!r}: expected one of {choices}")
@@ -285,8 +286,6 @@ def _attention_backend(model: PreTrainedModel, asked: str) -> str:
         if why:
             raise ValueError(f"attention backend 'native': {why}")
         return "native"
-    if not why and not native.load().attention_avx512:
-        why = "the native attention kernel is faster than the fused one only with AVX-512"
     if not why:
         return "native"
     if param.device.type == "cpu":

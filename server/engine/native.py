@@ -106,9 +106,6 @@ class Kernel:
     # That product widens bfloat16 to float32 (a CPU without AVX512-BF16) rather than
     # multiplying bfloat16 pairs.
     bf16_widens: bool = False
-    # The attention kernel is the AVX-512 build. The AVX2 build runs W1 slower than torch's
-    # fused kernel (faster decode, slower prefill), and "auto" passes it over.
-    attention_avx512: bool = False
 
 
 def cache_dir() -> Path:
@@ -201,7 +198,6 @@ def load() -> Kernel:
     lib.linear_product_bf16.restype = None
     lib.linear_bf16_available.restype = ctypes.c_int
     lib.linear_bf16_widens.restype = ctypes.c_int
-    lib.paged_attention_avx512.restype = ctypes.c_int
     if lib.paged_attention_job_size() != ctypes.sizeof(
         Job
     ) or lib.linear_job_size() != ctypes.sizeof(LinearJob):
@@ -212,7 +208,6 @@ def load() -> Kernel:
         panel_width=int(lib.linear_panel_width()),
         bf16_linear=bool(lib.linear_bf16_available()),
         bf16_widens=bool(lib.linear_bf16_widens()),
-        attention_avx512=bool(lib.paged_attention_avx512()),
     )
 
 

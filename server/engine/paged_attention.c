@@ -527,9 +527,9 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
                 for (int t = 0; t < ROWS; t++)
                     for (int s = 0; s < SUB; s++) sum[t][s] = *(vf *)(acc + (r0 + t) * dp + c + s * VLEN);
                 for (int64_t b = 0; b < count; b++) {
-                    /* Vector by vector: one 128-byte copy into the stack is done in 16-byte
-                     * moves, and the 32-byte reads of it then wait on store forwarding (this
-                     * loop ran 3x slower on an AVX2 EPYC). */
+                    /* Vector by vector: one 128-byte copy into the stack was done in 16-byte
+                     * moves, and the 32-byte reads of it then waited on store forwarding (the
+                     * whole kernel ran 2x slower for it on an AVX2 EPYC). */
                     const float *row = in_place ? (const float *)job->v + cache_base + slots[start + b] * d + c
                                                 : values + b * dp + c;
                     vf vb[SUB];
@@ -587,17 +587,3 @@ int64_t paged_attention_job_size(void) { return (int64_t)sizeof(Job); }
 
 /* The largest head dimension the kernel takes. */
 int64_t paged_attention_max_head_dim(void) { return MAX_HEAD_DIM; }
-
-/* Whether this build is the AVX-512 one, which "auto" prefers to torch's fused kernel. The
- * AVX2 build (8-float vectors, 2-row tiles) is the faster of the two in decode steps and the
- * slower in prefill: on a 2-core AVX2 AMD EPYC, W1's engine profile spent 0.75 s in decode
- * attention against the fused kernel's 0.96, and 1.10 s in prefill attention against 0.70, and
- * two runs of W1 gave 56 and 65 tok/s through it against 80 and 73 through the fused kernel;
- * so "auto" takes the fused kernel there, and "native" this one. */
-int paged_attention_avx512(void) {
-#if defined(__AVX512F__)
-    return 1;
-#else
-    return 0;
-#endif
-}
