@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM
 
 from bench.w1 import W1_ENGINE, _model_path
 from bench.workloads import build_w1
-from server.engine import attention, batch, engine, model_runner, scheduler
+from server.engine import attention, batch, cpu_kernels, engine, model_runner, scheduler
 from server.engine.request import SamplingParams
 from server.llm import LLM
 
@@ -67,6 +67,9 @@ def instrument(llm: LLM, timers: Timers) -> None:
     for module in llm.engine.runner.model.modules():
         if isinstance(module, torch.nn.Linear):
             timers.wrap(module, "forward", "weights")
+        for joint in cpu_kernels.JOINT_PRODUCTS:
+            if hasattr(module, joint):
+                timers.wrap(module, joint, "weights")
     timers.wrap(attention, "write_and_attend", "attention")
     timers.wrap(model_runner, "flatten", "metadata")
     timers.wrap(model_runner, "build_metadata", "metadata")

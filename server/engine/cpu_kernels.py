@@ -66,6 +66,7 @@ from __future__ import annotations
 import logging
 import threading
 import types
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -203,15 +204,31 @@ def _route_native(module: torch.nn.Linear, width: int, max_rows: int | None = No
     product, against its weight packed once here; other calls take the module's forward as
     it was."""
     weight = module.weight.detach()
+    packed, bias = _pack_panels(weight, width), _padded_bias(module, width)
+    _native_forward(module, packed, bias, max_rows)
+
+
+def _padded_bias(module: torch.nn.Linear, width: int) -> torch.Tensor | None:
+    """The module's bias in float32, padded with zeros to whole panels of ``width``."""
+    if module.bias is None:
+        return None
+    padding = -module.out_features % width
+    return torch.nn.functional.pad(module.bias.detach().float(), (0, padding))
+
+
+# A product over packed panels: the input, or None where the native product does not take it
+# (more rows than its route serves, another dtype, a layout it cannot read).
+_Product = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+def _native_product(
+    packed: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor, max_rows: int | None
+) -> _Product:
+    """The native product against ``packed`` (panels of a ``weight``-shaped matrix, or a
+    slice of a larger packing that starts at a panel), plus ``bias``."""
     out_features, in_features = weight.shape
-    packed = _pack_panels(weight, width)
-    bias = None
-    if module.bias is not None:
-        padding = packed.shape[0] * width - out_features
-        bias = torch.nn.functional.pad(module.bias.detach().float(), (0, padding))
-    fallback = module.forward
-    # One argument block per layer: a call sets only its input, output and row count, under
-    # the lock (the engine calls from one thread; anything else calling waits its turn).
+    # One argument block per product: a call sets only its input, output and row count,
+    # under the lock (the engine calls from one thread; anything else calling waits its turn).
     lock = threading.Lock()
     job = native.LinearJob(
         packed=packed.data_ptr(),
@@ -223,13 +240,13 @@ def _route_native(module: torch.nn.Linear, width: int, max_rows: int | None = No
     run = native.linear_runner(job, bf16=weight.dtype == torch.bfloat16)
     most = max_rows if max_rows is not None else float("inf")
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def product(x: torch.Tensor) -> torch.Tensor | None:
         rows = x.numel() // in_features if in_features else 0
         if not 0 < rows <= most:
-            return fallback(x)
+            return None
         flat = x.reshape(rows, in_features)
         if flat.dtype != weight.dtype or flat.stride(-1) != 1:
-            return fallback(x)
+            return None
         y = torch.empty(rows, out_features, dtype=weight.dtype)
         with lock:
             job.x, job.x_stride, job.y, job.m = flat.data_ptr(), flat.stride(0), y.data_ptr(), rows
@@ -237,8 +254,87 @@ def _route_native(module: torch.nn.Linear, width: int, max_rows: int | None = No
             run()
         return y.view(*x.shape[:-1], out_features)
 
+    return product
+
+
+def _native_forward(
+    module: torch.nn.Linear, packed: torch.Tensor, bias: torch.Tensor | None, max_rows: int | None
+) -> None:
+    """``module``'s forward through the native product against ``packed``; the calls it does
+    not take go to the module's forward as it was."""
+    product = _native_product(packed, bias, module.weight.detach(), max_rows)
+    fallback = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = product(x)
+        return fallback(x) if y is None else y
+
     setattr(module, "_ps_native", (packed, bias))  # noqa: B010 (kept alive with the module)
     setattr(module, "forward", forward)  # noqa: B010 (mypy: no method assignment)
+
+
+# The projections that read the same input in a Llama-family layer, by the attribute their
+# joint product is kept under on the owning module: their outputs side by side.
+JOINT_PRODUCTS = {
+    "_ps_qkv": ("q_proj", "k_proj", "v_proj"),
+    "_ps_gate_up": ("gate_proj", "up_proj"),
+}
+
+
+def _route_joint(
+    owner: torch.nn.Module, attr: str, names: tuple[str, ...], width: int, max_rows: int | None
+) -> bool:
+    """Route ``owner``'s linear layers ``names`` (same input, same dtype) to the native product
+    against one packing of their weights stacked, and keep on ``owner.<attr>`` a product that
+    gives all their outputs side by side in one call (fewer calls per layer; every output
+    column of the native product is summed on its own, so each member's columns have the bits
+    of its own product). Each member's own calls multiply against its slice of the packing.
+    Returns False, routing nothing, where the members do not fit one packing (missing, of
+    another type, different inputs, an output width that is not whole panels, biases on some
+    only)."""
+    members = [getattr(owner, name, None) for name in names]
+    if not all(type(m) is torch.nn.Linear for m in members):
+        return False
+    linears = [m for m in members if isinstance(m, torch.nn.Linear)]
+    first = linears[0].weight
+    fits = all(
+        m.in_features == first.shape[1]
+        and m.weight.dtype == first.dtype
+        and m.out_features % width == 0
+        and (m.bias is None) == (linears[0].bias is None)
+        for m in linears
+    )
+    if not fits:
+        return False
+    weight = torch.cat([m.weight.detach() for m in linears])
+    packed = _pack_panels(weight, width)
+    biases = [_padded_bias(m, width) for m in linears]
+    bias = torch.cat([b for b in biases if b is not None]) if biases[0] is not None else None
+    panel = 0
+    for m in linears:
+        panels = m.out_features // width
+        _native_forward(
+            m,
+            packed[panel : panel + panels],
+            None if bias is None else bias[panel * width : (panel + panels) * width],
+            max_rows,
+        )
+        panel += panels
+    setattr(owner, attr, _native_product(packed, bias, weight, max_rows))
+    return True
+
+
+def _route_all_native(model: torch.nn.Module, width: int, max_rows: int | None = None) -> None:
+    """Every linear layer of ``model`` to the native product (calls of at most ``max_rows``
+    rows, when given), the projections of each ``JOINT_PRODUCTS`` group against one packing."""
+    joined: set[torch.nn.Module] = set()
+    for module in model.modules():
+        for attr, names in JOINT_PRODUCTS.items():
+            if _route_joint(module, attr, names, width, max_rows):
+                joined.update(getattr(module, name) for name in names)
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module not in joined:
+            _route_native(module, width, max_rows)
 
 
 def native_linear_usable(param: torch.Tensor, forced: bool = False) -> str:
@@ -298,22 +394,18 @@ def route_linears(model: torch.nn.Module, backend: str = "auto") -> int:
             log.info("%s; linear layers run on MKL and oneDNN", why)
         if not why:
             width = native.load().panel_width
-            if param.dtype == torch.float32:
-                for _, module in linears:
-                    _route_native(module, width)
-                return len(linears)
-            if native.load().bf16_widens and not onednn_available(param.dtype):
-                # No fast bfloat16 product here but the native one (torch's is generic
-                # code): every call goes to it.
-                for _, module in linears:
-                    _route_native(module, width)
+            widens = native.load().bf16_widens
+            if param.dtype == torch.float32 or (widens and not onednn_available(param.dtype)):
+                # Float32; or bfloat16 where the native product is the only fast one (torch's
+                # is generic code): every call goes to it.
+                _route_all_native(model, width)
                 return len(linears)
             # Bfloat16: the native product takes decode-sized calls; larger ones stay on
             # oneDNN (the LM head through its matmul), which is as fast there.
             for name, module in linears:
                 if name.endswith("lm_head") and onednn_available(param.dtype):
                     _route_onednn(module)
-                _route_native(module, width, max_rows=PACKED_MAX_ROWS)
+            _route_all_native(model, width, max_rows=PACKED_MAX_ROWS)
             return len(linears)
     usable = (
         param.device.type == "cpu"

@@ -107,16 +107,52 @@ def run_decoder(
     x = embeds
     for index, layer in enumerate(decoder.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        d = attn.head_dim
         h = _rms_norm(x, layer.input_layernorm)
-        q = _rotate(attn.q_proj.forward(h).view(rows, -1, d), cos, signed_sin)
-        k = _rotate(attn.k_proj.forward(h).view(rows, -1, d), cos, signed_sin)
-        v = attn.v_proj.forward(h).view(rows, -1, d)
+        q, k, v = _project_qkv(attn, h, cos, signed_sin)
         out = attention.write_and_attend(
             meta, index, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn.scaling
         )  # [Hq, T, D]
         x = attn.o_proj.forward(out.transpose(0, 1).reshape(rows, -1)).add_(x)
         h = _rms_norm(x, layer.post_attention_layernorm)
-        gated = mlp.act_fn.forward(mlp.gate_proj.forward(h)).mul_(mlp.up_proj.forward(h))
-        x = mlp.down_proj.forward(gated).add_(x)
+        x = mlp.down_proj.forward(_gated(mlp, h)).add_(x)
     return _rms_norm(x, decoder.norm)
+
+
+def _project_qkv(
+    attn: Any, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries and keys (rotated) and values ``[T, heads, D]`` of ``h [T, hidden]``. Where the
+    three projections have one joint product (``cpu_kernels.JOINT_PRODUCTS``), one call gives
+    them side by side and the queries' and keys' heads are rotated together: the same
+    products, element by element, as three calls and two rotations."""
+    rows, d = h.shape[0], attn.head_dim
+    joint = getattr(attn, "_ps_qkv", None)
+    qkv = joint(h) if joint is not None else None
+    if qkv is None:
+        q = _rotate(attn.q_proj.forward(h).view(rows, -1, d), cos, signed_sin)
+        k = _rotate(attn.k_proj.forward(h).view(rows, -1, d), cos, signed_sin)
+        return q, k, attn.v_proj.forward(h).view(rows, -1, d)
+    q_width, k_width = attn.q_proj.out_features, attn.k_proj.out_features
+    qk = _rotate(qkv[:, : q_width + k_width].view(rows, -1, d), cos, signed_sin)
+    v = qkv[:, q_width + k_width :].view(rows, -1, d)
+    return qk[:, : q_width // d], qk[:, q_width // d :], v
+
+
+def _gated(mlp: Any, h: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's input to its down projection: ``act(gate(h)) * up(h)``, the two
+    projections in one call where they have a joint product."""
+    joint = getattr(mlp, "_ps_gate_up", None)
+    both = joint(h) if joint is not None else None
+    gated: torch.Tensor
+    if both is None:
+        gated = mlp.act_fn.forward(mlp.gate_proj.forward(h)).mul_(mlp.up_proj.forward(h))
+        return gated
+    width = mlp.gate_proj.out_features
+    gate = both[:, :width]
+    if width % 64:
+        # torch's activation kernels take a row's last few values (what is left of whole
+        # vectors) one at a time, which can round differently from the vector code, and
+        # rows of the joint output end where a contiguous gate would not.
+        gate = gate.contiguous()
+    gated = mlp.act_fn.forward(gate).mul_(both[:, width:])
+    return gated

@@ -174,6 +174,9 @@ def test_direct_decoder_equals_transformers_forward(arch, dtype, model_dir, tmp_
     llm, _, _ = tiny_engine(arch, dtype, model_dir, tmp_path)
     runner = llm.engine.runner
     assert runner.direct_decoder
+    if dtype == "float32":  # the direct loop takes q/k/v and gate/up in one product each
+        layer = runner.model.model.layers[0]
+        assert hasattr(layer.self_attn, "_ps_qkv") and hasattr(layer.mlp, "_ps_gate_up")
     run = runner.run
     kinds = set()
 

@@ -251,3 +251,64 @@ def test_panel_width_follows_the_cpus_vectors() -> None:
     assert kernel.lib is not None, kernel.reason
     wide = "avx512f" in native._cpu_flags().split()
     assert kernel.panel_width == (32 if wide else 16)
+
+
+class Projections(torch.nn.Module):
+    """An attention block's three projections of one input, as a Llama-family layer names
+    them (biases as Qwen2's)."""
+
+    def __init__(self, widths: tuple[int, int, int], hidden: int, bias: bool, dtype) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (
+            torch.nn.Linear(hidden, width, bias=bias).to(dtype) for width in widths
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 16, 300])
+def test_joint_product_has_the_bits_of_each_projection_alone(dtype, bias, rows) -> None:
+    """One call of the joint q/k/v product gives, side by side, exactly the outputs of the three
+    layers each routed alone (the native product sums every output column on its own), and
+    each layer's own calls, now against its slice of the joint packing, give them too. Those
+    outputs are themselves within the float32 bound of the float64 product."""
+    width = native.load().panel_width
+    torch.manual_seed(rows)
+    hidden = 3 * width + 5  # inner size not a multiple of the 64-term blocks
+    joint = Projections((4 * width, 2 * width, 2 * width), hidden, bias, dtype)
+    alone = Projections((4 * width, 2 * width, 2 * width), hidden, bias, dtype)
+    alone.load_state_dict(joint.state_dict())
+    route_linears(joint, "native")
+    for layer in (alone.q_proj, alone.k_proj, alone.v_proj):
+        holder = torch.nn.Module()
+        holder.layer = layer
+        route_linears(holder, "native")
+    assert hasattr(joint, "_ps_qkv") and not hasattr(alone, "_ps_qkv")
+    x = torch.randn(rows, hidden).to(dtype)
+    want = [alone.q_proj(x), alone.k_proj(x), alone.v_proj(x)]
+    assert torch.equal(joint._ps_qkv(x), torch.cat(want, dim=1))
+    assert torch.equal(joint.q_proj(x), want[0])
+    assert torch.equal(joint.k_proj(x), want[1])
+    assert torch.equal(joint.v_proj(x), want[2])
+    if dtype == torch.float32:
+        got = joint._ps_qkv(x).double()
+        layers = (joint.q_proj, joint.k_proj, joint.v_proj)
+        reference = torch.cat([exact(x, layer) for layer in layers], dim=1)
+        bound = torch.cat([error_bound(x, layer) for layer in layers], dim=1)
+        assert ((got - reference).abs() <= bound).all()
+
+
+def test_projections_that_do_not_fit_one_packing_are_routed_alone() -> None:
+    """An output width that is not whole panels, or a bias on some of the three only: no joint
+    product, each layer routed to the native product by itself."""
+    width = native.load().panel_width
+    odd = Projections((2 * width, width + 3, width), 2 * width, False, torch.float32)
+    mixed = Projections((width, width, width), 2 * width, False, torch.float32)
+    mixed.k_proj = torch.nn.Linear(2 * width, width, bias=True)
+    for block in (odd, mixed):
+        assert route_linears(block, "native") == 3
+        assert not hasattr(block, "_ps_qkv")
+        assert all(hasattr(m, "_ps_native") for m in (block.q_proj, block.k_proj, block.v_proj))
+        x = torch.randn(5, 2 * width)
+        for layer in (block.q_proj, block.k_proj, block.v_proj):
+            assert ((layer(x).double() - exact(x, layer)).abs() <= error_bound(x, layer)).all()
