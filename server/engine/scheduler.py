@@ -4,11 +4,11 @@ Each step every running sequence gets its next chunk (one token when decoding, f
 the token budget while its prompt is being computed: chunked prefill mixed with decode), then
 waiting sequences are admitted while seats, tokens and blocks remain. While a prompt is
 being computed and two tenants or more have work (running, or waiting while a seat is free),
-each tenant's running prompts take at most its share of the budget (``_prompt_share``); what
-admission leaves goes back to them unless another tenant is decoding: one tenant's long
-prompt does not hold another's request off for the steps it takes, nor make each of its
-decode steps as slow as a whole budget of prompt. There is no prefill or
-decode phase: a sequence only has ``num_computed`` positions of ``key``.
+each tenant's running prompts take at most its share of the budget
+(``fair_share.prompt_share``); what admission leaves goes back to them unless another tenant
+is decoding: one tenant's long prompt does not hold another's request off for the steps it
+takes, nor make each of its decode steps as slow as a whole budget of prompt. There is no
+prefill or decode phase: a sequence only has ``num_computed`` positions of ``key``.
 
 - Prefix caching: at admission the longest cached prefix of the key (in whole blocks, under
   the tenant's namespace) is taken from the tree; completed blocks are inserted as they fill.
@@ -26,12 +26,13 @@ decode phase: a sequence only has ``num_computed`` positions of ``key``.
   cache hits. The pool is shared the same way: when admission finds no room for a sequence
   of a tenant holding fewer blocks than its share (the pool over the tenants running or
   waiting), sequences of tenants above their share are preempted at the start of the next
-  step until it fits (``_share_blocks``).
+  step until it fits (``fair_share``).
   These count in ``num_share_preemptions``.
 - Preemption by recompute: when blocks run out, unreferenced cached blocks are evicted first,
   then a sequence goes back to the front of its queue (its KV is dropped and recomputed
   later, mostly from the cache): the newest of the tenant holding the most blocks, each
-  tenant keeping its oldest running sequence (see ``_memory_victim``). No request is dropped.
+  tenant keeping its oldest running sequence (``fair_share.memory_victim``). No request is
+  dropped.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from server.engine import fair_share
 from server.engine.batch import BatchPlan, Chunk, build_plan
 from server.engine.kv_cache import BlockPool
 from server.engine.prefix_tree import PrefixTree
@@ -113,13 +115,15 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        self._share_seats(out)
-        self._share_blocks(out)
+        self._give_way(out)
         seated = len(out.preempted)
         # Decoding sequences first (one token each), then prompts: a long prompt's chunk never
         # takes another running sequence's next token.
         order = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1)
-        share = self._prompt_share(budget)
+        waiting, seats = self.waiting, self.config.max_num_seqs
+        share = fair_share.prompt_share(
+            self.running, waiting, seats, budget, self.config.block_size
+        )
         used: Counter[str] = Counter()  # prompt tokens given to each tenant this step
         cut: list[Sequence] = []  # prompts given less than the budget allowed, for their share
         for i, seq in enumerate(order):
@@ -142,7 +146,7 @@ class Scheduler:
             budget -= n
         if len(out.preempted) == seated:  # no sequence lacked blocks: room to admit
             budget = self._admit(out, budget)
-        if budget and cut and not self._others_decoding(cut):
+        if budget and cut and not fair_share.others_decoding(self.running, cut):
             self._give_leftover(out, cut, budget)
         if out.chunks:
             out.plan = build_plan(out.chunks, self.config.block_size)
@@ -171,32 +175,6 @@ class Scheduler:
             else:
                 out.chunks[i] = chunk
             budget -= more
-
-    def _others_decoding(self, cut: list[Sequence]) -> bool:
-        """Whether a tenant other than those of the ``cut`` prompts has a sequence decoding
-        this step: then the leftover is not spent on the prompts, which would make the step,
-        and that tenant's next token, as slow as an uncut chunk."""
-        prompts = {s.tenant for s in cut}
-        return any(
-            s.tenant not in prompts and s.num_tokens - s.num_computed == 1 for s in self.running
-        )
-
-    def _prompt_share(self, budget: int) -> int:
-        """The most prompt tokens (chunked prefill, recomputation) one tenant's running
-        sequences take in a step: the whole budget when one tenant has work, else the budget
-        over the tenants with a running sequence or, while a seat is free, a waiting one (at
-        least a block). So one tenant's long prompt neither holds another's request off for
-        the steps it takes nor makes each of that tenant's decode steps as slow as a whole
-        budget of prompt; what admission leaves goes back to the cut prompts unless another
-        tenant is decoding (``_give_leftover``)."""
-        if all(s.num_tokens - s.num_computed <= 1 for s in self.running):
-            return budget  # no running prompt to cut
-        tenants = {s.tenant for s in self.running}
-        if len(self.running) < self.config.max_num_seqs:
-            tenants |= {t for t, q in self.waiting.items() if q}
-        if len(tenants) < 2:
-            return budget
-        return max(self.config.block_size, budget // len(tenants))
 
     def update_from_output(self, out: SchedulerOutput, sampled: list[int]) -> None:
         """Advance each chunk's sequence, cache its completed blocks, append sampled tokens
@@ -238,27 +216,13 @@ class Scheduler:
         preempted."""
         need = self._blocks_needed(seq, end)
         while not self._ensure_free(need):
-            victim = self._memory_victim(seq, rest)
+            victim = fair_share.memory_victim(self.running, rest)
             self._preempt(victim, out)
             self.num_preemptions += 1
             if victim is seq:
                 return False
         seq.block_table.extend(self.pool.allocate(need))
         return True
-
-    def _memory_victim(self, seq: Sequence, rest: list[Sequence]) -> Sequence:
-        """The sequence to preempt so that ``seq`` gets blocks: of ``rest`` (``seq`` and the
-        sequences not yet given a chunk this step), the newest of the tenant that holds the
-        most blocks, leaving every tenant its oldest running sequence; the newest of them all
-        when each is its tenant's oldest. So a tenant whose many long sequences fill the pool
-        gives up its own blocks rather than another tenant's one request, and every tenant
-        keeps making progress."""
-        oldest, blocks = self._oldest_by_tenant(), self._blocks_by_tenant()
-        pending = {id(s) for s in rest if s.status == SeqStatus.RUNNING}
-        later = [s for s in reversed(self.running) if id(s) in pending]  # newest first
-        candidates = [s for s in later if oldest[s.tenant] is not s]
-        # max keeps the first of equals: the newest candidate of the tenant holding the most
-        return max(candidates, key=lambda s: len(blocks[s.tenant]), default=later[0])
 
     def _blocks_needed(self, seq: Sequence, end: int) -> int:
         bs = self.config.block_size
@@ -278,83 +242,25 @@ class Scheduler:
         self.waiting.setdefault(seq.tenant, deque()).appendleft(seq)
         out.preempted.append(seq)
 
-    def _share_seats(self, out: SchedulerOutput) -> None:
-        """With every seat taken, preempt the newest sequences of tenants above their share,
-        one per sequence that a tenant below its share could start now, up to that share.
-        Victims keep at least their share; sequences scoring their prompt (echo: nothing to
-        take from the cache) are not preempted for this."""
-        cap = self.config.max_num_seqs
-        if len(self.running) < cap:
-            return
-        queued = {t: q for t, q in self.waiting.items() if q}
-        if not queued:
-            return
-        running = Counter(s.tenant for s in self.running)
-        share = max(1, cap // len(running.keys() | queued.keys()))
-        wanted = sum(
-            min(share - running[t], len(q))
-            for t, q in queued.items()
-            if running[t] < share and self._startable(q)
-        )
-        for seq in reversed(list(self.running)):  # newest first
-            if wanted == 0:
-                return
-            if running[seq.tenant] > share and not seq.scores_prompt:
-                self._preempt(seq, out)
-                self.num_share_preemptions += 1
-                running[seq.tenant] -= 1
-                wanted -= 1
-
-    def _share_blocks(self, out: SchedulerOutput) -> None:
-        """When the last admission found no room for a sequence of a tenant holding fewer
-        blocks than its share (the pool over the tenants running or waiting), even after
-        evicting every cached block it could, preempt sequences of tenants above their share
-        until the blocks no running sequence holds would fit it: each the newest of the tenant
-        holding the most, every tenant keeping its oldest running sequence (and sequences
-        scoring their prompt, which have nothing cached to resume from). So a tenant whose long
-        sequences fill the pool does not hold another tenant's request off until they end; the
-        preempted sequences resume later, mostly from the prefix cache."""
+    def _give_way(self, out: SchedulerOutput) -> None:
+        """Preempt what the fair shares ask (``fair_share``): sequences of tenants above their
+        share of the seats, for waiting sequences of tenants below it that could start now;
+        then, when the last admission found no room for a sequence of a tenant below its share
+        of the KV pool, sequences of tenants above theirs until it fits."""
+        seats = self.config.max_num_seqs
+        victims = fair_share.seat_victims(self.running, self.waiting, seats, self._startable)
+        for seq in victims:
+            self._preempt(seq, out)
         short, self._short = self._short, None
-        if short is None or not self.waiting.get(short[0]):
-            return
-        tenant, need = short
-        queued = {t for t, q in self.waiting.items() if q}
-        blocks = self._blocks_by_tenant()
-        share = self.pool.num_blocks // len(blocks.keys() | queued)
-        # Blocks no running sequence holds are free or cached and unreferenced: admission
-        # frees them by eviction.
-        while (
-            len(blocks.get(tenant, ())) < share
-            and self.pool.num_blocks - len(set().union(*blocks.values())) < need
-        ):
-            oldest = self._oldest_by_tenant()
-            candidates = [
-                s
-                for s in reversed(self.running)
-                if len(blocks[s.tenant]) > share
-                and oldest[s.tenant] is not s
-                and not s.scores_prompt
-            ]
-            if not candidates:
-                return
-            victim = max(candidates, key=lambda s: len(blocks[s.tenant]))
-            self._preempt(victim, out)
-            self.num_share_preemptions += 1
-            blocks = self._blocks_by_tenant()
-
-    def _blocks_by_tenant(self) -> dict[str, set[int]]:
-        """The distinct blocks each tenant's running sequences hold (shared ones count once)."""
-        blocks: dict[str, set[int]] = {}
-        for s in self.running:
-            blocks.setdefault(s.tenant, set()).update(s.block_table)
-        return blocks
-
-    def _oldest_by_tenant(self) -> dict[str, Sequence]:
-        """Each tenant's earliest admitted running sequence."""
-        oldest: dict[str, Sequence] = {}
-        for s in self.running:
-            oldest.setdefault(s.tenant, s)
-        return oldest
+        if short is not None:
+            tenant, need = short
+            blocks = fair_share.block_victims(
+                self.running, self.waiting, self.pool.num_blocks, tenant, need
+            )
+            victims.extend(blocks)
+            for seq in blocks:
+                self._preempt(seq, out)
+        self.num_share_preemptions += len(victims)
 
     def _startable(self, queue: deque[Sequence]) -> bool:
         """Whether admission could start one of ``queue``'s first sequences now (not all
@@ -384,7 +290,7 @@ class Scheduler:
             if not self._ensure_free(need):
                 self.pool.decref(cached)
                 seq.block_table = []
-                self._short = (seq.tenant, need)  # for the next step's _share_blocks
+                self._short = (seq.tenant, need)  # for the next step's fair_share.block_victims
                 return budget
             seq.block_table.extend(self.pool.allocate(need))
             self.waiting[seq.tenant].remove(seq)

@@ -33,7 +33,8 @@ def seq(rid, key, virtual=(), tenant="t"):
 def test_the_plan_needs_no_torch():
     code = (
         "import sys\n"
-        "import server.engine.scheduler, server.engine.batch, server.engine.flat\n"
+        "import server.engine.scheduler, server.engine.fair_share, server.engine.batch\n"
+        "import server.engine.flat\n"
         "import server.engine.prefix_tree, server.engine.kv_cache, server.engine.request\n"
         "print('torch' in sys.modules)\n"
     )
