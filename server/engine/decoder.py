@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from server.engine import attention
-from server.engine.attention import AttentionMetadata
+from server.engine.attention_metadata import AttentionMetadata
 
 # Decoder layers whose forward is: RMSNorm, q/k/v projections, rotary embedding, attention,
 # o projection, residual; RMSNorm, gated MLP, residual (transformers 5's Llama, Mistral and

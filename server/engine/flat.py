@@ -2,7 +2,7 @@
 
 ``flatten`` turns a ``BatchPlan`` into cu_seqlens-style offsets, per-row positions and cache
 slots, padded block tables, and each chunk's shared-prefix group, in one vectorized pass (no
-Python loop over sequences or rows). The reference backend (``attention.build_metadata``)
+Python loop over sequences or rows). The reference backend (``attention_metadata.build_metadata``)
 derives its padded batches from these; a fused kernel or a CUDA graph would read them as they
 are. Slots: ``slot = block_id * block_size + position % block_size``.
 """

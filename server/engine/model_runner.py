@@ -19,7 +19,7 @@ import torch
 
 from adapters_store.tiers import LRUTier
 from server.engine import attention, decoder, native, triton_attention
-from server.engine.attention import build_metadata
+from server.engine.attention_metadata import BACKENDS, build_metadata
 from server.engine.batch import BatchPlan
 from server.engine.cpu_kernels import route_linears
 from server.engine.cuda_decode import CudaDecoder, PendingWindow, Window
@@ -275,8 +275,8 @@ def _attention_backend(model: PreTrainedModel, asked: str) -> str:
     machine: "native" where its kernel can run (a CPU model in float32 or bfloat16, the kernel
     built), else "fused". Raises ValueError for an unknown name, or for "native" where it
     cannot run (saying why)."""
-    if asked != "auto" and asked not in attention.BACKENDS:
-        choices = ("auto", *attention.BACKENDS)
+    if asked != "auto" and asked not in BACKENDS:
+        choices = ("auto", *BACKENDS)
         raise ValueError(f"attention backend {asked!r}: expected one of {choices}")
     if asked not in ("auto", "native"):
         return asked

@@ -11,11 +11,11 @@ import torch
 from server.engine.attention import (
     _gather,
     attend,
-    build_metadata,
     merge,
     paged_attention_forward,
     prefix_attention,
 )
+from server.engine.attention_metadata import build_metadata
 from server.engine.batch import Chunk, SharedGroup, build_plan
 from server.engine.flat import flatten
 from server.engine.request import SamplingParams, Sequence

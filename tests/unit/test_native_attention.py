@@ -19,7 +19,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.engine import native
-from server.engine.attention import PaddedBatch, _attend_native, _attend_padded
+from server.engine.attention import _attend_native, _attend_padded
+from server.engine.attention_metadata import PaddedBatch
 from server.engine.model_runner import ModelRunner
 
 
