@@ -15,6 +15,10 @@ it does less work than transformers, it does so without changing a value:
 - rotary embedding multiplies by a sine whose first half is negated and by the input rolled
   by half a head, which is ``rotate_half(x) * sin`` term by term (a negation is exact);
 - the finiteness of a layer's new keys and values is settled by one sum (``attention``);
+- where ``cpu_kernels`` packed a layer's q/k/v (or gate/up) weights together, one call of the
+  native product gives the group's outputs side by side and the queries' and keys' heads are
+  rotated in one call: that product sums each output column on its own, so every
+  projection's columns have the bits of its own call;
 - products and sums whose operand is a fresh tensor of this step (a projection's output, a
   norm's or rotary's intermediate) are written into it in place (``a * b`` is ``b * a`` and
   ``a + b`` is ``b + a`` to the last bit), so each layer allocates fewer activation-sized
