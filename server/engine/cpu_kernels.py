@@ -308,8 +308,9 @@ def _route_joint(
         return False
     weight = torch.cat([m.weight.detach() for m in linears])
     packed = _pack_panels(weight, width)
-    biases = [_padded_bias(m, width) for m in linears]
-    bias = torch.cat([b for b in biases if b is not None]) if biases[0] is not None else None
+    # Whole panels each: the members' biases side by side need no padding.
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([m.bias.detach().float() for m in linears]) if has_bias else None
     panel = 0
     for m in linears:
         panels = m.out_features // width
