@@ -53,6 +53,17 @@
 #define NR (DL_NV * DL_VLEN) /* output columns per panel */
 #define KB 64                /* terms per register sum */
 #define RB 256               /* rows per block: a block's rows stay in cache across its panels */
+#define PANEL_ROW (NR * 4)   /* bytes per panel row: NR floats, or NR pairs of bfloat16 */
+
+/* The rows of the next panel a tile fetches into the cache as it runs (see each_tile). */
+typedef struct {
+    const char *at; /* the first row's bytes */
+    int64_t rows;   /* how many: one per step of the tile's loop over the panel, from its start */
+} Ahead;
+
+static inline __attribute__((always_inline)) void fetch_ahead(Ahead ahead, int64_t i) {
+    for (int b = 0; b < PANEL_ROW; b += 64) __builtin_prefetch(ahead.at + i * PANEL_ROW + b);
+}
 
 typedef float dl_vf __attribute__((vector_size(4 * DL_VLEN)));
 static inline dl_vf dl_load(const float *p) {
@@ -82,23 +93,34 @@ static inline void dl_store(float *p, dl_vf v) { memcpy(p, &v, sizeof v); }
         default: tile(1, __VA_ARGS__); break;    \
     }
 
+/* One step of a tile's loop: x[r, i] times the panel's row i, added to the tile's sums. */
+static inline __attribute__((always_inline)) void dl_step(
+    const int mr, const float *x, int64_t xs, const float *panel, int64_t i, dl_vf acc[MR][DL_NV]) {
+    dl_vf w[DL_NV];
+    for (int j = 0; j < DL_NV; j++) w[j] = dl_load(panel + i * NR + j * DL_VLEN);
+    for (int r = 0; r < mr; r++) {
+        float xv = x[r * xs + i];
+        for (int j = 0; j < DL_NV; j++) acc[r][j] += xv * w[j];
+    }
+}
+
 /* One tile: rows [0, mr) of x (row stride xs) against one panel; the sums go to sums[mr][NR].
  * mr is a constant at every call site, so the sums live in registers. */
 static inline __attribute__((always_inline)) void dl_tile(
-    const int mr, const float *x, int64_t xs, const float *panel, int64_t k, float sums[MR][NR]) {
+    const int mr, const float *x, int64_t xs, const float *panel, int64_t k, float sums[MR][NR],
+    Ahead ahead) {
     for (int64_t k0 = 0; k0 < k; k0 += KB) {
         int64_t k1 = k0 + KB < k ? k0 + KB : k;
         dl_vf acc[MR][DL_NV];
         for (int r = 0; r < mr; r++)
             for (int j = 0; j < DL_NV; j++) acc[r][j] = (dl_vf){0};
-        for (int64_t i = k0; i < k1; i++) {
-            dl_vf w[DL_NV];
-            for (int j = 0; j < DL_NV; j++) w[j] = dl_load(panel + i * NR + j * DL_VLEN);
-            for (int r = 0; r < mr; r++) {
-                float xv = x[r * xs + i];
-                for (int j = 0; j < DL_NV; j++) acc[r][j] += xv * w[j];
-            }
+        /* The steps that fetch ahead, then the rest: no test in the loop that has none. */
+        const int64_t fetching = ahead.rows < k0 ? k0 : ahead.rows < k1 ? ahead.rows : k1;
+        for (int64_t i = k0; i < fetching; i++) {
+            fetch_ahead(ahead, i);
+            dl_step(mr, x, xs, panel, i, acc);
         }
+        for (int64_t i = fetching; i < k1; i++) dl_step(mr, x, xs, panel, i, acc);
         for (int r = 0; r < mr; r++)
             for (int j = 0; j < DL_NV; j++) {
                 dl_vf a = acc[r][j];
@@ -123,13 +145,13 @@ int64_t linear_job_size(void) { return (int64_t)sizeof(LinearJob); }
 int64_t linear_panel_width(void) { return NR; }
 
 /* Rows [r0, r0 + mr) of the job against panel p: sums, bias, stored. */
-static void dl_rows(const LinearJob *job, int64_t r0, int mr, int64_t p) {
+static void dl_rows(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead ahead) {
     float sums[MR][NR];
     const int64_t k = job->k, c0 = p * NR, xs = job->x_stride;
     const int64_t cols = job->n - c0 < NR ? job->n - c0 : NR;
     const float *panel = (const float *)job->packed + p * k * NR;
     const float *xr = (const float *)job->x + r0 * xs;
-    BY_ROWS(dl_tile, mr, xr, xs, panel, k, sums);
+    BY_ROWS(dl_tile, mr, xr, xs, panel, k, sums, ahead);
     for (int r = 0; r < mr; r++) {
         if (job->bias)
             for (int j = 0; j < DL_NV; j++)
@@ -139,45 +161,76 @@ static void dl_rows(const LinearJob *job, int64_t r0, int mr, int64_t p) {
     }
 }
 
-typedef void (*RowsFn)(const LinearJob *job, int64_t r0, int mr, int64_t p);
+typedef void (*RowsFn)(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead ahead);
 
-/* Row blocks of RB rows, each against every panel; a task owns whole (block, panel) pairs and
- * runs `rows` on each tile of up to `mr` rows (at most MR). */
-static void each_tile(const LinearJob *job, RowsFn rows, int mr) {
+/* Row blocks of RB rows, each against every panel (of panel_rows rows); a task owns whole
+ * (block, panel) pairs and runs `rows` on each tile of up to `mr` rows (at most MR).
+ *
+ * Fetching ahead: at decode sizes a panel's first tile reads it from memory and the tiles after
+ * it re-read it from the cache, during which the memory would idle, so the step took as long
+ * as the two phases end to end. Where a block holds at least two full tiles, each of its tiles
+ * fetches an equal share of the next panel's rows into the cache as it runs (the loop steps
+ * that fetch are apart from those that do not, so a block of many tiles, where each fetches
+ * little, pays no test per step). Same arithmetic, same bits. Measured on a 2-core AVX2 EPYC,
+ * all of SmolLM2-135M's products in a row (a C loop, best of 15, five alternating runs): 16
+ * rows, a W1 decode step, 34.5-39.9 ms against 37.8-47.2 ms without; 64 rows 101.6-111.7 ms
+ * against 106.7-116.7; 4 rows (nothing fetched) and 512 rows within the host's noise. */
+static void each_tile(const LinearJob *job, RowsFn rows, int mr, int64_t panel_rows) {
     const int64_t panels = (job->n + NR - 1) / NR, blocks = (job->m + RB - 1) / RB;
+    const char *packed = job->packed;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(job->threads)
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t p = 0; p < panels; p++) {
-            const int64_t end = (b + 1) * RB < job->m ? (b + 1) * RB : job->m;
-            for (int64_t r0 = b * RB; r0 < end; r0 += mr)
-                rows(job, r0, end - r0 < mr ? (int)(end - r0) : mr, p);
+            const int64_t start = b * RB, end = (b + 1) * RB < job->m ? (b + 1) * RB : job->m;
+            const int64_t tiles = (end - start + mr - 1) / mr;
+            const int64_t share =
+                end - start >= 2 * mr && p + 1 < panels ? (panel_rows + tiles - 1) / tiles : 0;
+            for (int64_t t = 0; t < tiles; t++) {
+                Ahead ahead = {NULL, 0};
+                if (share && t * share < panel_rows) {
+                    const int64_t first = t * share;
+                    ahead.at = packed + ((p + 1) * panel_rows + first) * PANEL_ROW;
+                    ahead.rows = panel_rows - first < share ? panel_rows - first : share;
+                }
+                const int64_t r0 = start + t * mr;
+                rows(job, r0, end - r0 < mr ? (int)(end - r0) : mr, p, ahead);
+            }
         }
 }
 
-void linear_product(const LinearJob *job) { each_tile(job, dl_rows, MR); }
+void linear_product(const LinearJob *job) { each_tile(job, dl_rows, MR, job->k); }
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 
+/* One step of a bfloat16 tile: the pair of x[r, 2p], x[r, 2p + 1] times the panel's pair row p. */
+static inline __attribute__((always_inline)) void bf_step(
+    const int mr, const uint16_t *x, int64_t xs, const uint16_t *panel, int64_t p,
+    __m512 acc[MR][DL_NV]) {
+    __m512bh w[DL_NV];
+    for (int j = 0; j < DL_NV; j++)
+        w[j] = (__m512bh)_mm512_loadu_si512(panel + (p * NR + j * DL_VLEN) * 2);
+    for (int r = 0; r < mr; r++) {
+        int32_t pair;
+        memcpy(&pair, x + r * xs + 2 * p, sizeof pair);
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+        for (int j = 0; j < DL_NV; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, w[j]);
+    }
+}
+
 /* One bfloat16 tile: rows [0, mr) of x against one pair-packed panel, float32 sums in sums. */
 static inline __attribute__((always_inline)) void bf_tile(
     const int mr, const uint16_t *x, int64_t xs, const uint16_t *panel, int64_t k,
-    float sums[MR][NR]) {
+    float sums[MR][NR], Ahead ahead) {
     __m512 acc[MR][DL_NV];
     for (int r = 0; r < mr; r++)
         for (int j = 0; j < DL_NV; j++) acc[r][j] = _mm512_setzero_ps();
-    const int64_t pairs = k / 2;
-    for (int64_t p = 0; p < pairs; p++) {
-        __m512bh w[DL_NV];
-        for (int j = 0; j < DL_NV; j++)
-            w[j] = (__m512bh)_mm512_loadu_si512(panel + (p * NR + j * DL_VLEN) * 2);
-        for (int r = 0; r < mr; r++) {
-            int32_t pair;
-            memcpy(&pair, x + r * xs + 2 * p, sizeof pair);
-            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-            for (int j = 0; j < DL_NV; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], xv, w[j]);
-        }
+    const int64_t pairs = k / 2, fetching = ahead.rows < pairs ? ahead.rows : pairs;
+    for (int64_t p = 0; p < fetching; p++) {
+        fetch_ahead(ahead, p);
+        bf_step(mr, x, xs, panel, p, acc);
     }
+    for (int64_t p = fetching; p < pairs; p++) bf_step(mr, x, xs, panel, p, acc);
     if (k & 1) { /* the last k alone: its pair's second weight is a zero of the packing */
         __m512bh w[DL_NV];
         for (int j = 0; j < DL_NV; j++)
@@ -191,13 +244,13 @@ static inline __attribute__((always_inline)) void bf_tile(
         for (int j = 0; j < DL_NV; j++) _mm512_storeu_ps(&sums[r][j * DL_VLEN], acc[r][j]);
 }
 
-static void bf_rows(const LinearJob *job, int64_t r0, int mr, int64_t p) {
+static void bf_rows(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead ahead) {
     float sums[MR][NR];
     const int64_t k = job->k, c0 = p * NR, xs = job->x_stride;
     const int64_t cols = job->n - c0 < NR ? job->n - c0 : NR;
     const uint16_t *panel = (const uint16_t *)job->packed + p * ((k + 1) / 2) * NR * 2;
     const uint16_t *xr = (const uint16_t *)job->x + r0 * xs;
-    BY_ROWS(bf_tile, mr, xr, xs, panel, k, sums);
+    BY_ROWS(bf_tile, mr, xr, xs, panel, k, sums, ahead);
     for (int r = 0; r < mr; r++) {
         uint16_t out[NR];
         for (int j = 0; j < DL_NV; j++) {
@@ -212,7 +265,7 @@ static void bf_rows(const LinearJob *job, int64_t r0, int mr, int64_t p) {
 
 int linear_bf16_available(void) { return 1; }
 
-void linear_product_bf16(const LinearJob *job) { each_tile(job, bf_rows, MR); }
+void linear_product_bf16(const LinearJob *job) { each_tile(job, bf_rows, MR, (job->k + 1) / 2); }
 int linear_bf16_widens(void) { return 0; }
 #else
 /* Without AVX512-BF16 (on AVX2 CPUs, where neither oneDNN nor torch has a fast bfloat16
@@ -231,9 +284,30 @@ int linear_bf16_widens(void) { return 0; }
 
 typedef uint32_t dl_vu __attribute__((vector_size(4 * DL_VLEN)));
 
+/* One step of a widening tile: x's pair i of the block (widened in xf) times the panel's pair
+ * row p, the even and odd weights widened to float32. */
+static inline __attribute__((always_inline)) void bw_step(
+    const int mr, float xf[MR][2 * KP], int64_t i, const uint16_t *panel, int64_t p,
+    dl_vf acc[MR][DL_NV]) {
+    dl_vf even[DL_NV], odd[DL_NV];
+    for (int j = 0; j < DL_NV; j++) {
+        dl_vu raw;
+        memcpy(&raw, panel + (p * NR + j * DL_VLEN) * 2, sizeof raw);
+        even[j] = (dl_vf)(raw << 16);
+        odd[j] = (dl_vf)(raw & 0xffff0000u);
+    }
+    for (int r = 0; r < mr; r++) {
+        const float xe = xf[r][2 * i], xo = xf[r][2 * i + 1];
+        for (int j = 0; j < DL_NV; j++) {
+            acc[r][j] += xe * even[j];
+            acc[r][j] += xo * odd[j];
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void bw_tile(
     const int mr, const uint16_t *x, int64_t xs, const uint16_t *panel, int64_t k,
-    float sums[MR][NR]) {
+    float sums[MR][NR], Ahead ahead) {
     dl_vf acc[MR][DL_NV];
     float xf[MR][2 * KP];
     for (int r = 0; r < mr; r++)
@@ -246,34 +320,24 @@ static inline __attribute__((always_inline)) void bw_tile(
             for (int64_t i = i0; i < i1; i++) xf[r][i - i0] = bf16_load(x + r * xs + i);
             if (i1 < 2 * p1) xf[r][i1 - i0] = 0.0f; /* an odd k: the padding's partner */
         }
-        for (int64_t p = p0; p < p1; p++) {
-            dl_vf even[DL_NV], odd[DL_NV];
-            for (int j = 0; j < DL_NV; j++) {
-                dl_vu raw;
-                memcpy(&raw, panel + (p * NR + j * DL_VLEN) * 2, sizeof raw);
-                even[j] = (dl_vf)(raw << 16);
-                odd[j] = (dl_vf)(raw & 0xffff0000u);
-            }
-            for (int r = 0; r < mr; r++) {
-                const float xe = xf[r][2 * (p - p0)], xo = xf[r][2 * (p - p0) + 1];
-                for (int j = 0; j < DL_NV; j++) {
-                    acc[r][j] += xe * even[j];
-                    acc[r][j] += xo * odd[j];
-                }
-            }
+        const int64_t fetching = ahead.rows < p0 ? p0 : ahead.rows < p1 ? ahead.rows : p1;
+        for (int64_t p = p0; p < fetching; p++) {
+            fetch_ahead(ahead, p);
+            bw_step(mr, xf, p - p0, panel, p, acc);
         }
+        for (int64_t p = fetching; p < p1; p++) bw_step(mr, xf, p - p0, panel, p, acc);
     }
     for (int r = 0; r < mr; r++)
         for (int j = 0; j < DL_NV; j++) dl_store(&sums[r][j * DL_VLEN], acc[r][j]);
 }
 
-static void bw_rows(const LinearJob *job, int64_t r0, int mr, int64_t p) {
+static void bw_rows(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead ahead) {
     float sums[MR][NR];
     const int64_t k = job->k, c0 = p * NR, xs = job->x_stride;
     const int64_t cols = job->n - c0 < NR ? job->n - c0 : NR;
     const uint16_t *panel = (const uint16_t *)job->packed + p * ((k + 1) / 2) * NR * 2;
     const uint16_t *xr = (const uint16_t *)job->x + r0 * xs;
-    BY_ROWS(bw_tile, mr, xr, xs, panel, k, sums);
+    BY_ROWS(bw_tile, mr, xr, xs, panel, k, sums, ahead);
     for (int r = 0; r < mr; r++) {
         uint16_t *y = (uint16_t *)job->y + (r0 + r) * job->y_stride + c0;
         for (int64_t c = 0; c < cols; c++)
@@ -285,5 +349,5 @@ int linear_bf16_available(void) { return 1; }
 
 int linear_bf16_widens(void) { return 1; }
 
-void linear_product_bf16(const LinearJob *job) { each_tile(job, bw_rows, MRW); }
+void linear_product_bf16(const LinearJob *job) { each_tile(job, bw_rows, MRW, (job->k + 1) / 2); }
 #endif

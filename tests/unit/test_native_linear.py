@@ -77,7 +77,7 @@ def test_product_within_the_float32_bound(rows: int, out_features: int, in_featu
     assert bool((err <= error_bound(x, layer)).all()), float(err.max())
 
 
-@pytest.mark.parametrize("rows", [1, 9, 257])
+@pytest.mark.parametrize("rows", [1, 9, 16, 40, 257])
 def test_integer_products_are_exact(rows: int) -> None:
     """Small integers multiply and add exactly in float32 (every partial sum stays below
     2**24), so the product must equal the integer product to the last bit, whatever order
