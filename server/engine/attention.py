@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from server.engine import native
+from server.engine import cpu_layers, native
 from server.engine.attention_metadata import AttentionMetadata, PaddedBatch
 
 ATTENTION_NAME = "prefix_serve"
@@ -307,6 +307,10 @@ def write_and_attend(
     then attend. query: ``[Hq, T, D]`` -> ``[Hq, T, D]``."""
     k_cache = meta.kv_cache[layer, 0]
     v_cache = meta.kv_cache[layer, 1]
+    if meta.backend == "native" and cpu_layers.write_kv(
+        key, value, k_cache, v_cache, meta.slot_mapping, meta.nonfinite
+    ):
+        return prefix_attention(query, k_cache, v_cache, meta, scale)
     if not _all_finite(key, value):
         bad = ~(_finite_rows(key) & _finite_rows(value))
         meta.nonfinite |= bad

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from server.engine import attention
+from server.engine import attention, cpu_layers
 from server.engine.attention_metadata import AttentionMetadata
 
 # Decoder layers whose forward is: RMSNorm, q/k/v projections, rotary embedding, attention,
@@ -76,7 +76,11 @@ def _is_rms_norm(norm: object) -> bool:
 
 
 def _rms_norm(x: torch.Tensor, norm: Any) -> torch.Tensor:
-    """transformers' RMSNorm: float32 statistics, the weight applied in the input's dtype."""
+    """transformers' RMSNorm: float32 statistics, the weight applied in the input's dtype; the
+    module's own forward where it was routed to the native kernel (``cpu_layers``)."""
+    if getattr(norm, "_ps_layer", False):
+        out: torch.Tensor = norm.forward(x)
+        return out
     dtype = x.dtype
     h = x if dtype == torch.float32 else x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
@@ -89,6 +93,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     """``x * cos + rotate_half(x) * sin`` for ``x [T, H, D]``: ``rotate_half(x)`` is ``x``
     rolled by half a head with its first half negated, and the negation is moved onto the sine
     (``signed_sin``), which gives the same products exactly."""
+    rotated = cpu_layers.rotate(x, cos, signed_sin)  # the same operators in one native call
+    if rotated is not None:
+        return rotated
     half = x.shape[-1] // 2
     return torch.mul(x, cos).add_(x.roll(half, dims=-1).mul_(signed_sin))
 
@@ -144,21 +151,26 @@ def _project_qkv(
 
 def _gated(mlp: Any, h: torch.Tensor) -> torch.Tensor:
     """The gated MLP's input to its down projection: ``act(gate(h)) * up(h)``, the two
-    projections in one call where they have a joint product."""
+    projections in one call where they have a joint product, and the activation and product
+    in one native call where the activation was routed to it (``cpu_layers``: the same SiLU
+    values, each times ``up`` with one rounding, as torch's product)."""
     joint = getattr(mlp, "_ps_gate_up", None)
     both = joint(h) if joint is not None else None
-    gated: torch.Tensor
-    if both is None:
-        gated = mlp.act_fn.forward(mlp.gate_proj.forward(h)).mul_(mlp.up_proj.forward(h))
-        return gated
     width = mlp.gate_proj.out_features
-    gate = both[:, :width]
-    if width % 64:
+    if both is None:
+        gate, up = mlp.gate_proj.forward(h), mlp.up_proj.forward(h)
+    else:
+        gate, up = both[:, :width], both[:, width:]
+    if getattr(mlp.act_fn, "_ps_layer", False):
+        gated = cpu_layers.silu_gate(gate, up)
+        if gated is not None:
+            return gated
+    if both is not None and width % 64:
         # torch's activation kernels take a row's last few values (what is left of whole
         # vectors) one at a time, and rows of the joint output end where a contiguous gate's
         # would not: measured here (torch 2.13, AVX2), SiLU of a 37 x w slice of a wider
         # tensor differed from SiLU of its contiguous copy in 2-21 values at 11 of 12 widths
         # w from 3 to 130, none a multiple of 16.
         gate = gate.contiguous()
-    gated = mlp.act_fn.forward(gate).mul_(both[:, width:])
-    return gated
+    out: torch.Tensor = mlp.act_fn.forward(gate).mul_(up)
+    return out

@@ -22,6 +22,7 @@ from server.engine import attention, decoder, native, triton_attention
 from server.engine.attention_metadata import BACKENDS, build_metadata
 from server.engine.batch import BatchPlan
 from server.engine.cpu_kernels import route_linears
+from server.engine.cpu_layers import route_layers
 from server.engine.cuda_decode import CudaDecoder, PendingWindow, Window
 from server.engine.decoder import run_decoder
 from server.engine.flat import FlatBatch, flatten
@@ -95,6 +96,8 @@ class ModelRunner:
     ) -> None:
         self.attention_backend = _attention_backend(model, attention_backend)
         self.routed_linears = route_linears(model, linear_backend)
+        # RMSNorm and SiLU to the native kernels too, unless every route is off.
+        self.routed_layers = route_layers(model) if linear_backend != "torch" else 0
         # The decoder stack as a plain loop over the model's modules (same bits, less Python);
         # transformers' forward for any other architecture, or when asked.
         self.direct_decoder = direct_decoder and decoder.supports(model)

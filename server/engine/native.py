@@ -1,6 +1,7 @@
 """The CPU's native kernels, built on first use, loaded with ctypes: the paged attention kernel
-(``paged_attention.c``) and the linear product (``linear.c``: float32, and bfloat16 where the
-CPU has AVX512-BF16).
+(``paged_attention.c``), the linear product (``linear.c``: float32, and bfloat16 where the
+CPU has AVX512-BF16) and a layer's small operators (``layers.c``: RMSNorm, the SiLU gate,
+the cache write).
 
 The kernels are plain C files that need only libc, libm and OpenMP, so they are compiled on the
 machine that runs them rather than shipped compiled: the first engine start runs the C compiler
@@ -38,8 +39,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.c", "linear.c"))
-HEADERS = (Path(__file__).with_name("bf16.h"),)  # included by the sources: part of the key
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("paged_attention.c", "linear.c", "layers.c")
+)
+# Included by the sources: part of the key.
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16.h", "vec.h"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 
@@ -198,6 +202,15 @@ def load() -> Kernel:
     lib.linear_product_bf16.restype = None
     lib.linear_bf16_available.restype = ctypes.c_int
     lib.linear_bf16_widens.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.rms_norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int32]
+    lib.rms_norm.restype = None
+    lib.silu_gate.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ctypes.c_int32]
+    lib.silu_gate.restype = None
+    lib.rotate_heads.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int32]
+    lib.rotate_heads.restype = None
+    lib.write_kv.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64]
+    lib.write_kv.restype = i64
     if lib.paged_attention_job_size() != ctypes.sizeof(
         Job
     ) or lib.linear_job_size() != ctypes.sizeof(LinearJob):

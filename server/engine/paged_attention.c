@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "vec.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -39,13 +40,11 @@
 #define PAIR_DOT 0
 #endif
 
-#if defined(__AVX512F__)
-#define VLEN 16 /* floats per vector */
-#define ROWS 4  /* query rows per tile: 16 score vectors + 4 key vectors of 32 registers */
+#if VLEN == 16
+#define ROWS 4 /* query rows per tile: 16 score vectors + 4 key vectors of 32 registers */
 #else
-/* AVX2 and others: 8-float vectors (a 16-float one would be split in two, and a tile's scores
- * spilled out of the 16 registers), 2 rows a tile: 8 score vectors + 4 key vectors. */
-#define VLEN 8
+/* AVX2 (16 registers of 8 floats): a tile's scores would spill out of the registers past 2
+ * rows a tile: 8 score vectors + 4 key vectors. */
 #define ROWS 2
 #endif
 #define SUB 4              /* vectors of keys per block */
@@ -72,9 +71,6 @@ typedef struct {
     int32_t bf16, threads;
 } Job;
 
-typedef float vf __attribute__((vector_size(4 * VLEN)));
-typedef float vfu __attribute__((vector_size(4 * VLEN), aligned(4))); /* vf at any address */
-typedef int32_t vi __attribute__((vector_size(4 * VLEN)));
 typedef uint8_t vb __attribute__((vector_size(VLEN)));
 
 /* n values of a float32 or bfloat16 array from element `offset`, as float32 into dst. */
@@ -86,9 +82,6 @@ static inline void load_row(float *dst, const void *base, int64_t offset, int64_
         memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
     }
 }
-
-/* Lane by lane: a where `mask` is -1, b where it is 0 (what a vector comparison gives). */
-static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 /* The block's mask as vector lanes (-1: hidden, or past the block's `count` keys; 0: seen);
  * returns whether any key is seen. A full block's 64 flags are read as whole vectors. */
@@ -117,25 +110,6 @@ static inline int block_mask(const uint8_t *mask, int64_t count, vi masked[SUB])
     for (int b = 0; b < VLEN; b++)
         if (seen[b]) return 1;
     return 0;
-}
-
-/* exp(x) lane by lane for x <= 0 (a score minus the running maximum), to about 2 ulp (libm's
- * expf takes one value at a time); 0 below -87, so a masked score's -inf gives exactly 0. */
-static inline vf exp_v(vf x) {
-    const vi under = x < -87.0f;
-    const vf lo = select(under, (vf){0} - 87.0f, x);
-    const vf t = lo * 1.44269504f;
-    const vf k = (t + 12582912.0f) - 12582912.0f; /* round to the nearest integer */
-    const vf r = (lo - k * 0.693145752f) - k * 1.42860677e-6f; /* |r| <= ln2 / 2 */
-    vf p = r * 1.98756912e-4f + 1.39819994e-3f;
-    p = p * r + 8.33345205e-3f;
-    p = p * r + 4.16657962e-2f;
-    p = p * r + 1.66666672e-1f;
-    p = p * r + 5.00000000e-1f;
-    p = p * r * r + r + 1.0f;
-    const vi two = (__builtin_convertvector(k, vi) + 127) << 23;
-    const vf y = p * (vf)two;
-    return (vf)((vi)y & ~under);
 }
 
 /* The calling thread's working buffer, at least `floats` long (64-byte aligned), kept for the

@@ -142,9 +142,9 @@ def test_product_wheel_holds_only_server_and_adapters_store(tmp_path):
         assert top == {"server", "adapters_store", "prefix_serve-0.1.0.dist-info"}, top
         assert not [n for n in names if re.search(r"local_redis|bench_registry", n)]
         # The native kernels' sources travel with the engine (built where they run).
-        assert "server/engine/paged_attention.c" in names
-        assert "server/engine/linear.c" in names
-        assert "server/engine/bf16.h" in names
+        sources = sorted(p.name for p in (ROOT / "server" / "engine").glob("*.[ch]"))
+        assert {"paged_attention.c", "linear.c", "layers.c", "bf16.h", "vec.h"} <= set(sources)
+        assert [s for s in sources if f"server/engine/{s}" not in names] == []
         metadata = wheel.read("prefix_serve-0.1.0.dist-info/METADATA").decode()
         entry_points = wheel.read("prefix_serve-0.1.0.dist-info/entry_points.txt").decode()
     assert "prefix-serve = server.cli:main" in entry_points

@@ -1,0 +1,41 @@
+/* The CPU kernels' vectors (gcc / clang vector extensions at the widest float width the
+ * compiler targets) and the lane-by-lane helpers more than one kernel uses. */
+#ifndef PREFIX_SERVE_VEC_H
+#define PREFIX_SERVE_VEC_H
+
+#include <stdint.h>
+
+#if defined(__AVX512F__)
+#define VLEN 16 /* floats per vector */
+#else
+/* AVX2 and others: 8-float vectors (a 16-float one would be split in two halves). */
+#define VLEN 8
+#endif
+
+typedef float vf __attribute__((vector_size(4 * VLEN)));
+typedef float vfu __attribute__((vector_size(4 * VLEN), aligned(4))); /* vf at any address */
+typedef int32_t vi __attribute__((vector_size(4 * VLEN)));
+
+/* Lane by lane: a where `mask` is -1, b where it is 0 (what a vector comparison gives). */
+static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* exp(x) lane by lane for x <= 0, to about 2 ulp (libm's expf takes one value at a time); 0
+ * below -87, so -inf gives exactly 0; a NaN stays NaN. */
+static inline vf exp_v(vf x) {
+    const vi under = x < -87.0f;
+    const vf lo = select(under, (vf){0} - 87.0f, x);
+    const vf t = lo * 1.44269504f;
+    const vf k = (t + 12582912.0f) - 12582912.0f; /* round to the nearest integer */
+    const vf r = (lo - k * 0.693145752f) - k * 1.42860677e-6f; /* |r| <= ln2 / 2 */
+    vf p = r * 1.98756912e-4f + 1.39819994e-3f;
+    p = p * r + 8.33345205e-3f;
+    p = p * r + 4.16657962e-2f;
+    p = p * r + 1.66666672e-1f;
+    p = p * r + 5.00000000e-1f;
+    p = p * r * r + r + 1.0f;
+    const vi two = (__builtin_convertvector(k, vi) + 127) << 23;
+    const vf y = p * (vf)two;
+    return (vf)((vi)y & ~under);
+}
+
+#endif
