@@ -49,6 +49,9 @@
 #endif
 #define SUB 4              /* vectors of keys per block */
 #define BLOCK (SUB * VLEN) /* keys per block */
+/* Blocks ahead whose rows are fetched: in W1's run (T = 4) on a 2-core AVX2 EPYC the kernel's
+ * decode calls took 0.366-0.390 s four blocks ahead against 0.411-0.421 s one block ahead. */
+#define DISTANCE 4
 #define MAX_HEAD_DIM 256
 
 typedef struct {
@@ -394,11 +397,14 @@ static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
     const int64_t cache_base = kv_head * job->cache_head_stride, elem = job->bf16 ? 2 : 4;
     for (int64_t start = 0; start < job->width; start += BLOCK) {
         const int64_t count = job->width - start < BLOCK ? job->width - start : BLOCK;
-        /* The next block's rows are fetched while this one is computed: the cache is
-         * usually cold here (each layer's weights have just streamed through). */
-        const int64_t left = job->width - start - count, ahead = left < BLOCK ? left : BLOCK;
-        for (int64_t b = 0; b < ahead; b++) {
-            const int64_t at = (cache_base + slots[start + count + b] * d) * elem;
+        /* The rows DISTANCE blocks ahead are fetched while this one is computed (at the
+         * first block, every block up to there): the cache is usually cold here (each layer's
+         * weights have just streamed through), and one block ahead is too little time for the
+         * memory to deliver a block. */
+        const int64_t from = start == 0 ? count : start + DISTANCE * BLOCK;
+        const int64_t to = start + (DISTANCE + 1) * BLOCK < job->width ? start + (DISTANCE + 1) * BLOCK : job->width;
+        for (int64_t key = from; key < to; key++) {
+            const int64_t at = (cache_base + slots[key] * d) * elem;
             for (int64_t byte = 0; byte < d * elem; byte += 64) {
                 __builtin_prefetch((const char *)job->k + at + byte);
                 __builtin_prefetch((const char *)job->v + at + byte);
