@@ -1,10 +1,12 @@
 """A decoder layer's small operators on the CPU, through the native kernels (``layers.c``):
-RMSNorm and the SiLU activation in float32, and the step's keys and values written into the
-paged cache (float32 or bfloat16).
+RMSNorm, the SiLU activation and gate, and the rotary embedding in float32, and the step's
+keys and values written into the paged cache (float32 or bfloat16).
 
 At decode sizes torch spends more on dispatching these operator chains than on their
-arithmetic (measured on a 2-core AVX2 EPYC at 16 rows: RMSNorm 24 us, the SiLU gate 44 us, the
-cache write with its finiteness check 58 us per layer); here each is one call.
+arithmetic. Measured on a 2-core AVX2 EPYC at 16 rows, per call from Python: RMSNorm over 576
+values 24-29 us through torch, 7.7 us here; the SiLU gate over 1,536 42-47 against 27 us;
+rotary over 12 heads 16.8 against 9.5 us; the cache write with its finiteness check 21 against
+13.6 us.
 
 ``route_layers`` replaces the forward of every RMSNorm and SiLU module of a float32 CPU model
 with the native one, as ``cpu_kernels`` does for the linear layers, so transformers' forward and
@@ -44,8 +46,8 @@ def _lib() -> Any:
 def _rows(x: torch.Tensor) -> torch.Tensor | None:
     """``x`` as ``[rows, width]`` rows with unit stride (itself where it is 2-D with unit
     stride, the decoder loop's case; else a view or a copy), or None where it is not a
-    float32 CPU tensor. (Each torch call here costs about a microsecond, which is what a
-    decode step's call of these kernels costs in all.)"""
+    float32 CPU tensor. (Each torch call here costs about a microsecond, a sizeable share of
+    a decode-sized call: hence the early return.)"""
     if not x.is_cpu or x.dtype != torch.float32 or x.dim() == 0:
         return None
     if x.dim() == 2 and x.stride(1) == 1:
