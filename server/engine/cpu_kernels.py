@@ -241,10 +241,14 @@ def _native_product(
     most = max_rows if max_rows is not None else float("inf")
 
     def product(x: torch.Tensor) -> torch.Tensor | None:
-        rows = x.numel() // in_features if in_features else 0
+        # A 2-D input (the decoder loop's) is used and answered as it is: a reshape and a view
+        # cost about 2 and 4 us from Python, more than a 16-row step's smaller products'
+        # bookkeeping otherwise.
+        flat_in = x.dim() == 2 and x.shape[1] == in_features
+        rows = x.shape[0] if flat_in else x.numel() // in_features if in_features else 0
         if not 0 < rows <= most:
             return None
-        flat = x.reshape(rows, in_features)
+        flat = x if flat_in else x.reshape(rows, in_features)
         if flat.dtype != weight.dtype or flat.stride(-1) != 1:
             return None
         y = torch.empty(rows, out_features, dtype=weight.dtype)
@@ -252,7 +256,7 @@ def _native_product(
             job.x, job.x_stride, job.y, job.m = flat.data_ptr(), flat.stride(0), y.data_ptr(), rows
             job.threads = torch.get_num_threads()
             run()
-        return y.view(*x.shape[:-1], out_features)
+        return y if flat_in else y.view(*x.shape[:-1], out_features)
 
     return product
 

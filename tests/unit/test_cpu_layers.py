@@ -10,7 +10,7 @@ import torch
 from test_native_attention import tiny_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from server.engine import cpu_layers, native
+from server.engine import cpu_layers, decoder, native
 from server.engine.decoder import _rotate
 
 WIDTHS = [1, 7, 31, 32, 33, 64, 100, 576]
@@ -170,3 +170,34 @@ def test_a_module_computing_something_else_is_not_routed() -> None:
     holder.norm = LlamaRMSNorm()
     assert cpu_layers.route_layers(holder) == 0
     assert not hasattr(holder.norm, "_ps_layer")
+
+
+def test_without_the_kernels_the_decoder_keeps_torch_operators(monkeypatch) -> None:
+    """With the kernels off (``PREFIX_SERVE_NATIVE=0``; likewise without a compiler) nothing is
+    routed and the decoder loop's norms, rotation and gate are torch's operators, equal to
+    the modules' own forwards; the cache write declines, leaving it to torch's path."""
+    native.load.cache_clear()
+    monkeypatch.setenv("PREFIX_SERVE_NATIVE", "0")
+    try:
+        assert native.load().lib is None
+        model = tiny_llama()
+        assert cpu_layers.route_layers(model) == 0
+        layer = model.model.layers[0]
+        gen = torch.Generator().manual_seed(4)
+        x = torch.randn(5, 2, 16, generator=gen)
+        cos, signed_sin = torch.randn(2, 5, 1, 16, generator=gen)
+        assert cpu_layers.rotate(x, cos, signed_sin) is None
+        want = torch.mul(x, cos).add_(x.roll(8, dims=-1).mul_(signed_sin))
+        assert torch.equal(decoder._rotate(x, cos, signed_sin), want)
+        h = torch.randn(3, 32, generator=gen)
+        with torch.no_grad():
+            mlp = layer.mlp
+            gated = mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h)
+            assert torch.equal(decoder._gated(mlp, h), gated)
+            assert torch.equal(decoder._rms_norm(h, model.model.norm), model.model.norm(h))
+        cache = torch.zeros(2, 10, 16)
+        k = torch.randn(2, 3, 16, generator=gen)
+        flags = torch.zeros(3, dtype=torch.bool)
+        assert not cpu_layers.write_kv(k, k, cache, cache.clone(), torch.tensor([1, 2, 3]), flags)
+    finally:
+        native.load.cache_clear()
