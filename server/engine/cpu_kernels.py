@@ -242,8 +242,8 @@ def _native_product(
 
     def product(x: torch.Tensor) -> torch.Tensor | None:
         # A 2-D input (the decoder loop's) is used and answered as it is: a reshape and a view
-        # cost about 2 and 4 us from Python, more than a 16-row step's smaller products'
-        # bookkeeping otherwise.
+        # cost about 2 and 4 us each from Python (a 16 x 576 -> 576 call measured 88.8 us this
+        # way against 100.4 us through the general path).
         flat_in = x.dim() == 2 and x.shape[1] == in_features
         rows = x.shape[0] if flat_in else x.numel() // in_features if in_features else 0
         if not 0 < rows <= most:

@@ -1,5 +1,6 @@
-/* A decoder layer's small operators on the CPU: RMSNorm and the SiLU gate in float32, and the
- * step's keys and values written into the paged cache (float32 or bfloat16).
+/* A decoder layer's small operators on the CPU: RMSNorm, the SiLU gate and the rotary embedding
+ * in float32, and the step's keys and values written into the paged cache (float32 or
+ * bfloat16).
  *
  * In torch each is a chain of operators (RMSNorm: a square, a mean, an addition, a reciprocal
  * square root, two products; the gate: SiLU, then a product; the cache: a finiteness check and
@@ -23,8 +24,9 @@
 #include "vec.h"
 
 /* Calls over more values than these split their rows between the threads (below, starting
- * the threads costs more than it saves). */
-#define PARALLEL_NORM 65536
+ * the threads costs more than it saves): RMSNorm and rotary, which do little per value, and
+ * SiLU, whose exp and division do more. */
+#define PARALLEL_LIGHT 65536
 #define PARALLEL_SILU 16384
 
 /* out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight, for rows r of x (row stride x_stride);
@@ -32,7 +34,7 @@
  * transformers' RMSNorm does. */
 void rms_norm(const float *x, int64_t x_stride, const float *weight, float *out, int64_t rows,
               int64_t width, float eps, int32_t threads) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (rows * width > PARALLEL_NORM)
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * width > PARALLEL_LIGHT)
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * x_stride;
         float *o = out + r * width;
@@ -116,7 +118,7 @@ SEPARATE_ROUNDINGS_FN void rotate_heads(const float *x, int64_t x_stride, const 
                                         int64_t heads, int64_t head_dim, int32_t threads) {
     SEPARATE_ROUNDINGS
     const int64_t half = head_dim / 2;
-#pragma omp parallel for schedule(static) num_threads(threads) if (tokens * heads * head_dim > PARALLEL_NORM)
+#pragma omp parallel for schedule(static) num_threads(threads) if (tokens * heads * head_dim > PARALLEL_LIGHT)
     for (int64_t t = 0; t < tokens; t++) {
         const float *c = cos + t * head_dim, *s = signed_sin + t * head_dim;
         for (int64_t h = 0; h < heads; h++) {
