@@ -2,7 +2,7 @@
 exact and float64 products, and its routing's refusals.
 
 The kernel packs the weight into panels of 32 output columns (the last padded with zeros),
-takes rows in register tiles of 8 and blocks of 256, and sums each output over blocks of 64
+takes rows in register tiles of 8 and in blocks of at most 256 (split evenly), and sums each output over blocks of 64
 terms; the shapes below cross each of those edges (row counts around 8 and 256, column counts
 that are not a multiple of 32, inner sizes that are not a multiple of 64, a bias, inputs whose
 rows are not contiguous).
@@ -77,7 +77,9 @@ def test_product_within_the_float32_bound(rows: int, out_features: int, in_featu
     assert bool((err <= error_bound(x, layer)).all()), float(err.max())
 
 
-@pytest.mark.parametrize("rows", [1, 9, 16, 40, 257])
+# 312, 621 and 1,235 rows: blocks of 156, 210 + 210 + 201 and 4 x 252 + 227 rows (the rows split
+# evenly over the fewest blocks of at most 256, in whole tiles).
+@pytest.mark.parametrize("rows", [1, 9, 16, 40, 257, 312, 621, 1235])
 def test_integer_products_are_exact(rows: int) -> None:
     """Small integers multiply and add exactly in float32 (every partial sum stays below
     2**24), so the product must equal the integer product to the last bit, whatever order
