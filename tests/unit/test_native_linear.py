@@ -2,10 +2,10 @@
 exact and float64 products, and its routing's refusals.
 
 The kernel packs the weight into panels of 32 output columns (the last padded with zeros),
-takes rows in register tiles of 8 and in blocks of at most 256 (split evenly), and sums each output over blocks of 64
-terms; the shapes below cross each of those edges (row counts around 8 and 256, column counts
-that are not a multiple of 32, inner sizes that are not a multiple of 64, a bias, inputs whose
-rows are not contiguous).
+takes rows in register tiles of 8 and in blocks of at most 256 (split evenly), and sums each
+output over blocks of 64 terms; the shapes below cross each of those edges (row counts around 8
+and 256, column counts that are not a multiple of 32, inner sizes that are not a multiple of
+64, a bias, inputs whose rows are not contiguous).
 """
 
 from __future__ import annotations
