@@ -14,10 +14,9 @@
  * W[p*NR .. p*NR+NR, :] transposed, [K][NR], so one k step reads NR consecutive floats; the last
  * panel is padded with zero columns. Rows are taken in blocks of at most RB, of equal size (a
  * block's rows stay in the cache while its panels stream past) and a task owns whole (row
- * block, panel) pairs. For each
- * tile of up to MR rows it keeps MR x NR sums in vector registers and, for each k, adds
- * x[r, k] times the panel's row k to them; the panel stays in the core's cache while the row
- * tiles after the first re-read it.
+ * block, panel) pairs. For each tile of up to MR rows it keeps MR x NR sums in vector registers
+ * and, for each k, adds x[r, k] times the panel's row k to them; the panel stays in the core's
+ * cache while the row tiles after the first re-read it.
  *
  * Rounding: each output is summed over k in blocks of KB terms (a fresh register sum per
  * block, the blocks' sums added in order), so no running sum carries more than KB terms;
@@ -164,8 +163,8 @@ static void dl_rows(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead a
 
 typedef void (*RowsFn)(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead ahead);
 
-/* Row blocks of at most RB rows, each against every panel (of panel_rows rows); a task owns whole
- * (block, panel) pairs and runs `rows` on each tile of up to `mr` rows (at most MR).
+/* Row blocks of at most RB rows, each against every panel (of panel_rows rows); a task owns
+ * whole (block, panel) pairs and runs `rows` on each tile of up to `mr` rows (at most MR).
  *
  * Fetching ahead: at decode sizes a panel's first tile reads it from memory and the tiles after
  * it re-read it from the cache, during which the memory would idle, so the step took as long

@@ -51,7 +51,7 @@
  * row's broadcast value), a block's 4 vectors of scores in two passes. The earlier 2 rows by 4
  * vectors (8 sums) left the compiler reading each key vector from memory once per row, so its
  * loops waited on loads: on a 2-core AVX2 EPYC, W1's prefill calls took 20-25% less time with
- * 6 x 2 (one thread, hot caches: 10.9 against 13.0-13.5 ms for a 4 x 312-query batch) and
+ * 6 x 2 (one thread, hot caches: 10.9 against 13.1-13.5 ms for a 4 x 312-query batch) and
  * decode calls as long or less; 3 x 4, 4 x 2 and 5 x 2 were no faster. Same arithmetic per
  * row, in the same order: the same bits. */
 #define ROWS 6
@@ -349,9 +349,10 @@ static inline void pair_sums(const uint16_t *wh, const uint32_t *values, int64_t
 
 /* One (unit, kv head): every live query of the unit under each of the kv head's query heads,
  * against blocks of BLOCK keys, ROWS query rows at a time (they share each load of a key or a
- * value; PART vectors of the block's scores, and of the rows' sums, at a time). Head dimensions are padded with zeros to a multiple of SUB * VLEN in the task's own
- * buffers, and the rows to a multiple of ROWS with dead ones, so the inner loops run on whole
- * vectors and whole tiles. Each row's arithmetic is its own, in the same order as one row
+ * value; PART vectors of the block's scores, and of the rows' sums, at a time). Head
+ * dimensions are padded with zeros to a multiple of SUB * VLEN in the task's own buffers, and
+ * the rows to a multiple of ROWS with dead ones, so the inner loops run on whole vectors and
+ * whole tiles. Each row's arithmetic is its own, in the same order as one row
  * alone: a NaN stays in its row. */
 static int run_task(const Job *job, int64_t unit, int64_t kv_head) {
     const int64_t d = job->head_dim, group = job->q_heads / job->kv_heads;
