@@ -176,6 +176,7 @@ typedef void (*RowsFn)(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahea
  * rows, a W1 decode step, 34.5-39.9 ms against 37.8-47.2 ms without; 64 rows 101.6-111.7 ms
  * against 106.7-116.7; 4 rows (nothing fetched) and 512 rows within the host's noise. */
 static void each_tile(const LinearJob *job, RowsFn rows, int mr, int64_t panel_rows) {
+    if (job->m < 1) return; /* no rows: nothing to write (and no blocks to divide them into) */
     const int64_t panels = (job->n + NR - 1) / NR, least = (job->m + RB - 1) / RB;
     /* The rows split evenly over the fewest blocks, in whole tiles: the static split hands
      * each thread an equal run of (block, panel) pairs, so blocks of unequal size left a

@@ -96,6 +96,21 @@ def test_integer_products_are_exact(rows: int) -> None:
         assert torch.equal(layer(x), want)
 
 
+def test_no_rows_writes_nothing() -> None:
+    """The kernel called directly with no rows (the Python wrapper never asks for that) returns
+    without touching its output: the row blocks are counted from the rows."""
+    weight = torch.randn(40, 48, generator=torch.Generator().manual_seed(0))
+    packed = cpu_kernels._pack_panels(weight, native.load().panel_width)
+    x, y = torch.ones(1, 48), torch.full((1, 40), 7.0)
+    job = native.LinearJob(packed=packed.data_ptr(), n=40, y_stride=40, k=48, threads=2)
+    job.x, job.x_stride, job.y, job.m = x.data_ptr(), 48, y.data_ptr(), 0
+    native.linear_runner(job)()
+    assert torch.equal(y, torch.full((1, 40), 7.0))
+    job.m = 1  # the same job with its row: the product
+    native.linear_runner(job)()
+    assert torch.allclose(y.double(), x.double() @ weight.double().T, rtol=1e-5, atol=1e-5)
+
+
 def test_inputs_of_any_layout_and_batch_shape() -> None:
     """Rows a stride apart (a slice of a wider tensor) are read in place; a leading batch
     shape is kept; an input whose last dimension is not contiguous takes the layer's own
