@@ -77,8 +77,9 @@ def test_product_within_the_float32_bound(rows: int, out_features: int, in_featu
     assert bool((err <= error_bound(x, layer)).all()), float(err.max())
 
 
-# 312, 621 and 1,235 rows: blocks of 156, 210 + 210 + 201 and 4 x 252 + 227 rows (the rows split
-# evenly over the fewest blocks of at most 256, in whole tiles).
+# 312, 621 and 1,235 rows: the rows split evenly over the fewest blocks of at most 256, in whole
+# tiles (with AVX2's 6-row tiles: 2 x 156, 210 + 210 + 201, 4 x 252 + 227; with AVX-512's 8-row
+# tiles: 160 + 152, 208 + 208 + 205, 4 x 248 + 243).
 @pytest.mark.parametrize("rows", [1, 9, 16, 40, 257, 312, 621, 1235])
 def test_integer_products_are_exact(rows: int) -> None:
     """Small integers multiply and add exactly in float32 (every partial sum stays below
