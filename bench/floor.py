@@ -61,9 +61,9 @@ def measure_rates(hidden: int, dtype: torch.dtype, seconds: float = 2.0) -> Mach
     """Matmul rates at the model's width and the read bandwidth of a 512 MiB tensor (a sum:
     one pass, little arithmetic), with the threads torch is set to use; each the best of five
     short windows. The matmul rate is the fastest of torch's product, the same product widened
-    to float32 (for narrower dtypes) and, where it runs here (float32, the native kernels
-    built), the engine's own native product: the floor must not be slower than a product this
-    machine is known to run."""
+    to float32 (for narrower dtypes) and, where the engine routes this dtype to it here, the
+    engine's own native product: the floor must not be slower than a product this machine is
+    known to run."""
     big = torch.randn(512, hidden).to(dtype)
     w = torch.randn(hidden, 3 * hidden).to(dtype)
     work = 2 * 512 * hidden * 3 * hidden
@@ -76,11 +76,12 @@ def measure_rates(hidden: int, dtype: torch.dtype, seconds: float = 2.0) -> Mach
     layer = torch.nn.Linear(hidden, 3 * hidden, bias=False).to(dtype)
     holder = torch.nn.Module()
     holder.layer = layer
-    # Bfloat16 is not routed here: where oneDNN has a bfloat16 product the engine's route
-    # takes decode-sized calls only (at 512 rows torch's product, measured above); where it
-    # has none, the engine's widening product runs every call at below the widened float32
-    # rate measured above (AVX2 EPYC, 512 x 576 x 1536: 120 GFLOP/s against 165).
-    routed = dtype == torch.float32 and route_linears(holder, "auto")
+    # Routed as the engine routes it. In bfloat16 where oneDNN has a product, the engine's
+    # route takes decode-sized calls only, so 512 rows measure torch's product again; where
+    # oneDNN has none (AVX2), every call takes the native product, which widens 512 rows to
+    # float32 once and runs the float32 tiles (on a 2-core AVX2 EPYC: 176-184 GFLOP/s on W1's
+    # shapes, against 165 for torch's product widened to float32).
+    routed = route_linears(holder, "auto")
     if routed and hasattr(layer, "_ps_native"):
         with torch.no_grad():
             matmul = max(matmul, _rate(lambda: layer(big), work, seconds))

@@ -29,11 +29,16 @@
  * Widening bfloat16 to float32 and running the float32 tiles was measured 1.3-2.5x slower than
  * oneDNN; the pair instruction does twice a float32 FMA's work.
  * Without AVX512-BF16 (AVX2 CPUs, where neither oneDNN nor torch multiplies bfloat16 fast),
- * the bfloat16 product widens each pair to float32 on the float32 instructions (end of file):
- * measured on a 2-core AVX2 EPYC against the float32 product on the same shapes, 0.9-1.2x its
- * time from 16 to 512 rows, and 3-5x faster than torch's bfloat16 product at 16 rows.
+ * the bfloat16 product widens bfloat16 to float32 and multiplies on the float32 instructions
+ * (end of file): each pair as it goes for calls of a few rows, the inputs and panels once for
+ * larger calls. Measured on a 2-core AVX2 EPYC, W1's four projection shapes hot: at 16 rows
+ * 0.82 ms against float32's 0.75, from 156 to 1,235 rows 176-184 GFLOP/s against float32's
+ * 167-179 (widening each pair as it went: 137-143); 3-5x faster than torch's bfloat16 product
+ * at 16 rows.
  */
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -175,14 +180,20 @@ typedef void (*RowsFn)(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahea
  * all of SmolLM2-135M's products in a row (a C loop, best of 15, five alternating runs): 16
  * rows, a W1 decode step, 34.5-39.9 ms against 37.8-47.2 ms without; 64 rows 101.6-111.7 ms
  * against 106.7-116.7; 4 rows (nothing fetched) and 512 rows within the host's noise. */
+/* The rows of each block: m rows split evenly over the fewest blocks of at most RB, in whole
+ * tiles of mr. The static split hands each thread an equal run of (block, panel) pairs, so
+ * blocks of unequal size left a thread idle (312 rows as 256 + 56 rows: 102-110 GFLOP/s on
+ * W1's shapes with 2 threads on a 2-core AVX2 EPYC, 178-183 as 2 x 156). Which block a row is
+ * in changes no sum. m >= 1. */
+static int64_t block_rows_of(int64_t m, int mr) {
+    const int64_t least = (m + RB - 1) / RB;
+    return ((m + least - 1) / least + mr - 1) / mr * mr;
+}
+
 static void each_tile(const LinearJob *job, RowsFn rows, int mr, int64_t panel_rows) {
     if (job->m < 1) return; /* no rows: nothing to write (and no blocks to divide them into) */
-    const int64_t panels = (job->n + NR - 1) / NR, least = (job->m + RB - 1) / RB;
-    /* The rows split evenly over the fewest blocks, in whole tiles: the static split hands
-     * each thread an equal run of (block, panel) pairs, so blocks of unequal size left a
-     * thread idle (312 rows as 256 + 56 rows: 102-110 GFLOP/s on W1's shapes with 2 threads on
-     * a 2-core AVX2 EPYC, 178-183 as 2 x 156). Which block a row is in changes no sum. */
-    const int64_t block_rows = ((job->m + least - 1) / least + mr - 1) / mr * mr;
+    const int64_t panels = (job->n + NR - 1) / NR;
+    const int64_t block_rows = block_rows_of(job->m, mr);
     const int64_t blocks = (job->m + block_rows - 1) / block_rows;
     const char *packed = job->packed;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(job->threads)
@@ -339,13 +350,10 @@ static inline __attribute__((always_inline)) void bw_tile(
         for (int j = 0; j < DL_NV; j++) dl_store(&sums[r][j * DL_VLEN], acc[r][j]);
 }
 
-static void bw_rows(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead ahead) {
-    float sums[MR][NR];
-    const int64_t k = job->k, c0 = p * NR, xs = job->x_stride;
-    const int64_t cols = job->n - c0 < NR ? job->n - c0 : NR;
-    const uint16_t *panel = (const uint16_t *)job->packed + p * ((k + 1) / 2) * NR * 2;
-    const uint16_t *xr = (const uint16_t *)job->x + r0 * xs;
-    BY_ROWS(bw_tile, mr, xr, xs, panel, k, sums, ahead);
+/* A tile's float32 sums, plus the bias, each rounded once to bfloat16 into rows [r0, r0 + mr)
+ * of y at panel p's columns. */
+static void bw_store(const LinearJob *job, int64_t r0, int mr, int64_t p, float sums[MR][NR]) {
+    const int64_t c0 = p * NR, cols = job->n - c0 < NR ? job->n - c0 : NR;
     for (int r = 0; r < mr; r++) {
         uint16_t *y = (uint16_t *)job->y + (r0 + r) * job->y_stride + c0;
         for (int64_t c = 0; c < cols; c++)
@@ -353,9 +361,94 @@ static void bw_rows(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead a
     }
 }
 
+static void bw_rows(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead ahead) {
+    float sums[MR][NR];
+    const int64_t k = job->k, xs = job->x_stride;
+    const uint16_t *panel = (const uint16_t *)job->packed + p * ((k + 1) / 2) * NR * 2;
+    const uint16_t *xr = (const uint16_t *)job->x + r0 * xs;
+    BY_ROWS(bw_tile, mr, xr, xs, panel, k, sums, ahead);
+    bw_store(job, r0, mr, p, sums);
+}
+
+/* Calls of at least WIDE_ROWS rows widen once and multiply on the float32 tiles: the input
+ * rows to float32 once per call, each panel once per row block (into a buffer of the thread's,
+ * [2 * pairs][NR]: a pair row's even and odd weights as two float32 rows), so the tiles run
+ * the float32 product's loop (MR rows, 2 loads a step) rather than widening every weight for
+ * every tile of MRW rows. Each output is the same single float32 sum over k in the same order
+ * (the odd k's zero padding included) with the same fused multiply-adds as bw_tile's, so a
+ * row has the same bits whichever path its call takes. Measured on a 2-core AVX2 EPYC, all of
+ * SmolLM2-135M's layer products in a row (weights from memory, best of 7): 16 rows 26.7 ms
+ * widening each pair against 35.1 widening once (the once-widened panel is written and
+ * re-read, and fetches nothing ahead), 24 rows 38.8 against 41.3, 32 rows 51.0 against 52.0,
+ * 40 rows 62.4 against 61.2, 64 rows 97.9 against 89.6, 96 rows 146.7 against 123.9. */
+#define WIDE_ROWS 32
+
+static inline __attribute__((always_inline)) void bp_tile(
+    const int mr, const float *x, int64_t xs, const float *panel, int64_t k, float sums[MR][NR]) {
+    dl_vf acc[MR][DL_NV];
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < DL_NV; j++) acc[r][j] = (dl_vf){0};
+    for (int64_t i = 0; i < k; i++) dl_step(mr, x, xs, panel, i, acc);
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < DL_NV; j++) dl_store(&sums[r][j * DL_VLEN], acc[r][j]);
+}
+
+/* Panel `pair_panel` ([pairs][NR][2] bfloat16) as float32 rows [2 * pairs][NR] in `out`. */
+static void widen_panel(const uint16_t *pair_panel, int64_t pairs, float *out) {
+    for (int64_t p = 0; p < pairs; p++)
+        for (int j = 0; j < DL_NV; j++) {
+            dl_vu raw;
+            memcpy(&raw, pair_panel + (p * NR + j * DL_VLEN) * 2, sizeof raw);
+            dl_store(out + 2 * p * NR + j * DL_VLEN, (dl_vf)(raw << 16));
+            dl_store(out + (2 * p + 1) * NR + j * DL_VLEN, (dl_vf)(raw & 0xffff0000u));
+        }
+}
+
+/* The product through widened rows and panels (see WIDE_ROWS); returns 0 where its buffers
+ * cannot be had (the caller then runs the widening tiles). */
+static int widened_product(const LinearJob *job) {
+    const int64_t m = job->m, pairs = (job->k + 1) / 2, kp = 2 * pairs;
+    const int64_t panels = (job->n + NR - 1) / NR;
+    const int threads = job->threads > 0 ? job->threads : 1;
+    float *x = malloc((size_t)(m * kp) * sizeof(float));
+    float *scratch = malloc((size_t)(threads * kp * NR) * sizeof(float));
+    if (!x || !scratch) {
+        free(x);
+        free(scratch);
+        return 0;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < m; r++) {
+        const uint16_t *src = (const uint16_t *)job->x + r * job->x_stride;
+        for (int64_t i = 0; i < job->k; i++) x[r * kp + i] = bf16_load(src + i);
+        if (job->k < kp) x[r * kp + job->k] = 0.0f; /* an odd k: the padding's partner */
+    }
+    const int64_t block_rows = block_rows_of(m, MR);
+    const int64_t blocks = (m + block_rows - 1) / block_rows;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t p = 0; p < panels; p++) {
+            float *panel = scratch + omp_get_thread_num() * kp * NR;
+            widen_panel((const uint16_t *)job->packed + p * pairs * NR * 2, pairs, panel);
+            const int64_t end = (b + 1) * block_rows < m ? (b + 1) * block_rows : m;
+            for (int64_t r0 = b * block_rows; r0 < end; r0 += MR) {
+                float sums[MR][NR];
+                const int mr = end - r0 < MR ? (int)(end - r0) : MR;
+                BY_ROWS(bp_tile, mr, x + r0 * kp, kp, panel, kp, sums);
+                bw_store(job, r0, mr, p, sums);
+            }
+        }
+    free(x);
+    free(scratch);
+    return 1;
+}
+
 int linear_bf16_available(void) { return 1; }
 
 int linear_bf16_widens(void) { return 1; }
 
-void linear_product_bf16(const LinearJob *job) { each_tile(job, bw_rows, MRW, (job->k + 1) / 2); }
+void linear_product_bf16(const LinearJob *job) {
+    if (job->m >= WIDE_ROWS && widened_product(job)) return;
+    each_tile(job, bw_rows, MRW, (job->k + 1) / 2);
+}
 #endif

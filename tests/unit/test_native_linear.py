@@ -209,7 +209,9 @@ def routed_bf16(out_features: int, in_features: int, bias: bool, seed: int) -> t
     return layer
 
 
-@pytest.mark.parametrize("rows", [1, 7, 8, 9, 16, 64])
+# Without AVX512-BF16, calls of 32 rows or more widen the inputs and panels once and run the
+# float32 tiles, fewer widen each pair as they go: row counts on both sides.
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 16, 31, 32, 64, 300])
 @pytest.mark.parametrize(("out_features", "in_features"), [*SHAPES, (70, 33)])
 def test_bfloat16_product_within_half_a_step(rows: int, out_features: int, in_features: int):
     """Float32 sums of exact pair products, one rounding to bfloat16: each output lies within
@@ -228,7 +230,7 @@ def test_bfloat16_product_within_half_a_step(rows: int, out_features: int, in_fe
     assert bool((err <= 2.0**-8 * (want.abs() + summed) + summed + 1e-30).all())
 
 
-@pytest.mark.parametrize(("rows", "in_features"), [(1, 64), (9, 33), (64, 130)])
+@pytest.mark.parametrize(("rows", "in_features"), [(1, 64), (9, 33), (40, 33), (64, 130)])
 def test_bfloat16_integer_products_are_exact(rows: int, in_features: int) -> None:
     """Products and sums of small integers are exact in float32 and the results (below 256)
     exact in bfloat16: a dropped, repeated or misplaced pair, or the odd input's padding read
@@ -259,6 +261,21 @@ def test_bfloat16_rows_a_stride_apart_and_any_thread_count() -> None:
         contiguous = layer(sliced.contiguous())
     one, many = on_one_and_many_threads(layer, sliced)
     assert torch.equal(one, contiguous) and torch.equal(many, contiguous)
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(300, 96), (70, 33), (576, 1536)])
+def test_bfloat16_rows_have_the_same_bits_in_calls_of_any_size(out_features, in_features):
+    """A row's output does not depend on the rows it is multiplied with: a 300-row call equals,
+    bit for bit, the same rows in calls of 1 to 37 rows (without AVX512-BF16, calls on both
+    sides of the 32 rows where the product switches to widening once per call)."""
+    layer = routed_bf16(out_features, in_features, bias=True, seed=in_features)
+    x = torch.randn(300, in_features, generator=torch.Generator().manual_seed(4))
+    x = (x * 4).to(torch.bfloat16)
+    with torch.no_grad():
+        whole = layer(x)
+        for size in (1, 16, 31, 32, 37):
+            parts = torch.cat([layer(x[i : i + size]) for i in range(0, 300, size)])
+            assert torch.equal(parts, whole), size
 
 
 def test_panel_width_follows_the_cpus_vectors() -> None:
