@@ -1,6 +1,6 @@
 """A decoder layer's small operators on the CPU, through the native kernels (``layers.c``):
-RMSNorm, the SiLU activation and gate, and the rotary embedding in float32, and the step's
-keys and values written into the paged cache (float32 or bfloat16).
+RMSNorm, the SiLU activation and gate, and the rotary embedding, and the step's keys and
+values written into the paged cache, each in float32 or bfloat16.
 
 At decode sizes torch spends more on dispatching these operator chains than on their
 arithmetic. Measured on a 2-core AVX2 EPYC at 16 rows, per call from Python: RMSNorm over 576
@@ -8,13 +8,19 @@ values 24-29 us through torch, 7.7 us here; the SiLU gate over 1,536 42-47 again
 rotary over 12 heads 16.8 against 9.5 us; the cache write with its finiteness check 21 against
 13.6 us.
 
-``route_layers`` replaces the forward of every RMSNorm and SiLU module of a float32 CPU model
-with the native one, as ``cpu_kernels`` does for the linear layers, so transformers' forward and
-the engine's own decoder loop (``decoder.py``) compute the same values. The native RMSNorm sums
-a row's squares in another order than torch, and its SiLU takes another ``exp``: each is
-checked against the module's own forward on random rows once at load (a module whose forward
-computes something else, say a new transformers version's, keeps it), and the engine's
-exactness tests compare the whole model with the hand reference as before.
+In bfloat16 torch's chains cost more still (each operator widens and rounds): in W1's engine
+profile on the same EPYC (``prefix-serve bench profile --dtype bfloat16``) the work outside the
+products and attention took 0.24 s in prefill and 0.38 s in decode through torch, against
+float32's 0.14 and 0.23 s through these kernels. The bfloat16 kernels round where torch's
+operators round (``layers.c``).
+
+``route_layers`` replaces the forward of every RMSNorm and SiLU module of a float32 or
+bfloat16 CPU model with the native one, as ``cpu_kernels`` does for the linear layers, so
+transformers' forward and the engine's own decoder loop (``decoder.py``) compute the same
+values. The native RMSNorm sums a row's squares in another order than torch, and its SiLU takes
+another ``exp``: each is checked against the module's own forward on random rows once at load
+(a module whose forward computes something else, say a new transformers version's, keeps it),
+and the engine's exactness tests compare the whole model with the hand reference as before.
 """
 
 from __future__ import annotations
@@ -43,12 +49,20 @@ def _lib() -> Any:
     return lib
 
 
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _kernel(name: str, dtype: torch.dtype) -> Any:
+    """The native kernel ``name`` (``native.LAYER_KERNELS``) for ``dtype`` (one of DTYPES)."""
+    return getattr(_lib(), name if dtype == torch.float32 else f"{name}_bf16")
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor | None:
     """``x`` as ``[rows, width]`` rows with unit stride (itself where it is 2-D with unit
     stride, the decoder loop's case; else a view or a copy), or None where it is not a
-    float32 CPU tensor. (Each torch call here costs about a microsecond, a sizeable share of
-    a decode-sized call: hence the early return.)"""
-    if not x.is_cpu or x.dtype != torch.float32 or x.dim() == 0:
+    float32 or bfloat16 CPU tensor. (Each torch call here costs about a microsecond, a
+    sizeable share of a decode-sized call: hence the early return.)"""
+    if not x.is_cpu or x.dtype not in DTYPES or x.dim() == 0:
         return None
     if x.dim() == 2 and x.stride(1) == 1:
         return x
@@ -62,14 +76,15 @@ def _shaped(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """transformers' RMSNorm of float32 ``x [..., width]`` (a new tensor), or None where the
-    native kernel does not take ``x``. ``weight``: float32, contiguous, ``[width]``."""
+    """transformers' RMSNorm of ``x [..., width]`` (a new tensor), or None where the native
+    kernel does not take ``x``. ``weight``: contiguous, ``[width]``, of ``x``'s dtype
+    (float32 or bfloat16)."""
     flat = _rows(x)
-    if flat is None or flat.shape[1] != weight.shape[0]:
+    if flat is None or flat.shape[1] != weight.shape[0] or weight.dtype != x.dtype:
         return None  # (a width that is not the weight's: the module's own forward says why)
     rows, width = flat.shape
-    out = torch.empty(rows, width)
-    _lib().rms_norm(
+    out = torch.empty(rows, width, dtype=x.dtype)
+    _kernel("rms_norm", x.dtype)(
         flat.data_ptr(),
         flat.stride(0),
         weight.data_ptr(),
@@ -83,16 +98,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 
 def silu_gate(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor | None:
-    """SiLU of float32 ``gate [..., width]``, times ``up`` (same shape) where given, as a new
-    tensor; or None where the native kernel does not take the inputs. The SiLU values have the
-    same bits with and without ``up``."""
+    """SiLU of ``gate [..., width]``, times ``up`` (same shape and dtype) where given, as a new
+    tensor; or None where the native kernel does not take the inputs (float32 or bfloat16).
+    The SiLU values have the same bits with and without ``up``."""
     g = _rows(gate)
     u = _rows(up) if up is not None else None
     if g is None or (up is not None and (u is None or up.shape != gate.shape)):
         return None
+    if up is not None and up.dtype != gate.dtype:
+        return None
     rows, width = g.shape
-    out = torch.empty(rows, width)
-    _lib().silu_gate(
+    out = torch.empty(rows, width, dtype=gate.dtype)
+    _kernel("silu_gate", gate.dtype)(
         g.data_ptr(),
         g.stride(0),
         u.data_ptr() if u is not None else None,
@@ -106,23 +123,23 @@ def silu_gate(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tenso
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor | None:
-    """The rotary embedding of float32 ``x [T, H, D]`` (heads contiguous within a row, any row
+    """The rotary embedding of ``x [T, H, D]`` (heads contiguous within a row, any row
     stride): ``x * cos + x.roll(D / 2, -1) * signed_sin`` with ``cos`` and ``signed_sin``
-    contiguous ``[T, 1, D]``, as a new contiguous tensor, with the bits of those torch
-    operators (each product and the sum rounded on its own); None where the kernel does not
-    take the inputs."""
-    if not x.is_cpu or x.dtype != torch.float32 or x.dim() != 3 or native.load().lib is None:
+    contiguous ``[T, 1, D]``, all float32 or all bfloat16, as a new contiguous tensor, with the
+    bits of those torch operators (each product and the sum rounded on its own); None where
+    the kernel does not take the inputs."""
+    if not x.is_cpu or x.dtype not in DTYPES or x.dim() != 3 or native.load().lib is None:
         return None
     tokens, heads, d = x.shape
     if x.stride(2) != 1 or x.stride(1) != d or d % 2:
         return None
     for table in (cos, signed_sin):
-        if table.dtype != torch.float32 or table.shape != (tokens, 1, d):
+        if table.dtype != x.dtype or table.shape != (tokens, 1, d):
             return None
         if not table.is_contiguous():
             return None
-    out = torch.empty(tokens, heads, d)
-    _lib().rotate_heads(
+    out = torch.empty(tokens, heads, d, dtype=x.dtype)
+    _kernel("rotate_heads", x.dtype)(
         x.data_ptr(),
         x.stride(0),
         cos.data_ptr(),
@@ -208,7 +225,7 @@ def _native_forward(module: torch.nn.Module) -> tuple[_Forward, int] | None:
     kind = type(module).__name__
     if kind in RMS_NORMS and hasattr(module, "variance_epsilon"):
         weight = module.weight
-        if not (isinstance(weight, torch.Tensor) and weight.dtype == torch.float32):
+        if not (isinstance(weight, torch.Tensor) and weight.dtype in DTYPES):
             return None
         if not weight.is_contiguous() or weight.shape != (weight.numel(),):
             return None
@@ -223,22 +240,31 @@ def _norm_forward(weight: torch.Tensor, eps: float, x: torch.Tensor) -> torch.Te
     return rms_norm(x, weight, eps)
 
 
-def _agrees(forward: _Forward, own: Callable[[torch.Tensor], Any], width: int) -> bool:
-    """Whether ``forward`` gives ``own``'s values (within float32 rounding of a few
-    operations) on random rows of ``width``, large and small values included."""
+def _agrees(
+    forward: _Forward, own: Callable[[torch.Tensor], Any], width: int, dtype: torch.dtype
+) -> bool:
+    """Whether ``forward`` gives ``own``'s values on random ``dtype`` rows of ``width``, large
+    and small values included: within float32 rounding of a few operations, or in bfloat16
+    within two bfloat16 steps (each kernel rounds its result once or twice where torch does,
+    from a float32 value that can differ from torch's in its last bits)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(7, width, generator=gen) * torch.logspace(-3, 2, 7).unsqueeze(1)
+    x = x.to(dtype)
     with torch.no_grad():
         got, want = forward(x), own(x)
-    return got is not None and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    if got is None or got.dtype != want.dtype:
+        return False
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (2.0**-6, 1e-30)
+    return torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol)
 
 
 def route_layers(model: torch.nn.Module) -> int:
-    """Route the RMSNorm (``RMS_NORMS``) and SiLU modules of a float32 CPU model to the native
-    kernels, each kind once it has matched the module's own forward; returns how many modules
-    were routed (0 where the kernels are not built, or the model is not float32 on the CPU)."""
+    """Route the RMSNorm (``RMS_NORMS``) and SiLU modules of a float32 or bfloat16 CPU model to
+    the native kernels, each kind once it has matched the module's own forward; returns how
+    many modules were routed (0 where the kernels are not built, or the model is not float32
+    or bfloat16 on the CPU)."""
     param = next(model.parameters())
-    if param.device.type != "cpu" or param.dtype != torch.float32 or native.load().lib is None:
+    if param.device.type != "cpu" or param.dtype not in DTYPES or native.load().lib is None:
         return 0
     routed = 0
     checked: dict[str, bool] = {}
@@ -249,7 +275,7 @@ def route_layers(model: torch.nn.Module) -> int:
         forward, width = found
         kind = type(module).__name__
         if kind not in checked:
-            checked[kind] = _agrees(forward, module.forward, width)
+            checked[kind] = _agrees(forward, module.forward, width, param.dtype)
             if not checked[kind]:
                 log.warning("%s: the native kernel disagrees with its forward; not routed", kind)
         if checked[kind]:

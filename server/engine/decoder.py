@@ -19,10 +19,10 @@ it does less work than transformers, it does so without changing a value:
   native product gives the group's outputs side by side and the queries' and keys' heads are
   rotated in one call: that product sums each output column on its own, so every
   projection's columns have the bits of its own call;
-- in float32 on the CPU, the rotation and the cache write are single native calls with
-  torch's bits, and the norms and the SiLU gate are the native kernels the model's own
-  RMSNorm and SiLU modules were routed to (``cpu_layers``), so transformers' forward computes
-  the same values;
+- in float32 and bfloat16 on the CPU, the rotation and the cache write are single native
+  calls with torch's bits, and the norms and the SiLU gate are the native kernels the model's
+  own RMSNorm and SiLU modules were routed to (``cpu_layers``), so transformers' forward
+  computes the same values;
 - products and sums whose operand is a fresh tensor of this step (a projection's output, a
   norm's or rotary's intermediate) are written into it in place (``a * b`` is ``b * a`` and
   ``a + b`` is ``b + a`` to the last bit), so each layer allocates fewer activation-sized

@@ -1,6 +1,6 @@
 /* A decoder layer's small operators on the CPU: RMSNorm, the SiLU gate and the rotary embedding
- * in float32, and the step's keys and values written into the paged cache (float32 or
- * bfloat16).
+ * (float32, and bfloat16 below), and the step's keys and values written into the paged cache
+ * (float32 or bfloat16).
  *
  * In torch each is a chain of operators (RMSNorm: a square, a mean, an addition, a reciprocal
  * square root, two products; the gate: SiLU, then a product; the cache: a finiteness check and
@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "vec.h"
 
 /* Calls over more values than these split their rows between the threads (below, starting
@@ -131,6 +132,104 @@ SEPARATE_ROUNDINGS_FN void rotate_heads(const float *x, int64_t x_stride, const 
             for (int64_t i = half; i < head_dim; i++) {
                 const float a = xh[i] * c[i], b = xh[i - half] * s[i];
                 o[i] = a + b;
+            }
+        }
+    }
+}
+
+/* Bfloat16: the same operators with torch's roundings for a bfloat16 model. transformers'
+ * RMSNorm takes the statistics in float32, rounds the normalised row to bfloat16 and multiplies
+ * it by the bfloat16 weight (one more rounding); torch's SiLU of bfloat16 computes in float32
+ * and rounds, and the gate's product rounds again; each rotary product rounds to bfloat16 and
+ * so does their float32 sum. A product of two bfloat16 values is exact in float32, so each of
+ * those roundings is bf16_round of a float32 result, as torch's operators give it. The
+ * RMSNorm's sum and the SiLU's exp are this file's (as in float32), so a model's RMSNorm and
+ * SiLU modules are routed here to keep every path through the model equal (cpu_layers.py);
+ * the rotary embedding has torch's bits. */
+
+/* Chunks of a bfloat16 row widened at a time (a multiple of SILU_VALUES and of VLEN). */
+#define BF16_CHUNK 256
+
+void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out,
+                   int64_t rows, int64_t width, float eps, int32_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * width > PARALLEL_LIGHT)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * x_stride;
+        uint16_t *o = out + r * width;
+        vf a = {0};
+        int64_t i = 0;
+        for (; i + VLEN <= width; i += VLEN) {
+            const vf u = bf16_load_v(xr + i);
+            a += u * u;
+        }
+        float sum = 0.0f;
+        for (int lane = 0; lane < VLEN; lane++) sum += a[lane];
+        for (; i < width; i++) sum += bf16_load(xr + i) * bf16_load(xr + i);
+        const float scale = 1.0f / sqrtf(sum / (float)width + eps);
+        int64_t j = 0;
+        for (; j + VLEN <= width; j += VLEN) {
+            uint16_t h[VLEN];
+            bf16_store_v(h, bf16_load_v(xr + j) * scale);
+            bf16_store_v(o + j, bf16_load_v(h) * bf16_load_v(weight + j));
+        }
+        for (; j < width; j++) {
+            const uint16_t h = bf16_round(bf16_load(xr + j) * scale);
+            o[j] = bf16_round(bf16_load(&h) * bf16_load(weight + j));
+        }
+    }
+}
+
+/* SiLU of a bfloat16 row (rounded to bfloat16), times up's bfloat16 values where up is not
+ * NULL (rounded again), through silu_block: the float32 values the float32 kernel gives. */
+static void silu_row_bf16(const uint16_t *x, const uint16_t *up, uint16_t *out, int64_t width) {
+    float xs[BF16_CHUNK], ys[BF16_CHUNK];
+    for (int64_t c = 0; c < width; c += BF16_CHUNK) {
+        const int64_t n = width - c < BF16_CHUNK ? width - c : BF16_CHUNK;
+        int64_t i = 0;
+        for (; i + VLEN <= n; i += VLEN) *(vfu *)(xs + i) = bf16_load_v(x + c + i);
+        for (; i < n; i++) xs[i] = bf16_load(x + c + i);
+        silu_row(xs, NULL, ys, n);
+        for (i = 0; i + VLEN <= n; i += VLEN) {
+            bf16_store_v(out + c + i, *(const vfu *)(ys + i));
+            if (up) bf16_store_v(out + c + i, bf16_load_v(out + c + i) * bf16_load_v(up + c + i));
+        }
+        for (; i < n; i++) {
+            const uint16_t s = bf16_round(ys[i]);
+            out[c + i] = up ? bf16_round(bf16_load(&s) * bf16_load(up + c + i)) : s;
+        }
+    }
+}
+
+void silu_gate_bf16(const uint16_t *gate, int64_t gate_stride, const uint16_t *up,
+                    int64_t up_stride, uint16_t *out, int64_t rows, int64_t width,
+                    int32_t threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * width > PARALLEL_SILU)
+    for (int64_t r = 0; r < rows; r++)
+        silu_row_bf16(gate + r * gate_stride, up ? up + r * up_stride : NULL, out + r * width,
+                      width);
+}
+
+/* x * c + partner * s, each product rounded to bfloat16, then their float32 sum. */
+static inline uint16_t rotary_bf16(uint16_t x, uint16_t c, uint16_t partner, uint16_t s) {
+    const uint16_t a = bf16_round(bf16_load(&x) * bf16_load(&c));
+    const uint16_t b = bf16_round(bf16_load(&partner) * bf16_load(&s));
+    return bf16_round(bf16_load(&a) + bf16_load(&b));
+}
+
+/* rotate_heads for bfloat16 (rotary_bf16 of each value and its partner half a head away). */
+void rotate_heads_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *cos,
+                       const uint16_t *signed_sin, uint16_t *out, int64_t tokens, int64_t heads,
+                       int64_t head_dim, int32_t threads) {
+    const int64_t half = head_dim / 2;
+#pragma omp parallel for schedule(static) num_threads(threads) if (tokens * heads * head_dim > PARALLEL_LIGHT)
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t *c = cos + t * head_dim, *s = signed_sin + t * head_dim;
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *xh = x + t * x_stride + h * head_dim;
+            uint16_t *o = out + (t * heads + h) * head_dim;
+            for (int64_t i = 0; i < head_dim; i++) {
+                const int64_t partner = i < half ? i + half : i - half;
+                o[i] = rotary_bf16(xh[i], c[i], xh[partner], s[i]);
             }
         }
     }

@@ -46,6 +46,9 @@ SOURCES = tuple(
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("bf16.h", "vec.h"))
 FLAGS = ("-O3", "-march=native", "-std=c11", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
+# layers.c's RMSNorm, SiLU gate and rotary embedding: float32 by these names, bfloat16 with
+# the suffix _bf16 (the same arguments, bfloat16 where the float32 ones take float32).
+LAYER_KERNELS = ("rms_norm", "silu_gate", "rotate_heads")
 
 
 class Job(ctypes.Structure):
@@ -203,12 +206,12 @@ def load() -> Kernel:
     lib.linear_bf16_available.restype = ctypes.c_int
     lib.linear_bf16_widens.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.rms_norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int32]
-    lib.rms_norm.restype = None
-    lib.silu_gate.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ctypes.c_int32]
-    lib.silu_gate.restype = None
-    lib.rotate_heads.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int32]
-    lib.rotate_heads.restype = None
+    for suffix in ("", "_bf16"):
+        norm, gate, rotate = (getattr(lib, f"{n}{suffix}") for n in LAYER_KERNELS)
+        norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int32]
+        gate.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ctypes.c_int32]
+        rotate.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int32]
+        norm.restype = gate.restype = rotate.restype = None
     lib.write_kv.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, i64, i64]
     lib.write_kv.restype = i64
     if lib.paged_attention_job_size() != ctypes.sizeof(

@@ -218,15 +218,9 @@ static inline float lane_sum(vf x) {
     return x[0];
 }
 
-typedef uint16_t vh __attribute__((vector_size(2 * VLEN)));
-
 /* VLEN values from element `offset` of a float32 or bfloat16 array, as float32 lanes. */
 static inline vf load_vec(const void *base, int64_t offset, int bf16) {
-    if (bf16) {
-        vh h;
-        memcpy(&h, (const uint16_t *)base + offset, sizeof h);
-        return (vf)(__builtin_convertvector(h, vi) << 16);
-    }
+    if (bf16) return bf16_load_v((const uint16_t *)base + offset);
     vf x;
     memcpy(&x, (const float *)base + offset, sizeof x);
     return x;

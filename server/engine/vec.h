@@ -4,6 +4,7 @@
 #define PREFIX_SERVE_VEC_H
 
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__AVX512F__)
 #define VLEN 16 /* floats per vector */
@@ -16,8 +17,28 @@ typedef float vf __attribute__((vector_size(4 * VLEN)));
 typedef float vfu __attribute__((vector_size(4 * VLEN), aligned(4))); /* vf at any address */
 typedef int32_t vi __attribute__((vector_size(4 * VLEN)));
 
+typedef uint32_t vu __attribute__((vector_size(4 * VLEN)));
+typedef uint16_t vh __attribute__((vector_size(2 * VLEN))); /* VLEN bfloat16 values */
+
 /* Lane by lane: a where `mask` is -1, b where it is 0 (what a vector comparison gives). */
 static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* VLEN bfloat16 values from p (any alignment) as float32 lanes: exact (the top halves). */
+static inline vf bf16_load_v(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+/* VLEN float32 lanes rounded to bfloat16 (nearest, ties to even; a NaN stays a quiet NaN), as
+ * bf16.h's bf16_round does one value. */
+static inline void bf16_store_v(uint16_t *p, vf f) {
+    const vu bits = (vu)f;
+    const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const vu nan = (vu)((bits & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN */
+    const vh h = __builtin_convertvector((rounded & ~nan) | (((bits >> 16) | 0x40u) & nan), vh);
+    memcpy(p, &h, sizeof h);
+}
 
 /* exp(x) lane by lane for x <= 0, to about 2 ulp (libm's expf takes one value at a time); 0
  * below -87, so -inf gives exactly 0; a NaN stays NaN. */

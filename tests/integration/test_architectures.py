@@ -174,13 +174,13 @@ def test_direct_decoder_equals_transformers_forward(arch, dtype, model_dir, tmp_
     llm, _, _ = tiny_engine(arch, dtype, model_dir, tmp_path)
     runner = llm.engine.runner
     assert runner.direct_decoder
+    layer = runner.model.model.layers[0]
     if dtype == "float32":  # the direct loop takes q/k/v and gate/up in one product each
-        layer = runner.model.model.layers[0]
         assert hasattr(layer.self_attn, "_ps_qkv") and hasattr(layer.mlp, "_ps_gate_up")
-        # and its norms and the SiLU gate from the native kernels (cpu_layers), as does the
-        # model's own forward: every layer's two norms, its activation, the final norm
-        assert runner.routed_layers == 3 * len(runner.model.model.layers) + 1
-        assert layer.input_layernorm._ps_layer and layer.mlp.act_fn._ps_layer
+    # and, in both dtypes, its norms and the SiLU gate from the native kernels (cpu_layers), as
+    # does the model's own forward: every layer's two norms, its activation, the final norm
+    assert runner.routed_layers == 3 * len(runner.model.model.layers) + 1
+    assert layer.input_layernorm._ps_layer and layer.mlp.act_fn._ps_layer
     run = runner.run
     kinds = set()
 

@@ -53,7 +53,64 @@ def test_rms_norm_matches_transformers_module_and_keeps_shape() -> None:
         got = cpu_layers.rms_norm(x, norm.weight, 1e-6)
         assert got is not None and got.shape == (2, 5, 48)
         torch.testing.assert_close(got, norm(x), rtol=2e-6, atol=1e-7)
-    assert cpu_layers.rms_norm(x.bfloat16(), norm.weight, 1e-6) is None  # float32 only
+    assert cpu_layers.rms_norm(x.bfloat16(), norm.weight, 1e-6) is None  # the weight's dtype
+
+
+BF16 = torch.bfloat16
+
+
+def bf16_steps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """How many bfloat16 steps (at ``want``'s magnitude) ``got`` lies from float64 ``want``."""
+    step = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(2.0**-126))) - 7)
+    return (got.double() - want).abs() / step
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_bfloat16_rms_norm_within_two_steps_of_float64(width: int) -> None:
+    """Bfloat16 rows: the normalised row rounded to bfloat16 and its product with the bfloat16
+    weight rounded again (transformers' RMSNorm in bfloat16), so each output lies within two
+    bfloat16 steps of the float64 RMSNorm of the same inputs; rows at a stride."""
+    x = rows(9, width, seed=width, stride=2 * width).to(BF16)
+    weight = torch.randn(width, generator=torch.Generator().manual_seed(1)).to(BF16)
+    got = cpu_layers.rms_norm(x, weight, 1e-5)
+    assert got is not None and got.dtype == BF16 and got.shape == x.shape
+    x64 = x.double()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    assert (bf16_steps(got, want) <= 2).all()
+
+
+@pytest.mark.parametrize("width", [64, 256])
+def test_bfloat16_rms_norm_has_transformers_bits_where_the_sum_is_exact(width: int) -> None:
+    """Where every sum of squares is exact in float32 whatever the order (small integers) and
+    the width a power of two (a mean by division or by the reciprocal is the same), the kernel
+    gives transformers' bfloat16 RMSNorm bit for bit: its roundings are the module's."""
+    gen = torch.Generator().manual_seed(width)
+    norm = LlamaRMSNorm(width, eps=1e-6).to(BF16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width, generator=gen))
+        x = torch.randint(-8, 9, (33, width), generator=gen).to(BF16)
+        want = norm(x)
+    got = cpu_layers.rms_norm(x, norm.weight, 1e-6)
+    assert got is not None and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_bfloat16_silu_rounds_the_float32_kernels_values(width: int) -> None:
+    """Bfloat16 SiLU is the float32 kernel's SiLU of the (exactly widened) inputs rounded once
+    to bfloat16, so within one bfloat16 step of float64's; the gate multiplies those rounded
+    values by up and rounds again, which is torch's ``silu(gate) * up`` in bfloat16."""
+    gate = rows(11, width, seed=width, stride=2 * width + 3).to(BF16)
+    up = rows(11, width, seed=width + 1).to(BF16)
+    silu = cpu_layers.silu_gate(gate)
+    float_silu = cpu_layers.silu_gate(gate.float())
+    assert silu is not None and float_silu is not None and silu.dtype == BF16
+    assert torch.equal(silu, float_silu.to(BF16))
+    g64 = gate.double()
+    want = g64 * torch.sigmoid(g64)
+    assert (bf16_steps(silu, want)[gate > -80] <= 1).all()
+    gated = cpu_layers.silu_gate(gate, up)
+    assert gated is not None and torch.equal(gated, silu * up)
+    assert cpu_layers.silu_gate(gate, up.float()) is None  # one dtype for both
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -99,7 +156,22 @@ def test_rotate_has_the_bits_of_torch_operators(head_dim: int, tokens: int) -> N
     want = torch.mul(x, cos).add_(x.roll(half, dims=-1).mul_(signed_sin))
     assert got is not None and torch.equal(got, want)
     assert torch.equal(_rotate(x, cos, signed_sin), want)
-    assert cpu_layers.rotate(x.bfloat16(), cos, signed_sin) is None  # torch's path serves it
+    assert cpu_layers.rotate(x.bfloat16(), cos, signed_sin) is None  # tables of another dtype
+
+
+@pytest.mark.parametrize("head_dim", [2, 16, 64, 130])
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_bfloat16_rotate_has_the_bits_of_torch_operators(head_dim: int, tokens: int) -> None:
+    """In bfloat16 torch rounds each product to bfloat16 and their float32 sum again; the
+    kernel's result equals those operators' to the last bit."""
+    gen = torch.Generator().manual_seed(head_dim + tokens)
+    wide = (torch.randn(tokens, 7 * head_dim, generator=gen) * 50).to(BF16)
+    x = wide[:, : 5 * head_dim].view(tokens, 5, head_dim)
+    cos = torch.randn(tokens, 1, head_dim, generator=gen).to(BF16)
+    signed_sin = torch.randn(tokens, 1, head_dim, generator=gen).to(BF16)
+    got = cpu_layers.rotate(x, cos, signed_sin)
+    want = torch.mul(x, cos).add_(x.roll(head_dim // 2, dims=-1).mul_(signed_sin))
+    assert got is not None and got.dtype == BF16 and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -141,7 +213,7 @@ def test_write_kv_refuses_what_it_cannot_take() -> None:
     assert torch.equal(cache, torch.zeros(2, 10, 8))  # nothing written
 
 
-def test_route_layers_takes_float32_norms_and_silu_only() -> None:
+def test_route_layers_takes_float32_and_bfloat16_norms_and_silu() -> None:
     model = tiny_llama()
     layer = model.model.layers[0]
     x = torch.randn(3, 32)
@@ -150,7 +222,16 @@ def test_route_layers_takes_float32_norms_and_silu_only() -> None:
         assert cpu_layers.route_layers(model) == 4  # two norms, the activation, the final norm
         torch.testing.assert_close(layer.input_layernorm(x), before, rtol=2e-6, atol=1e-7)
     assert layer.input_layernorm._ps_layer and layer.mlp.act_fn._ps_layer
-    assert cpu_layers.route_layers(tiny_llama(torch.bfloat16)) == 0
+    bf16 = tiny_llama(BF16)
+    norm, act = bf16.model.layers[0].input_layernorm, bf16.model.layers[0].mlp.act_fn
+    h = torch.randn(3, 32).to(BF16)
+    with torch.no_grad():
+        norm_before, act_before = norm(h), act(h)
+        assert cpu_layers.route_layers(bf16) == 4
+        assert norm._ps_layer and act._ps_layer
+        assert torch.allclose(norm(h).float(), norm_before.float(), rtol=2.0**-6, atol=0)
+        assert torch.allclose(act(h).float(), act_before.float(), rtol=2.0**-7, atol=0)
+    assert cpu_layers.route_layers(tiny_llama(torch.float16)) == 0
 
 
 def test_a_module_computing_something_else_is_not_routed() -> None:
