@@ -167,11 +167,8 @@ void rms_norm_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *weight, 
         for (; i < width; i++) sum += bf16_load(xr + i) * bf16_load(xr + i);
         const float scale = 1.0f / sqrtf(sum / (float)width + eps);
         int64_t j = 0;
-        for (; j + VLEN <= width; j += VLEN) {
-            uint16_t h[VLEN];
-            bf16_store_v(h, bf16_load_v(xr + j) * scale);
-            bf16_store_v(o + j, bf16_load_v(h) * bf16_load_v(weight + j));
-        }
+        for (; j + VLEN <= width; j += VLEN)
+            bf16_store_v(o + j, bf16_round_v(bf16_load_v(xr + j) * scale) * bf16_load_v(weight + j));
         for (; j < width; j++) {
             const uint16_t h = bf16_round(bf16_load(xr + j) * scale);
             o[j] = bf16_round(bf16_load(&h) * bf16_load(weight + j));
@@ -190,8 +187,8 @@ static void silu_row_bf16(const uint16_t *x, const uint16_t *up, uint16_t *out, 
         for (; i < n; i++) xs[i] = bf16_load(x + c + i);
         silu_row(xs, NULL, ys, n);
         for (i = 0; i + VLEN <= n; i += VLEN) {
-            bf16_store_v(out + c + i, *(const vfu *)(ys + i));
-            if (up) bf16_store_v(out + c + i, bf16_load_v(out + c + i) * bf16_load_v(up + c + i));
+            const vf s = bf16_round_v(*(const vfu *)(ys + i));
+            bf16_store_v(out + c + i, up ? s * bf16_load_v(up + c + i) : s);
         }
         for (; i < n; i++) {
             const uint16_t s = bf16_round(ys[i]);
@@ -227,9 +224,17 @@ void rotate_heads_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *cos,
         for (int64_t h = 0; h < heads; h++) {
             const uint16_t *xh = x + t * x_stride + h * head_dim;
             uint16_t *o = out + (t * heads + h) * head_dim;
-            for (int64_t i = 0; i < head_dim; i++) {
-                const int64_t partner = i < half ? i + half : i - half;
-                o[i] = rotary_bf16(xh[i], c[i], xh[partner], s[i]);
+            int64_t i = 0;
+            for (; i + VLEN <= half; i += VLEN) {
+                const vf lo = bf16_load_v(xh + i), hi = bf16_load_v(xh + half + i);
+                bf16_store_v(o + i, bf16_round_v(lo * bf16_load_v(c + i)) +
+                                        bf16_round_v(hi * bf16_load_v(s + i)));
+                bf16_store_v(o + half + i, bf16_round_v(hi * bf16_load_v(c + half + i)) +
+                                               bf16_round_v(lo * bf16_load_v(s + half + i)));
+            }
+            for (; i < half; i++) {
+                o[i] = rotary_bf16(xh[i], c[i], xh[half + i], s[i]);
+                o[half + i] = rotary_bf16(xh[half + i], c[half + i], xh[i], s[half + i]);
             }
         }
     }

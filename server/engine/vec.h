@@ -31,12 +31,17 @@ static inline vf bf16_load_v(const uint16_t *p) {
 }
 
 /* VLEN float32 lanes rounded to bfloat16 (nearest, ties to even; a NaN stays a quiet NaN), as
- * bf16.h's bf16_round does one value. */
-static inline void bf16_store_v(uint16_t *p, vf f) {
+ * bf16.h's bf16_round does one value, kept as float32 lanes (the low halves zero). */
+static inline vf bf16_round_v(vf f) {
     const vu bits = (vu)f;
-    const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
     const vu nan = (vu)((bits & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN */
-    const vh h = __builtin_convertvector((rounded & ~nan) | (((bits >> 16) | 0x40u) & nan), vh);
+    return (vf)((rounded & ~nan) | (((bits & 0xffff0000u) | 0x400000u) & nan));
+}
+
+/* VLEN float32 lanes rounded to bfloat16 (bf16_round_v) and stored at p (any alignment). */
+static inline void bf16_store_v(uint16_t *p, vf f) {
+    const vh h = __builtin_convertvector((vu)bf16_round_v(f) >> 16, vh);
     memcpy(p, &h, sizeof h);
 }
 
