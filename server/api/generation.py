@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -72,8 +72,16 @@ def _model(model_id: str, created: int, owner: str, parent: str | None) -> dict[
 @router.post("/v1/completions")
 async def completions(request: Request, who: Caller) -> Response:
     body, ctx, model, limits, segments = await _prepare(request, who, CompletionRequest)
+    if body.max_tokens == 0 and (not body.echo or body.min_tokens):
+        raise APIError(
+            400,
+            "max_tokens 0 scores the prompt without generating: only with echo: true (and "
+            "min_tokens 0)",
+            code="invalid_request",
+            param="max_tokens",
+        )
     prompts = await _completion_prompts(ctx, body.prompt, model.tokenizer, limits)
-    limit = body.max_tokens or DEFAULT_COMPLETION_TOKENS
+    limit = DEFAULT_COMPLETION_TOKENS if body.max_tokens is None else body.max_tokens
     if body.echo:
         texts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if not isinstance(texts[0], str):  # token ids: their text is what is echoed
@@ -216,9 +224,12 @@ async def _generate(
                 code="invalid_request",
                 param="messages" if chat else "prompt",
             )
-    meta = _Meta(body, chat, echo)
+    meta = _Meta(body, chat, echo, prompt_only=max_tokens == 0)
+    # Scoring the prompt alone still draws one token (from the prompt's last logits, no decode
+    # step): the engine's requests generate at least one; the answer leaves it out.
+    engine_limit = max(max_tokens, 1)
     inputs = [
-        EngineInput(ids, _params(body, max_tokens, choice, meta), segments, who.tenant)
+        EngineInput(ids, _params(body, engine_limit, choice, meta), segments, who.tenant)
         for ids in prompts
         for choice in range(body.n)
     ]
@@ -256,10 +267,14 @@ class Echo:
 class _Meta:
     """Fields shared by every chunk of one response, and how its choices are written:
     ``logprobs`` is the number of top log probabilities per token (None: no logprobs),
-    ``echo`` the prompts to echo (None: none)."""
+    ``echo`` the prompts to echo (None: none), ``prompt_only`` whether the choices show no
+    generated token (``max_tokens: 0`` with echo)."""
 
-    def __init__(self, body: _Generation, chat: bool, echo: Echo | None = None) -> None:
+    def __init__(
+        self, body: _Generation, chat: bool, echo: Echo | None = None, prompt_only: bool = False
+    ) -> None:
         self.chat = chat
+        self.prompt_only = prompt_only
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.object = "chat.completion" if chat else "text_completion"
         self.created = int(time.time())
@@ -270,6 +285,17 @@ class _Meta:
             self.logprobs = (body.top_logprobs or 0) if body.logprobs else None
         elif isinstance(body, CompletionRequest):
             self.logprobs = body.logprobs
+
+    def shown(self, out: RequestOutput) -> RequestOutput:
+        """``out`` as the answer shows it: without its generated token where the request
+        scores its prompt alone (finished for the token limit of 0, as OpenAI answers)."""
+        if not self.prompt_only:
+            return out
+        reason = out.finish_reason
+        if out.finished and reason in ("stop", "length"):
+            reason = "length"
+        logprobs = None if out.logprobs is None else out.logprobs[:0]
+        return replace(out, token_ids=[], text="", logprobs=logprobs, finish_reason=reason)
 
     def completion_logprobs(self, texts: TokenTexts) -> CompletionLogprobs | None:
         """A choice's legacy logprobs, to be built part by part (None: not asked for)."""
@@ -378,6 +404,7 @@ def _response(meta: _Meta, finals: list[RequestOutput], n: int, tokenizer: Any) 
     """Runs in the worker pool (logprobs decode token texts)."""
     texts = TokenTexts(tokenizer)
     choices = []
+    finals = [meta.shown(out) for out in finals]
     for i, out in enumerate(finals):
         choice: dict[str, Any] = {"index": i, "finish_reason": out.finish_reason}
         if meta.chat:

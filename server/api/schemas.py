@@ -170,6 +170,10 @@ class CompletionRequest(_Generation):
             }
         ),
     ]
+    # 0 only with echo: the prompt scored, nothing generated (OpenAI's legacy scoring call).
+    max_tokens: int | None = Field(
+        None, ge=0, le=1 << 20, description="0 only with echo: true (score the prompt alone)"
+    )
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="log probabilities of each token, and top k"
     )

@@ -53,7 +53,7 @@ async def events(
         item: tuple[int, RequestOutput] | None = first
         done: set[int] = set()
         while item is not None:
-            index, out = item
+            index, out = item[0], meta.shown(item[1])
             if latest[index] is None and meta.echo is not None:
                 text, part = meta.echo_part(shapes[index], out, index // n)
                 yield sse(_chunk(meta, index, text, None, include_usage, part))

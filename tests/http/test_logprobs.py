@@ -135,6 +135,55 @@ def test_completion_logprobs_with_echo_equal_the_reference(
     assert merged == lp.model_dump()
 
 
+def test_max_tokens_zero_with_echo_scores_the_prompts_alone(make_server, real_llm, exact_model):
+    """OpenAI's legacy scoring call (``echo: true, max_tokens: 0``): each choice is its prompt
+    with the prompt's log probabilities (the float64 reference's, within TOL) and nothing
+    generated, finished for length, no completion tokens counted; streamed, the same text and
+    log probabilities. Without echo, or with min_tokens, max_tokens 0 is refused."""
+    server = make_server(real_llm)
+    tok = real_llm.tokenizer
+    prompts = [PROMPT, "The capital of France is"]
+    texts = lambda t: tok.decode([t])  # noqa: E731
+    client = server.openai()
+    args = dict(model=real_llm.model_id, prompt=prompts, max_tokens=0, logprobs=2, echo=True)
+    out = client.completions.create(**args)
+    assert [c.index for c in out.choices] == [0, 1]
+    for choice, prompt in zip(out.choices, prompts, strict=True):
+        ids = tok.encode(prompt)
+        assert choice.text == prompt and choice.finish_reason == "length"
+        lp = choice.logprobs
+        assert lp.tokens == [texts(t) for t in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for j in range(1, len(ids)):
+            row = torch.log_softmax(greedy(exact_model, ids[:j], 1, keep_logits=True).logits[0], -1)
+            assert abs(lp.token_logprobs[j] - row[ids[j]].item()) < TOL, j
+            check_top(lp.top_logprobs[j], row, 2, texts)
+    assert out.usage.completion_tokens == 0
+    assert out.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    assert out.usage.total_tokens == out.usage.prompt_tokens
+
+    chunks = list(client.completions.create(**args, stream=True))
+    for i, choice in enumerate(out.choices):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [c.finish_reason for c in mine][-1] == "length"
+        merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for c in mine:
+            if c.logprobs is not None:
+                for key in merged:
+                    merged[key] += getattr(c.logprobs, key)
+        assert merged == choice.logprobs.model_dump()
+
+    with server.http() as http:
+        for extra in ({"echo": False}, {"min_tokens": 1}):
+            body = {"model": real_llm.model_id, "prompt": PROMPT, "max_tokens": 0, **extra}
+            if "echo" not in extra:
+                body["echo"] = True
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "max_tokens"
+
+
 def test_completion_logprobs_without_echo_and_zero_top(make_server, real_llm, exact_model):
     server = make_server(real_llm)
     tok = real_llm.tokenizer
