@@ -166,6 +166,16 @@ static void dl_rows(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead a
     }
 }
 
+/* The rows of each block: m rows split evenly over the fewest blocks of at most RB, in whole
+ * tiles of mr. The static split hands each thread an equal run of (block, panel) pairs, so
+ * blocks of unequal size left a thread idle (312 rows as 256 + 56 rows: 102-110 GFLOP/s on
+ * W1's shapes with 2 threads on a 2-core AVX2 EPYC, 178-183 as 2 x 156). Which block a row is
+ * in changes no sum. m >= 1. */
+static int64_t block_rows_of(int64_t m, int mr) {
+    const int64_t least = (m + RB - 1) / RB;
+    return ((m + least - 1) / least + mr - 1) / mr * mr;
+}
+
 typedef void (*RowsFn)(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahead ahead);
 
 /* Row blocks of at most RB rows, each against every panel (of panel_rows rows); a task owns
@@ -180,16 +190,6 @@ typedef void (*RowsFn)(const LinearJob *job, int64_t r0, int mr, int64_t p, Ahea
  * all of SmolLM2-135M's products in a row (a C loop, best of 15, five alternating runs): 16
  * rows, a W1 decode step, 34.5-39.9 ms against 37.8-47.2 ms without; 64 rows 101.6-111.7 ms
  * against 106.7-116.7; 4 rows (nothing fetched) and 512 rows within the host's noise. */
-/* The rows of each block: m rows split evenly over the fewest blocks of at most RB, in whole
- * tiles of mr. The static split hands each thread an equal run of (block, panel) pairs, so
- * blocks of unequal size left a thread idle (312 rows as 256 + 56 rows: 102-110 GFLOP/s on
- * W1's shapes with 2 threads on a 2-core AVX2 EPYC, 178-183 as 2 x 156). Which block a row is
- * in changes no sum. m >= 1. */
-static int64_t block_rows_of(int64_t m, int mr) {
-    const int64_t least = (m + RB - 1) / RB;
-    return ((m + least - 1) / least + mr - 1) / mr * mr;
-}
-
 static void each_tile(const LinearJob *job, RowsFn rows, int mr, int64_t panel_rows) {
     if (job->m < 1) return; /* no rows: nothing to write (and no blocks to divide them into) */
     const int64_t panels = (job->n + NR - 1) / NR;
