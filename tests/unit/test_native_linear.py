@@ -234,7 +234,9 @@ def test_bfloat16_product_within_half_a_step(rows: int, out_features: int, in_fe
 def test_bfloat16_integer_products_are_exact(rows: int, in_features: int) -> None:
     """Products and sums of small integers are exact in float32 and the results (below 256)
     exact in bfloat16: a dropped, repeated or misplaced pair, or the odd input's padding read
-    as a value, changes the output. Calls of more than 64 rows take the layer's own forward."""
+    as a value, changes the output. The 65-row call takes the layer's own forward where oneDNN
+    has a bfloat16 product, and the native product's once-widened path where it has none (AVX2
+    CPUs)."""
     gen = torch.Generator().manual_seed(rows)
     layer = torch.nn.Linear(in_features, 45).to(torch.bfloat16)
     with torch.no_grad():
